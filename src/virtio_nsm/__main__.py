@@ -1,0 +1,3 @@
+from virtio_nsm.cli import main
+
+main()

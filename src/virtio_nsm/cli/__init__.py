@@ -1,0 +1,19 @@
+"""The ``nsm`` command line.
+
+Each command group lives in its own module and is registered on :data:`main`
+below; the modules hold no device logic, only argument handling and output.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="virtio-nsm", prog_name="nsm")
+def main() -> None:
+    """virtio NitroSecureModule: device, transports, client and verifier."""
+
+
+# Command modules register themselves on `main` when imported.
+# (none yet)

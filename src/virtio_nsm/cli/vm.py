@@ -28,12 +28,17 @@ def vm() -> None:
               metavar="PKG[/RELEASE]", help="Debian kernel package (generic flavour).")
 @click.option("--root-qemu", is_flag=True,
               help="Use the debootstrapped trixie root's QEMU even if the host has one.")
-def setup_cmd(cache_dir: Path | None, kernel_package: str, root_qemu: bool) -> None:
+@click.option("--with-builtin-nsm", is_flag=True,
+              help="Also build QEMU from Debian's source with libcbor for QEMU's own C "
+                   "virtio-nsm-pci (benchmark reference; ~20 min).")
+def setup_cmd(cache_dir: Path | None, kernel_package: str, root_qemu: bool,
+              with_builtin_nsm: bool) -> None:
     """Fetch and cache QEMU, the kernel (nsm.ko, 9p) and the initramfs. Idempotent."""
     from ..vm.setup import SetupError, setup
 
     try:
-        tc = setup(cache_dir, kernel_package=kernel_package, force_root_qemu=root_qemu)
+        tc = setup(cache_dir, kernel_package=kernel_package, force_root_qemu=root_qemu,
+                   with_builtin_nsm=with_builtin_nsm)
     except SetupError as exc:
         click.echo(f"nsm vm setup: {exc}", err=True)
         sys.exit(2)

@@ -193,8 +193,14 @@ def qemu_argv(tc: Toolchain, opts: RunOptions, run_dir: Path, sock: str | None,
               kernel_path: str, initrd: Path) -> list[str]:
     mem = opts.memory_mb
     cmdline = f"console=ttyS0 panic=-1 quiet loglevel=4 nsm.rundir={run_dir} {opts.kernel_args}"
+    prefix = tc.qemu
+    if opts.device == "qemu":
+        if tc.builtin_nsm_device is None:
+            raise VmError(f"{tc.qemu_version} has no built-in virtio-nsm device (Debian builds "
+                          "QEMU without libcbor); build one with `nsm vm setup --with-builtin-nsm`")
+        prefix = tc.builtin_nsm_qemu()
     argv = [
-        *tc.qemu,
+        *prefix,
         "-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "1", "-m", f"{mem}M",
         "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
         "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on",
@@ -214,11 +220,7 @@ def qemu_argv(tc: Toolchain, opts: RunOptions, run_dir: Path, sock: str | None,
         argv += ["-chardev", f"socket,id=nsm0,path={sock}",
                  "-device", "vhost-user-test-device-pci,chardev=nsm0,virtio-id=33,num_vqs=1"]
     elif opts.device == "qemu":
-        dev = tc.builtin_nsm_device
-        if dev is None:
-            raise VmError(f"{tc.qemu_version} has no built-in virtio-nsm device "
-                          "(Debian builds QEMU without libcbor)")
-        argv += ["-device", dev]
+        argv += ["-device", "virtio-nsm-pci"]
     return argv
 
 

@@ -89,6 +89,9 @@ class Toolchain:
     busybox: str
     kernels: dict[str, Kernel] = field(default_factory=dict)
     default_kernel: str = ""
+    builtin_qemu: list[str] = field(default_factory=list)
+    """argv prefix of a QEMU built from Debian's source with libcbor (QEMU's own C
+    ``virtio-nsm-pci``); empty unless ``nsm vm setup --with-builtin-nsm`` built it"""
     format: int = TOOLCHAIN_FORMAT
 
     @property
@@ -97,8 +100,14 @@ class Toolchain:
 
     @property
     def builtin_nsm_device(self) -> str | None:
-        """QEMU's own C device (``virtio-nsm-pci``), when this build has it."""
-        return "virtio-nsm-pci" if "virtio-nsm-pci" in self.qemu_devices else None
+        """QEMU's own C device (``virtio-nsm-pci``), when a QEMU here has it."""
+        if "virtio-nsm-pci" in self.qemu_devices or self.builtin_qemu:
+            return "virtio-nsm-pci"
+        return None
+
+    def builtin_nsm_qemu(self) -> list[str]:
+        """argv prefix of the QEMU that has the built-in device."""
+        return self.qemu if "virtio-nsm-pci" in self.qemu_devices else self.builtin_qemu
 
     def kernel(self, name: str | None = None) -> Kernel:
         key = name or self.default_kernel
@@ -137,6 +146,8 @@ class Toolchain:
             Path(k.vmlinuz).exists() for k in tc.kernels.values()
         ):
             return None
+        if tc.builtin_qemu and not Path(tc.builtin_qemu[3]).exists():
+            tc.builtin_qemu = []
         return tc
 
 
@@ -545,16 +556,79 @@ def _stage_kernel(cache_dir: Path, apt: _Apt, package: str, progress: Progress) 
     return kernel
 
 
+#: What building QEMU's C virtio-nsm device from Debian's source needs in the root.
+_BUILD_DEPS = ("gcc", "make", "ninja-build", "meson", "pkg-config", "python3", "python3-venv",
+               "python3-pycotap", "libglib2.0-dev", "libcbor-dev", "libfdt-dev", "flex",
+               "bison", "xz-utils", "dpkg-dev")
+
+
+def _stage_builtin_qemu(cache_dir: Path, root: Path, progress: Progress) -> list[str]:
+    """Build qemu-system-x86_64 from trixie's qemu source with libcbor.
+
+    Debian's binary QEMU is built without libcbor, so it lacks QEMU's own C
+    ``virtio-nsm-pci``; the benchmark compares our backend with it. Slow (~20 min
+    on 2 cores), so only on request; not needed by the test tier.
+    """
+    dest = cache_dir / "qemu-nsm"
+    exe = dest / "qemu-system-x86_64"
+    if exe.exists():
+        return _builtin_argv(root, exe)
+    apt = _Apt(root)
+    (root / "etc" / "apt" / "sources.list.d" / "nsm-src.list").write_text(
+        f"deb-src {apt_mirror()} {SUITE} main\n")
+    progress("installing QEMU build dependencies in the trixie root")
+    _run(apt.argv("update"), progress, "apt-get update", env=apt.env(), show=_apt_progress)
+    _run(apt.argv("install", "-y", "--no-install-recommends", *_BUILD_DEPS), progress,
+         "apt-get install (build deps)", env=apt.env(), show=_apt_progress)
+    build = root / "build" / "qemu"
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    progress(f"fetching the qemu source package from {SUITE}")
+    _run(["chroot", str(root), "sh", "-c",
+          f"cd /build/qemu && apt-get -q source --download-only qemu/{SUITE}"],
+         progress, "apt-get source qemu", env=apt.env(), show=_apt_progress)
+    script = (
+        "set -e; cd /build/qemu; mkdir src; "
+        "tar -xf qemu_*.orig.tar.xz -C src --strip-components=1; cd src; "
+        # the +ds tarball has no firmware blobs; do not try to unpack edk2's
+        "sed -i 's/unpack_edk2_blobs = bzip2.found()/unpack_edk2_blobs = false/' meson.build; "
+        # VIRTIO_NSM is only selected by the nitro-enclave machine (which needs gnutls and
+        # vhost-user too): build the device on its own for x86's PCI machines
+        "sed -i '/^config VIRTIO_NSM$/,/^$/ s/^   bool$/   bool\\n   default y/' "
+        "hw/virtio/Kconfig; grep -A3 '^config VIRTIO_NSM' hw/virtio/Kconfig; "
+        "mkdir b; cd b; "
+        "../configure --target-list=x86_64-softmmu --without-default-features --enable-tcg "
+        "--enable-libcbor --enable-fdt=system --enable-attr --enable-virtfs --disable-docs "
+        "--disable-tools --disable-werror --disable-install-blobs; "
+        "ninja -j$(nproc) qemu-system-x86_64"
+    )
+    progress("building qemu-system-x86_64 with libcbor (about 20 minutes on 2 cores)")
+    _run(["chroot", str(root), "sh", "-c", script], progress, "building QEMU", env=apt.env(),
+         show=lambda ln: ln.startswith(("ERROR", "../")) or bool(re.match(r"\[\d+00/", ln)))
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(build / "src" / "b" / "qemu-system-x86_64", exe)
+    shutil.rmtree(build, ignore_errors=True)
+    return _builtin_argv(root, exe)
+
+
+def _builtin_argv(root: Path, exe: Path) -> list[str]:
+    argv, _env = _root_qemu(root)
+    # same loader and libraries as the root's QEMU; firmware from the root too
+    return [*argv[:3], str(exe), *argv[4:]]
+
+
 # --------------------------------------------------------------------------- entry points
 
 
 def setup(cache_dir: Path | None = None, *, kernel_package: str = DEFAULT_KERNEL_PACKAGE,
-          progress: Progress = stderr_progress, force_root_qemu: bool = False) -> Toolchain:
+          progress: Progress = stderr_progress, force_root_qemu: bool = False,
+          with_builtin_nsm: bool = False) -> Toolchain:
     """Build or check the toolchain; idempotent. Returns the toolchain."""
     cache_dir = (cache_dir or default_cache_dir()).resolve()
     t0 = time.monotonic()
     existing = Toolchain.load(cache_dir)
-    if existing is not None and kernel_package in existing.kernels:
+    if existing is not None and kernel_package in existing.kernels and (
+            existing.builtin_nsm_device or not with_builtin_nsm):
         version, devices = probe_qemu(existing.qemu, existing.qemu_env)
         existing.qemu_version, existing.qemu_devices = version, devices
         kernel = existing.kernel(kernel_package)
@@ -571,7 +645,8 @@ def setup(cache_dir: Path | None = None, *, kernel_package: str = DEFAULT_KERNEL
         raise SetupError(f"cannot create the cache directory {cache_dir}: {exc}") from exc
     with _locked(cache_dir):
         try:
-            return _setup_locked(cache_dir, kernel_package, progress, force_root_qemu, t0)
+            return _setup_locked(cache_dir, kernel_package, progress, force_root_qemu,
+                                 with_builtin_nsm, t0)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise SetupError(f"the disk holding {cache_dir} is full: {exc}") from exc
@@ -579,13 +654,13 @@ def setup(cache_dir: Path | None = None, *, kernel_package: str = DEFAULT_KERNEL
 
 
 def _setup_locked(cache_dir: Path, kernel_package: str, progress: Progress,
-                  force_root_qemu: bool, t0: float) -> Toolchain:
+                  force_root_qemu: bool, with_builtin_nsm: bool, t0: float) -> Toolchain:
     existing = Toolchain.load(cache_dir)
     osr = _os_release()
     progress(f"setting up the VM toolchain in {cache_dir} "
              f"(host: {osr.get('PRETTY_NAME', 'unknown')})")
     host = None if force_root_qemu else _host_qemu()
-    need_root = host is None or osr.get("VERSION_CODENAME") != SUITE
+    need_root = host is None or osr.get("VERSION_CODENAME") != SUITE or with_builtin_nsm
     root: Path | None = None
     stamp_ok = (cache_dir / "root" / ".nsm-qemu-done").exists()
     if need_root and not stamp_ok:
@@ -621,7 +696,15 @@ def _setup_locked(cache_dir: Path, kernel_package: str, progress: Progress,
         qemu_devices=devices, busybox=str(busybox),
         kernels=dict(existing.kernels) if existing else {},
         default_kernel=existing.default_kernel if existing else "",
+        builtin_qemu=existing.builtin_qemu if existing else [],
     )
+    if with_builtin_nsm and not tc.builtin_nsm_device:
+        assert root is not None
+        tc.builtin_qemu = _stage_builtin_qemu(cache_dir, root, progress)
+        _version, bdevices = probe_qemu(tc.builtin_qemu, qemu_env if host is None else
+                                        _root_qemu(root)[1])
+        if "virtio-nsm-pci" not in bdevices:
+            raise SetupError(f"the QEMU built in {cache_dir / 'qemu-nsm'} has no virtio-nsm-pci")
     tc.kernels[kernel_package] = kernel
     if not tc.default_kernel or kernel_package == DEFAULT_KERNEL_PACKAGE:
         tc.default_kernel = kernel_package

@@ -93,7 +93,7 @@ def test_guest_conformance(toolchain: Toolchain, device: str, tmp_path: Path) ->
     r = nsm_vm_run(
         "--device", device, "--share", str(out), "--env", f"NSM_VM_OUT={out}",
         "--timeout", "400", "--",
-        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-ra",
+        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-ra", "--color=no",
         "--rootdir", str(REPO), str(GUEST_TESTS),
     )
     print(r.stdout)

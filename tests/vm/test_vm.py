@@ -4,9 +4,9 @@ Host side. Each test boots one guest with ``nsm vm run`` (the CLI, as users run 
 the conformance checks themselves live in ``guest/test_guest_nsm.py`` and run inside
 the guest against ``/dev/nsm``. Boots are few (each takes seconds under TCG).
 
-Devices: ``ours`` (``nsm serve --vhost-user``, started by ``nsm vm run``) when the
-backend exists, and ``qemu`` (QEMU's own C device) when the toolchain has a QEMU
-build with it. ``NSM_VM_DEVICES=ours,qemu`` overrides.
+Device: ``ours`` (``nsm serve --vhost-user``, started by ``nsm vm run``; the command
+can be overridden with ``NSM_VM_BACKEND_CMD``). ``NSM_VM_DEVICES=ours,vhost-user:SOCK``
+overrides the list.
 """
 
 from __future__ import annotations
@@ -27,28 +27,19 @@ GUEST_TESTS = Path(__file__).resolve().parent / "guest" / "test_guest_nsm.py"
 
 
 def _serve_available() -> bool:
-    from virtio_nsm.cli import main
+    from virtio_nsm.vm.run import backend_available
 
-    return "serve" in getattr(main, "commands", {})
+    return backend_available()
 
 
 def _devices() -> list[str]:
     env = os.environ.get("NSM_VM_DEVICES")
     if env:
         return [d for d in env.split(",") if d]
-    devices = []
-    if _serve_available():
-        devices.append("ours")
-    tc = Toolchain.load(_cache_dir())
-    if tc is not None and tc.builtin_nsm_device:
-        devices.append("qemu")
-    return devices or ["ours"]
-
-
-def _cache_dir() -> Path:
-    from virtio_nsm.vm.setup import default_cache_dir
-
-    return default_cache_dir()
+    # QEMU's C device (`--device qemu`) is a reference, not a model: it differs from the
+    # real device (no PCRs locked at boot, other key order, hangs on some malformed
+    # requests), so the conformance suite runs against our backend only by default.
+    return ["ours"]
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +75,6 @@ def test_run_plumbing_without_device(toolchain: Toolchain) -> None:
 
 @pytest.mark.parametrize("device", _devices())
 def test_guest_conformance(toolchain: Toolchain, device: str, tmp_path: Path) -> None:
-    if device == "qemu" and not toolchain.builtin_nsm_device:
-        pytest.skip("this QEMU has no built-in virtio-nsm device")
     if device == "ours" and not _serve_available():
         pytest.fail("`nsm serve --vhost-user` is not available yet (vhost-user backend)")
     out = tmp_path / "out"

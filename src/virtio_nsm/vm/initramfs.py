@@ -17,7 +17,7 @@ from pathlib import Path
 #: Kernel modules the guest needs, in load order (names without ``.ko``).
 #: Debian's generic kernel builds virtio, virtio-pci, the 8250 UART and the
 #: hwrng core in; these five are modules.
-GUEST_MODULES: tuple[str, ...] = ("netfs", "9pnet", "9pnet_virtio", "9p", "nsm")
+GUEST_MODULES: tuple[str, ...] = ("netfs", "9pnet", "9pnet_virtio", "9p", "overlay", "nsm")
 
 #: Marker the init prints on the kernel console with the command's exit status.
 EXIT_MARKER = "NSM-VM-EXIT:"
@@ -60,7 +60,15 @@ mount -t 9p -o $O,ro,cache=loose hostroot /mnt || fail "cannot mount the host ro
 mount -t devtmpfs devtmpfs /mnt/dev || fail "cannot mount /dev"
 mount -t proc proc /mnt/proc || fail "cannot mount /proc"
 mount -t sysfs sysfs /mnt/sys || fail "cannot mount /sys"
-mount -t tmpfs -o mode=1777 tmpfs /mnt/tmp || fail "cannot mount /tmp"
+# /tmp: the host's /tmp (read-only lower layer) under a tmpfs upper layer, so a
+# checkout or venv under the host's /tmp stays visible; plain tmpfs as a fallback.
+mkdir -p /ovl && mount -t tmpfs tmpfs /ovl && mkdir -p /ovl/upper /ovl/work \
+    && chmod 1777 /ovl/upper
+if ! { insmod /lib/modules/overlay.ko && mount -t overlay overlay \
+        -o lowerdir=/mnt/tmp,upperdir=/ovl/upper,workdir=/ovl/work /mnt/tmp; }; then
+    echo "nsm-vm-init: no overlay for /tmp; using an empty tmpfs" > /dev/console
+    mount -t tmpfs -o mode=1777 tmpfs /mnt/tmp || fail "cannot mount /tmp"
+fi
 [ -d /mnt/dev/pts ] || mkdir -p /mnt/dev/pts
 mount -t devpts devpts /mnt/dev/pts 2>/dev/null
 [ -d /mnt/dev/shm ] || mkdir -p /mnt/dev/shm

@@ -128,20 +128,44 @@ def _new_run_dir(cache_dir: Path) -> Path:
     return run_dir
 
 
+#: Overrides the backend command (``--vhost-user SOCK`` is appended), e.g. to run
+#: another tree's or another implementation's backend.
+BACKEND_ENV = "NSM_VM_BACKEND_CMD"
+
+
+def backend_command() -> list[str]:
+    """How ``--device ours`` starts the backend: ``$NSM_VM_BACKEND_CMD`` or ``nsm serve``."""
+    env = os.environ.get(BACKEND_ENV)
+    if env:
+        return shlex.split(env)
+    return [sys.executable, "-m", "virtio_nsm", "serve"]
+
+
+def backend_available() -> bool:
+    """Whether ``--device ours`` can start a backend (``nsm serve`` exists, or an override)."""
+    if os.environ.get(BACKEND_ENV):
+        return True
+    from virtio_nsm.cli import main
+
+    return "serve" in getattr(main, "commands", {})
+
+
 class _Backend:
     """Our vhost-user backend, started for one run."""
 
     def __init__(self, run_dir: Path, extra: Sequence[str]) -> None:
         self.sock = run_dir / "nsm.sock"
         self.log_path = run_dir / "backend.log"
-        self.argv = [sys.executable, "-m", "virtio_nsm", "serve", "--vhost-user",
-                     str(self.sock), *extra]
+        self.argv = [*backend_command(), "--vhost-user", str(self.sock), *extra]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
+        if not backend_available():
+            raise VmError("`nsm serve --vhost-user` (the vhost-user backend) is not in this "
+                          f"tree; pass --device vhost-user:SOCK or set {BACKEND_ENV}")
         env = dict(os.environ)
         paths = [p for p in env.get("PYTHONPATH", "").split(":") if p]
-        if _package_parent() not in paths:
+        if _package_parent() not in paths and BACKEND_ENV not in os.environ:
             env["PYTHONPATH"] = ":".join([_package_parent(), *paths])
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,

@@ -143,7 +143,9 @@ class Toolchain:
         raw["kernels"] = {k: Kernel(**v) for k, v in raw.get("kernels", {}).items()}
         tc = cls(**raw)
         if not Path(tc.busybox).exists() or not all(
-            Path(k.vmlinuz).exists() for k in tc.kernels.values()
+            Path(k.vmlinuz).exists()
+            and all((Path(k.module_dir) / f"{m}.ko").exists() for m in GUEST_MODULES)
+            for k in tc.kernels.values()
         ):
             return None
         if tc.builtin_qemu and not Path(tc.builtin_qemu[3]).exists():
@@ -497,6 +499,7 @@ _MODULE_PATHS = {
     "9pnet": "kernel/net/9p/9pnet.ko",
     "9pnet_virtio": "kernel/net/9p/9pnet_virtio.ko",
     "9p": "kernel/fs/9p/9p.ko",
+    "overlay": "kernel/fs/overlayfs/overlay.ko",
     "nsm": "kernel/drivers/misc/nsm.ko",
 }
 
@@ -506,7 +509,7 @@ def _stage_kernel(cache_dir: Path, apt: _Apt, package: str, progress: Progress) 
     real = packages[0]
     kdir = cache_dir / "kernels" / real.split("/")[0]
     stamp = kdir / ".done"
-    if stamp.exists():
+    if stamp.exists() and all((kdir / "modules" / f"{m}.ko").exists() for m in GUEST_MODULES):
         info = json.loads(stamp.read_text())
         return Kernel(**info)
     progress(f"downloading {' '.join(packages)} (~110 MB)")
@@ -698,6 +701,9 @@ def _setup_locked(cache_dir: Path, kernel_package: str, progress: Progress,
         default_kernel=existing.default_kernel if existing else "",
         builtin_qemu=existing.builtin_qemu if existing else [],
     )
+    built = cache_dir / "qemu-nsm" / "qemu-system-x86_64"
+    if not tc.builtin_qemu and root is not None and built.exists():
+        tc.builtin_qemu = _builtin_argv(root, built)  # built by an earlier --with-builtin-nsm
     if with_builtin_nsm and not tc.builtin_nsm_device:
         assert root is not None
         tc.builtin_qemu = _stage_builtin_qemu(cache_dir, root, progress)

@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,31 +107,52 @@ def guest_main(n: int, runs: int, ops: list[str]) -> None:
 # --------------------------------------------------------------------------- host side
 
 
+def _boot(device: str, command: list[str], timeout: float) -> tuple[int, str, float, float | None]:
+    """One guest via the Python API: (status, stdout, wall seconds, backend CPU seconds)."""
+    import io
+
+    sys.path.insert(0, str(REPO / "src"))
+    from virtio_nsm.vm.run import RunOptions, run
+    from virtio_nsm.vm.setup import load_or_setup
+
+    out = io.BytesIO()
+    tc = load_or_setup()
+    t0 = time.monotonic()
+    result = run(tc, RunOptions(command=command, device=device, timeout=timeout, quiet=True,
+                                stdout=out))
+    return result.status, out.getvalue().decode(errors="replace"), time.monotonic() - t0, \
+        result.backend_cpu_s
+
+
 def host_main(args: argparse.Namespace) -> int:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ":".join([str(REPO / "src"),
-                                  *[p for p in env.get("PYTHONPATH", "").split(":") if p]])
     report: dict[str, Any] = {"n": args.n, "runs": args.runs, "devices": {}}
+    guest = [sys.executable, str(HERE), "--guest", "-n", str(args.n), "--runs", str(args.runs),
+             "--ops", ",".join(args.ops)]
     for device in args.device:
-        cmd = [sys.executable, "-m", "virtio_nsm", "vm", "run", "--quiet", "--device", device,
-               "--timeout", str(args.timeout), "--", sys.executable, str(HERE), "--guest",
-               "-n", str(args.n), "--runs", str(args.runs), "--ops", ",".join(args.ops)]
-        t0 = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        wall = time.monotonic() - t0
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH-JSON ")),
-                    None)
-        if proc.returncode != 0 or line is None:
-            print(f"{device}: failed (exit {proc.returncode})\n{proc.stdout}\n{proc.stderr}",
-                  file=sys.stderr)
-            report["devices"][device] = {"error": proc.returncode}
+        status, stdout, wall, cpu = _boot(device, guest, args.timeout)
+        line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH-JSON ")), None)
+        if status != 0 or line is None:
+            print(f"{device}: failed (exit {status})\n{stdout}", file=sys.stderr)
+            report["devices"][device] = {"error": status}
             continue
         data = json.loads(line.removeprefix("BENCH-JSON "))
         data["wall_s"] = wall
+        cpu_line = ""
+        if cpu is not None and args.cpu:
+            # the same boot running only `true`: backend start-up, boot-time hwrng requests
+            _s, _o, _w, idle_cpu = _boot(device, ["true"], args.timeout)
+            if idle_cpu is not None:
+                # each timed loop of n is preceded by min(n, 100) warm-up requests
+                requests = len(args.ops) * args.runs * (args.n + min(args.n, 100))
+                data["backend_cpu_s"] = cpu
+                data["backend_cpu_idle_boot_s"] = idle_cpu
+                data["backend_cpu_us_per_request"] = (cpu - idle_cpu) / requests * 1e6
+                cpu_line = (f"; backend CPU {cpu:.2f} s vs {idle_cpu:.2f} s for an idle boot"
+                            f" = ~{data['backend_cpu_us_per_request']:.0f} us/request")
         report["devices"][device] = data
         floor = data["results"]["floor"]["p50_us"]
         print(f"\n== device {device}  (kernel {data['kernel']}, rng {data['rng_current']}, "
-              f"N={args.n}, median of {args.runs} runs, guest boot+run {wall:.1f} s)")
+              f"N={args.n}, median of {args.runs} runs, guest boot+run {wall:.1f} s{cpu_line})")
         print(f"{'op':<12} {'req/s':>9} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} "
               f"{'p50/floor':>9}")
         for op, r in data["results"].items():
@@ -155,6 +175,8 @@ def main() -> int:
                     help="ours | vhost-user:SOCK | qemu (repeatable; default ours)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--no-cpu", dest="cpu", action="store_false",
+                    help="skip the idle boot that measures backend CPU per request")
     args = ap.parse_args()
     bad = [op for op in args.ops if op not in REQUESTS]
     if bad:

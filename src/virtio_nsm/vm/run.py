@@ -16,9 +16,10 @@ import re
 import shlex
 import shutil
 import signal
-import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -73,6 +74,8 @@ class RunResult:
     console_log: Path
     seconds: float
     kept: bool
+    backend_cpu_s: float | None = None
+    """CPU time (user+system) of the backend ``nsm vm run`` started, if it did"""
 
 
 def _package_parent() -> str:
@@ -155,9 +158,14 @@ class _Backend:
 
     def __init__(self, run_dir: Path, extra: Sequence[str]) -> None:
         self.sock = run_dir / "nsm.sock"
+        self._sock_dir: Path | None = None
+        if len(str(self.sock)) > 100:  # AF_UNIX paths are limited to 108 bytes
+            self._sock_dir = Path(tempfile.mkdtemp(prefix="nsm-vm-"))
+            self.sock = self._sock_dir / "nsm.sock"
         self.log_path = run_dir / "backend.log"
         self.argv = [*backend_command(), "--vhost-user", str(self.sock), *extra]
         self.proc: subprocess.Popen[bytes] | None = None
+        self.cpu_s: float | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         if not backend_available():
@@ -190,27 +198,37 @@ class _Backend:
             return ""
 
     def stop(self) -> int | None:
-        if self.proc is None:
+        """SIGTERM (then SIGKILL after 5 s); records the backend's CPU time in ``cpu_s``."""
+        proc = self.proc
+        if proc is None:
             return None
-        if self.proc.poll() is None:
+        if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            while pid == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == 0:
                 with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+                    proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            self.cpu_s = usage.ru_utime + usage.ru_stime
+        if self._sock_dir is not None:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+        return proc.returncode
 
 
 def _check_socket(path: str) -> None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """A running backend's socket must exist (we do not connect: it may take one frontend)."""
     try:
-        if not Path(path).exists():
-            raise VmError(f"no vhost-user socket at {path} (is `nsm serve --vhost-user` running?)")
-    finally:
-        s.close()
+        is_sock = stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        is_sock = False
+    if not is_sock:
+        raise VmError(f"no vhost-user socket at {path} (is `nsm serve --vhost-user` running?)")
 
 
 def qemu_argv(tc: Toolchain, opts: RunOptions, run_dir: Path, sock: str | None,
@@ -336,7 +354,7 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
     if not kept:
         shutil.rmtree(run_dir, ignore_errors=True)
     return RunResult(status=status, run_dir=run_dir, console_log=console, seconds=seconds,
-                     kept=kept)
+                     kept=kept, backend_cpu_s=backend.cpu_s if backend is not None else None)
 
 
 class _Done(Exception):

@@ -574,9 +574,11 @@ def _stage_builtin_qemu(cache_dir: Path, root: Path, progress: Progress) -> list
     """
     dest = cache_dir / "qemu-nsm"
     exe = dest / "qemu-system-x86_64"
-    if exe.exists():
-        return _builtin_argv(root, exe)
     apt = _Apt(root)
+    if exe.exists():  # built before; make sure its libraries (libcbor) are in the root
+        _run(apt.argv("install", "-y", "--no-install-recommends", *_BUILD_DEPS), progress,
+             "apt-get install (build deps)", env=apt.env(), show=_apt_progress)
+        return _builtin_argv(root, exe)
     (root / "etc" / "apt" / "sources.list.d" / "nsm-src.list").write_text(
         f"deb-src {apt_mirror()} {SUITE} main\n")
     progress("installing QEMU build dependencies in the trixie root")

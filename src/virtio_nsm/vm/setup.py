@@ -703,19 +703,24 @@ def _setup_locked(cache_dir: Path, kernel_package: str, progress: Progress,
         default_kernel=existing.default_kernel if existing else "",
         builtin_qemu=existing.builtin_qemu if existing else [],
     )
-    built = cache_dir / "qemu-nsm" / "qemu-system-x86_64"
-    if not tc.builtin_qemu and root is not None and built.exists():
-        tc.builtin_qemu = _builtin_argv(root, built)  # built by an earlier --with-builtin-nsm
-    if with_builtin_nsm and not tc.builtin_nsm_device:
-        assert root is not None
-        tc.builtin_qemu = _stage_builtin_qemu(cache_dir, root, progress)
-        _version, bdevices = probe_qemu(tc.builtin_qemu, qemu_env if host is None else
-                                        _root_qemu(root)[1])
-        if "virtio-nsm-pci" not in bdevices:
-            raise SetupError(f"the QEMU built in {cache_dir / 'qemu-nsm'} has no virtio-nsm-pci")
     tc.kernels[kernel_package] = kernel
     if not tc.default_kernel or kernel_package == DEFAULT_KERNEL_PACKAGE:
         tc.default_kernel = kernel_package
+    built = cache_dir / "qemu-nsm" / "qemu-system-x86_64"
+    if with_builtin_nsm:
+        assert root is not None
+        tc.builtin_qemu = _stage_builtin_qemu(cache_dir, root, progress)
+    elif not tc.builtin_qemu and root is not None and built.exists():
+        tc.builtin_qemu = _builtin_argv(root, built)  # built by an earlier --with-builtin-nsm
+    if tc.builtin_qemu:
+        try:
+            _version, bdevices = probe_qemu(tc.builtin_qemu, qemu_env)
+        except SetupError:
+            bdevices = []
+        if "virtio-nsm-pci" not in bdevices:
+            if with_builtin_nsm:
+                raise SetupError(f"the QEMU built in {built.parent} has no working virtio-nsm-pci")
+            tc.builtin_qemu = []
     initrd = tc.initramfs(kernel)
     tc.save()
     progress(f"toolchain ready: kernel {kernel.version}, initramfs {initrd.name} "

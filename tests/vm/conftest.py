@@ -15,5 +15,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="boots VMs: run with `pytest -m vm tests/vm`")
     for item in items:
-        if "vm" in item.keywords:
+        if item.get_closest_marker("vm") is not None:
             item.add_marker(skip)

@@ -1,14 +1,14 @@
 """The real-kernel tier: boot Linux guests (QEMU TCG) with the NSM device attached.
 
-:func:`~virtio_nsm.vm.setup.setup` builds the cached toolchain (QEMU, Debian's
-kernel with ``nsm.ko``, a busybox initramfs); :func:`~virtio_nsm.vm.run.run`
+:func:`virtio_nsm.vm.setup.setup` builds the cached toolchain (QEMU, Debian's
+kernel with ``nsm.ko``, a busybox initramfs); :func:`virtio_nsm.vm.run.run`
 boots a throwaway guest that runs one command chrooted into the host's root.
 """
 
 from __future__ import annotations
 
-from virtio_nsm.vm.run import RunOptions, RunResult, VmError, run
-from virtio_nsm.vm.setup import SetupError, Toolchain, default_cache_dir, load_or_setup, setup
+from virtio_nsm.vm.run import RunOptions, RunResult, VmError
+from virtio_nsm.vm.setup import SetupError, Toolchain, default_cache_dir, load_or_setup
 
 __all__ = [
     "RunOptions",
@@ -18,6 +18,4 @@ __all__ = [
     "VmError",
     "default_cache_dir",
     "load_or_setup",
-    "run",
-    "setup",
 ]

@@ -186,14 +186,14 @@ def _os_release() -> dict[str, str]:
     return out
 
 
-def apt_mirror() -> str:
+def apt_mirror(etc_apt: Path = Path("/etc/apt")) -> str:
     """The Debian mirror URL the host's apt uses (``NSM_VM_MIRROR`` overrides)."""
     env = os.environ.get("NSM_VM_MIRROR")
     if env:
         return env.rstrip("/")
     candidates: list[tuple[str, str]] = []  # (uri, suites)
-    files = [Path("/etc/apt/sources.list")]
-    src_d = Path("/etc/apt/sources.list.d")
+    files = [etc_apt / "sources.list"]
+    src_d = etc_apt / "sources.list.d"
     if src_d.is_dir():
         files += sorted(src_d.iterdir())
     for f in files:

@@ -16,4 +16,4 @@ def main() -> None:
 
 
 # Command modules register themselves on `main` when imported.
-# (none yet)
+from . import device as _device  # noqa: E402,F401

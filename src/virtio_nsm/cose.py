@@ -1,0 +1,131 @@
+"""COSE_Sign1 (RFC 9052) primitives for ES384, as Nitro attestation uses them.
+
+This is the low layer: building and splitting the four-element structure and
+converting signatures. Nothing here decides whether a document is trusted;
+:mod:`virtio_nsm.verify` does that on top.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from . import cbor
+
+#: COSE algorithm identifier of ECDSA w/ SHA-384 (RFC 9053).
+ALG_ES384 = -35
+#: The protected header every Nitro document carries: bstr-wrapped ``{1: -35}``.
+PROTECTED_ES384 = b"\xa1\x01\x38\x22"
+#: CBOR tag of COSE_Sign1 (documents may carry it or not).
+TAG_COSE_SIGN1 = 18
+#: Length of one P-384 signature coordinate.
+P384_COORDINATE_SIZE = 48
+
+_SIG1_CONTEXT = cbor.tstr("Signature1")
+
+
+class CoseError(ValueError):
+    """The bytes are not a well-formed COSE_Sign1 structure."""
+
+
+def sig_structure(protected: bytes, payload: bytes, external_aad: bytes = b"") -> bytes:
+    """The ``Sig_structure`` that is actually signed (RFC 9052 §4.4)."""
+    return (
+        cbor.array_head(4)
+        + _SIG1_CONTEXT
+        + cbor.bstr(protected)
+        + cbor.bstr(external_aad)
+        + cbor.bstr(payload)
+    )
+
+
+def der_to_raw(der_signature: bytes, size: int = P384_COORDINATE_SIZE) -> bytes:
+    """DER ``ECDSA-Sig-Value`` to the fixed-size ``r || s`` form COSE uses."""
+    r, s = decode_dss_signature(der_signature)
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+def raw_to_der(raw_signature: bytes) -> bytes:
+    """Fixed-size ``r || s`` to DER; the length must be even."""
+    if len(raw_signature) % 2:
+        raise CoseError("raw ECDSA signature has an odd length")
+    half = len(raw_signature) // 2
+    r = int.from_bytes(raw_signature[:half], "big")
+    s = int.from_bytes(raw_signature[half:], "big")
+    return encode_dss_signature(r, s)
+
+
+def encode_sign1(protected: bytes, payload: bytes, signature: bytes) -> bytes:
+    """An untagged COSE_Sign1 with an empty unprotected header."""
+    return (
+        cbor.array_head(4)
+        + cbor.bstr(protected)
+        + cbor.map_head(0)
+        + cbor.bstr(payload)
+        + cbor.bstr(signature)
+    )
+
+
+def sign_es384(key: ec.EllipticCurvePrivateKey, payload: bytes) -> bytes:
+    """Sign ``payload`` with ``key`` (P-384) and return the untagged COSE_Sign1."""
+    if not isinstance(key.curve, ec.SECP384R1):
+        raise ValueError("ES384 needs a P-384 key")
+    der = key.sign(sig_structure(PROTECTED_ES384, payload), ec.ECDSA(hashes.SHA384()))
+    return encode_sign1(PROTECTED_ES384, payload, der_to_raw(der))
+
+
+@dataclass(frozen=True)
+class Sign1:
+    """The four parts of a COSE_Sign1, not yet checked for meaning."""
+
+    protected: bytes
+    unprotected: dict[Any, Any]
+    payload: bytes
+    signature: bytes
+    tagged: bool
+
+    def to_be_signed(self) -> bytes:
+        return sig_structure(self.protected, self.payload)
+
+
+def decode_sign1(data: bytes) -> Sign1:
+    """Split a COSE_Sign1 (untagged or tag 18); raise :class:`CoseError` if malformed.
+
+    Trailing bytes after the structure are an error: a signed object has
+    exactly one encoding.
+    """
+    stream = io.BytesIO(data)
+    try:
+        decoder = cbor2.CBORDecoder(stream)
+        item = decoder.decode()
+    except Exception as exc:  # cbor2 raises several types for broken input
+        raise CoseError(f"not valid CBOR: {exc}") from exc
+    if stream.tell() != len(data):
+        raise CoseError(f"{len(data) - stream.tell()} trailing bytes after the COSE_Sign1")
+    tagged = False
+    if isinstance(item, cbor2.CBORTag):
+        if item.tag != TAG_COSE_SIGN1:
+            raise CoseError(f"unexpected CBOR tag {item.tag} (COSE_Sign1 is tag 18)")
+        item = item.value
+        tagged = True
+    if not isinstance(item, list) or len(item) != 4:
+        raise CoseError("a COSE_Sign1 is an array of 4 elements")
+    protected, unprotected, payload, signature = item
+    if not isinstance(protected, bytes):
+        raise CoseError("protected header is not a byte string")
+    if not isinstance(unprotected, dict):
+        raise CoseError("unprotected header is not a map")
+    if not isinstance(payload, bytes):
+        raise CoseError("payload is not a byte string (detached payloads are not supported)")
+    if not isinstance(signature, bytes):
+        raise CoseError("signature is not a byte string")
+    return Sign1(protected, unprotected, payload, signature, tagged)

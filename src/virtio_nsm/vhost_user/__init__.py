@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from .backend import BackendError, VhostUserBackend
 from .daemon import NsmQueueWorker, VhostUserDaemon
-from .frontend import RequestTooLarge, VhostUserError, VhostUserFrontend, VhostUserTransport
+from .frontend import VhostUserError, VhostUserFrontend, VhostUserTransport
 from .message import MessageError
 
 __all__ = [
     "BackendError",
     "MessageError",
     "NsmQueueWorker",
-    "RequestTooLarge",
     "VhostUserBackend",
     "VhostUserDaemon",
     "VhostUserError",

@@ -370,9 +370,7 @@ class VhostUserBackend:
         return bool(self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_REPLY_ACK))
 
     def _reply(self, message: Message, payload: Payload) -> Message:
-        return Message(
-            message.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, payload.encode()
-        )
+        return Message(message.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, payload.encode())
 
     def _vring(self, index: int) -> Vring:
         if not 0 <= index < self.num_queues:
@@ -534,8 +532,7 @@ class VhostUserBackend:
         assert isinstance(payload, U64)
         if payload.value & ~OFFERED_PROTOCOL_FEATURES:
             raise BackendError(
-                f"protocol features {payload.value & ~OFFERED_PROTOCOL_FEATURES:#x} "
-                "were not offered"
+                f"protocol features {payload.value & ~OFFERED_PROTOCOL_FEATURES:#x} were not offered"
             )
         self.protocol_features = payload.value
 

@@ -39,6 +39,8 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import ErrorCode
+from ..nsm.protocol import MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE, encode_error
 from ..virtio.queue import Chain, DeviceQueue, VirtqueueError
 from .backend import BackendError, QueueWorker, VhostUserBackend
 from .connection import Connection, ConnectionClosed
@@ -56,13 +58,8 @@ log = logging.getLogger("virtio_nsm.vhost_user")
 
 Handler = Callable[[bytes], bytes]
 
-# The device core owns these limits; the transport repeats them so it can bound copies.
-MAX_REQUEST_SIZE = 0x1000
-MAX_RESPONSE_SIZE = 0x3000
-
-#: ``{"Error": "InternalError"}`` and ``{"Error": "BufferTooSmall"}`` in canonical CBOR.
-INTERNAL_ERROR = bytes.fromhex("a1654572726f72") + b"\x6dInternalError"
-BUFFER_TOO_SMALL = bytes.fromhex("a1654572726f72") + b"\x6eBufferTooSmall"
+INTERNAL_ERROR = encode_error(ErrorCode.InternalError)
+BUFFER_TOO_SMALL = encode_error(ErrorCode.BufferTooSmall)
 
 
 class NsmQueueWorker:
@@ -90,9 +87,7 @@ class NsmQueueWorker:
                 elif chain.readable:
                     self.pending = chain
                 else:
-                    raise VirtqueueError(
-                        f"chain {chain.head} is a response buffer with no request before it"
-                    )
+                    raise VirtqueueError(f"chain {chain.head} is a response buffer with no request before it")
                 continue
             if chain.readable or not chain.writable:
                 raise VirtqueueError(

@@ -28,6 +28,7 @@ into :class:`VhostUserError` instead of a hang.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import select
@@ -35,6 +36,8 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..errors import DeviceNotFoundError, ErrorCode, NsmError, TransportError
+from ..nsm.protocol import MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE
 from ..virtio import spec
 from ..virtio.memory import GuestMemory, MemoryRegion, VirtioError
 from ..virtio.queue import DriverQueue, RingLayout, Segment
@@ -61,14 +64,13 @@ __all__ = [
     "MAX_REQUEST_SIZE",
     "RESPONSE_BUFFER_SIZE",
     "USER_BASE",
-    "RequestTooLarge",
     "VhostUserError",
     "VhostUserFrontend",
     "VhostUserTransport",
 ]
 
-MAX_REQUEST_SIZE = 0x1000
-RESPONSE_BUFFER_SIZE = 0x3000
+#: Linux's nsm.ko always offers a response buffer of exactly this size.
+RESPONSE_BUFFER_SIZE = MAX_RESPONSE_SIZE
 GUEST_BASE = 0x4000_0000
 USER_BASE = 0x7F12_3400_0000
 
@@ -90,12 +92,8 @@ _DRIVER_OK = (
 )
 
 
-class VhostUserError(Exception):
+class VhostUserError(TransportError):
     """The backend failed, hung up, or broke the protocol or the ring rules."""
-
-
-class RequestTooLarge(VhostUserError, ValueError):
-    """A request longer than 0x1000 bytes (Linux answers EMSGSIZE)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +125,13 @@ class VhostUserFrontend:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise DeviceNotFoundError(
+                errno.ENOENT,
+                f"no vhost-user backend listening at {self.path} "
+                f"(start one with `nsm serve --vhost-user {self.path}`)",
+            ) from exc
         except OSError as exc:
             sock.close()
             raise VhostUserError(f"cannot connect to {self.path}: {exc}") from exc
@@ -161,12 +166,9 @@ class VhostUserFrontend:
             raise VhostUserError(f"{message.name}: backend connection failed: {exc}") from exc
         for fd in reply.fds:
             os.close(fd)
-        if reply.request != message.request or reply.flags != (
-            VHOST_USER_VERSION | VHOST_USER_REPLY_MASK
-        ):
+        if reply.request != message.request or reply.flags != (VHOST_USER_VERSION | VHOST_USER_REPLY_MASK):
             raise VhostUserError(
-                f"{message.name}: unexpected reply (request {reply.request}, "
-                f"flags {reply.flags:#x})"
+                f"{message.name}: unexpected reply (request {reply.request}, flags {reply.flags:#x})"
             )
         if message.request not in _EXPLICIT_REPLY:
             if len(reply.payload) != 8:
@@ -203,9 +205,7 @@ class VhostUserFrontend:
                     payload=U64(self.protocol_features).encode(),
                 )
             )
-            self.reply_ack = bool(
-                self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_REPLY_ACK)
-            )
+            self.reply_ack = bool(self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_REPLY_ACK))
             if self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_MQ):
                 queues = self._get_u64(_R.VHOST_USER_GET_QUEUE_NUM)
                 if queues < 1:
@@ -273,9 +273,7 @@ class VhostUserFrontend:
 
     def get_vring_base(self) -> int:
         """Stop vring 0 (``GET_VRING_BASE``) and return the backend's next avail index."""
-        reply = self.request(
-            Message(_R.VHOST_USER_GET_VRING_BASE, payload=VringState(0, 0).encode())
-        )
+        reply = self.request(Message(_R.VHOST_USER_GET_VRING_BASE, payload=VringState(0, 0).encode()))
         assert reply is not None
         return VringState.decode(reply.payload).num
 
@@ -312,11 +310,16 @@ class VhostUserFrontend:
         return self.exchange_many([request])[0]
 
     def exchange_many(self, requests: Sequence[bytes]) -> list[bytes]:
-        """Send a burst: as many requests as fit are queued before one kick."""
+        """Send a burst: as many requests as fit are queued before one kick.
+
+        A request longer than 0x1000 bytes is refused before anything is sent, as
+        Linux refuses it with EMSGSIZE: :class:`NsmError` ``InputTooLarge``.
+        """
         for request in requests:
             if len(request) > MAX_REQUEST_SIZE:
-                raise RequestTooLarge(
-                    f"request of {len(request)} bytes exceeds {MAX_REQUEST_SIZE:#x} bytes"
+                raise NsmError(
+                    ErrorCode.InputTooLarge,
+                    f"request of {len(request)} bytes exceeds {MAX_REQUEST_SIZE:#x} bytes",
                 )
         responses: list[bytes] = []
         step = max(1, self.queue_size // 2)

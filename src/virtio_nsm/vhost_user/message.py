@@ -295,9 +295,7 @@ class MemoryRegionDescription:
         return region
 
     def encode(self) -> bytes:
-        return self.LAYOUT.pack(
-            self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset
-        )
+        return self.LAYOUT.pack(self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,12 +315,9 @@ class MemoryTable:
         size = MemoryRegionDescription.LAYOUT.size
         # QEMU sends the full 8-slot array; accept exactly-sized tables too.
         if len(data) not in (cls.PREFIX.size + size * nregions, cls.PREFIX.size + size * 8):
-            raise MessageError(
-                f"memory table of {len(data)} bytes does not match its {nregions} regions"
-            )
+            raise MessageError(f"memory table of {len(data)} bytes does not match its {nregions} regions")
         regions = tuple(
-            MemoryRegionDescription.decode(data[cls.PREFIX.size + i * size :][:size])
-            for i in range(nregions)
+            MemoryRegionDescription.decode(data[cls.PREFIX.size + i * size :][:size]) for i in range(nregions)
         )
         return cls(regions)
 
@@ -412,25 +407,19 @@ def parse_payload(message: Message) -> Payload:
     if message.is_reply:
         raise MessageError(f"{message.name} carries the reply flag")
     if spec.size is not None and len(message.payload) != spec.size:
-        raise MessageError(
-            f"{message.name}: payload of {len(message.payload)} bytes, expected {spec.size}"
-        )
+        raise MessageError(f"{message.name}: payload of {len(message.payload)} bytes, expected {spec.size}")
     if not spec.min_fds <= len(message.fds) <= spec.max_fds:
         raise MessageError(
-            f"{message.name}: {len(message.fds)} file descriptors, expected "
-            f"{spec.min_fds}..{spec.max_fds}"
+            f"{message.name}: {len(message.fds)} file descriptors, expected {spec.min_fds}..{spec.max_fds}"
         )
     try:
         payload = spec.decode(message.payload)
     except struct.error as exc:
         raise MessageError(f"{message.name}: malformed payload: {exc}") from exc
     if isinstance(payload, MemoryTable) and len(payload.regions) != len(message.fds):
-        raise MessageError(
-            f"{message.name}: {len(payload.regions)} regions but {len(message.fds)} fds"
-        )
+        raise MessageError(f"{message.name}: {len(payload.regions)} regions but {len(message.fds)} fds")
     if isinstance(payload, VringFd) and len(message.fds) != (0 if payload.nofd else 1):
         raise MessageError(
-            f"{message.name}: {len(message.fds)} fds with the no-fd flag "
-            f"{'set' if payload.nofd else 'clear'}"
+            f"{message.name}: {len(message.fds)} fds with the no-fd flag {'set' if payload.nofd else 'clear'}"
         )
     return payload

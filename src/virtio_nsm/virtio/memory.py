@@ -175,9 +175,7 @@ class GuestMemory:
                 del self._regions[i]
                 del self._starts[i]
                 return region
-        raise GuestMemoryError(
-            f"no memory region at guest {guest_addr:#x}+{size:#x} user {user_addr:#x}"
-        )
+        raise GuestMemoryError(f"no memory region at guest {guest_addr:#x}+{size:#x} user {user_addr:#x}")
 
     def close(self) -> None:
         """Unmap every region."""
@@ -206,8 +204,7 @@ class GuestMemory:
             region = self._locate(addr)
             if region is None:
                 raise GuestMemoryError(
-                    f"guest range {gpa:#x}+{length:#x} is not backed by guest memory "
-                    f"(no region at {addr:#x})"
+                    f"guest range {gpa:#x}+{length:#x} is not backed by guest memory (no region at {addr:#x})"
                 )
             offset = addr - region.guest_addr
             count = min(left, region.size - offset)
@@ -228,9 +225,7 @@ class GuestMemory:
             raise GuestMemoryError(f"invalid guest range {gpa:#x}+{length:#x}")
         region = self._locate(gpa) if gpa >= 0 else None
         if region is None or gpa + length > region.guest_end:
-            raise GuestMemoryError(
-                f"guest range {gpa:#x}+{length:#x} is not inside a single memory region"
-            )
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not inside a single memory region")
         offset = gpa - region.guest_addr
         return region.buffer[offset : offset + length]
 
@@ -241,9 +236,7 @@ class GuestMemory:
                 if uva + length > region.user_end:
                     break
                 return region.guest_addr + (uva - region.user_addr)
-        raise GuestMemoryError(
-            f"user range {uva:#x}+{length:#x} is not inside a single memory region"
-        )
+        raise GuestMemoryError(f"user range {uva:#x}+{length:#x} is not inside a single memory region")
 
     # -- access -----------------------------------------------------------------------
 

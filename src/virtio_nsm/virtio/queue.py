@@ -241,8 +241,7 @@ class DeviceQueue(_SplitRing):
             if index >= table_len:
                 where = "indirect table" if in_indirect else "descriptor table"
                 raise VirtqueueError(
-                    f"chain {head}: descriptor index {index} is outside the {where} "
-                    f"of {table_len} entries"
+                    f"chain {head}: descriptor index {index} is outside the {where} of {table_len} entries"
                 )
             addr, length, flags, nxt = _DESC.unpack_from(table, index * spec.VIRTQ_DESC_SIZE)
             visited += 1
@@ -259,13 +258,10 @@ class DeviceQueue(_SplitRing):
                 if in_indirect:
                     raise VirtqueueError(f"chain {head}: nested indirect table")
                 if visited != 1 or flags & spec.VIRTQ_DESC_F_NEXT:
-                    raise VirtqueueError(
-                        f"chain {head}: an indirect descriptor must be the whole chain"
-                    )
+                    raise VirtqueueError(f"chain {head}: an indirect descriptor must be the whole chain")
                 if length == 0 or length % spec.VIRTQ_DESC_SIZE:
                     raise VirtqueueError(
-                        f"chain {head}: indirect table length {length} is not a positive "
-                        "multiple of 16"
+                        f"chain {head}: indirect table length {length} is not a positive multiple of 16"
                     )
                 count = length // spec.VIRTQ_DESC_SIZE
                 if count > self.size:
@@ -290,9 +286,7 @@ class DeviceQueue(_SplitRing):
             if flags & spec.VIRTQ_DESC_F_WRITE:
                 chain.writable.append(Segment(addr, length, True))
             elif chain.writable:
-                raise VirtqueueError(
-                    f"chain {head}: device-readable descriptor after a device-writable one"
-                )
+                raise VirtqueueError(f"chain {head}: device-readable descriptor after a device-writable one")
             else:
                 chain.readable.append(Segment(addr, length, False))
             if not flags & spec.VIRTQ_DESC_F_NEXT:
@@ -301,9 +295,7 @@ class DeviceQueue(_SplitRing):
 
     def unpop(self, chain: Chain) -> None:
         """Give back the most recently popped chain unanswered (it becomes available again)."""
-        if chain.head not in self._in_flight or (chain.avail_index + 1) & 0xFFFF != (
-            self.last_avail_idx
-        ):
+        if chain.head not in self._in_flight or (chain.avail_index + 1) & 0xFFFF != (self.last_avail_idx):
             raise ValueError("only the most recently popped chain can be given back")
         del self._in_flight[chain.head]
         self.last_avail_idx = chain.avail_index
@@ -403,13 +395,9 @@ class DriverQueue(_SplitRing):
             self.memory.write(indirect_table, table)
             ring_descs = [(indirect_table, len(table), spec.VIRTQ_DESC_F_INDIRECT)]
         else:
-            ring_descs = [
-                (s.addr, s.length, spec.VIRTQ_DESC_F_WRITE if s.writable else 0) for s in segments
-            ]
+            ring_descs = [(s.addr, s.length, spec.VIRTQ_DESC_F_WRITE if s.writable else 0) for s in segments]
         if len(ring_descs) > len(self._free):
-            raise ValueError(
-                f"no room: {len(ring_descs)} descriptors needed, {len(self._free)} free"
-            )
+            raise ValueError(f"no room: {len(ring_descs)} descriptors needed, {len(self._free)} free")
         ids = [self._free.pop() for _ in ring_descs]
         for i, (addr, length, flags) in enumerate(ring_descs):
             nxt = 0
@@ -439,9 +427,7 @@ class DriverQueue(_SplitRing):
     def request_interrupt_after(self, count: int) -> None:
         """Ask to be interrupted once ``count`` more used elements have been published."""
         if self.event_idx:
-            _U16.pack_into(
-                self._avail, self._used_event_off, (self.last_used_idx + count - 1) & 0xFFFF
-            )
+            _U16.pack_into(self._avail, self._used_event_off, (self.last_used_idx + count - 1) & 0xFFFF)
         else:
             _U16.pack_into(self._avail, 0, 0)
 
@@ -451,8 +437,7 @@ class DriverQueue(_SplitRing):
         count = (used_idx - self.last_used_idx) & 0xFFFF
         if count > len(self._in_flight):
             raise VirtqueueError(
-                f"device advanced the used index by {count} with {len(self._in_flight)} "
-                "buffers in flight"
+                f"device advanced the used index by {count} with {len(self._in_flight)} buffers in flight"
             )
         done: list[tuple[int, int]] = []
         for _ in range(count):

@@ -199,6 +199,8 @@ class GuestMemory:
         if length < 0 or gpa < 0 or gpa + length > _U64_LIMIT:
             raise GuestMemoryError(f"invalid guest range {gpa:#x}+{length:#x}")
         pieces: list[tuple[memoryview, int, int]] = []
+        if length == 0:
+            return iter(pieces)  # touches nothing, so needs no mapping
         addr, left = gpa, length
         while True:
             region = self._locate(addr)

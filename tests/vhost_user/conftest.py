@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from virtio_nsm.nsm.device import NsmDevice
+from virtio_nsm.vhost_user.daemon import VhostUserDaemon
+
+
+@dataclass
+class Running:
+    path: Path
+    device: NsmDevice
+    daemon: VhostUserDaemon
+    thread: threading.Thread
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Running]:
+    """A real daemon serving a real NsmDevice from a thread, on a temp-dir socket."""
+    path = tmp_path / "nsm.sock"
+    device = NsmDevice()
+    daemon = VhostUserDaemon(path, device.handle, message_timeout=2.0)
+    daemon.bind()
+    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
+    thread.start()
+    yield Running(path, device, daemon, thread)
+    daemon.stop()
+    thread.join(10)
+    assert not thread.is_alive(), "daemon did not stop"
+    daemon.close()

@@ -2,21 +2,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from vhost_support import Running
 
 from virtio_nsm.nsm.device import NsmDevice
 from virtio_nsm.vhost_user.daemon import VhostUserDaemon
-
-
-@dataclass
-class Running:
-    path: Path
-    device: NsmDevice
-    daemon: VhostUserDaemon
-    thread: threading.Thread
 
 
 @pytest.fixture

@@ -95,7 +95,7 @@ def test_indirect_chain() -> None:
 
 
 def test_many_rounds_wrap_the_ring() -> None:
-    mem, drv, dev = make(event_idx=True)
+    _mem, drv, dev = make(event_idx=True)
     for i in range(3 * SIZE + 3):
         h = drv.add([Segment(BUF, 1), Segment(BUF + 8, 8, True)])
         drv.publish()
@@ -131,7 +131,7 @@ def test_sixteen_bit_index_wraparound_on_the_device() -> None:
 
 
 def test_event_idx_interrupt_only_when_used_event_is_crossed() -> None:
-    mem, drv, dev = make(event_idx=True)
+    _mem, drv, dev = make(event_idx=True)
     heads = [drv.add([Segment(BUF + i, 1, True)]) for i in range(4)]
     drv.request_interrupt_after(4)  # used_event = 3
     drv.publish()
@@ -154,7 +154,7 @@ def test_event_idx_interrupt_only_when_used_event_is_crossed() -> None:
 
 
 def test_event_idx_kick_only_when_avail_event_is_crossed() -> None:
-    mem, drv, dev = make(event_idx=True)
+    _mem, drv, dev = make(event_idx=True)
     drv.add([Segment(BUF, 1)])
     assert drv.publish() is True  # avail_event 0 crossed by 0 -> 1
     dev.pop()
@@ -202,7 +202,7 @@ def test_vring_need_event(event: int, new: int, old: int, expected: bool) -> Non
 
 def hostile(*descs: tuple[int, int, int, int], heads: tuple[int, ...] = (0,),
             indirect: bool = True) -> DeviceQueue:
-    mem, drv, dev = make(indirect=indirect)
+    _mem, drv, dev = make(indirect=indirect)
     for i, d in enumerate(descs):
         drv.raw_descriptor(i, *d)
     drv.raw_avail(heads)
@@ -270,14 +270,14 @@ def test_indirect_table_hostile_contents() -> None:
 
 
 def test_available_index_running_ahead_is_refused() -> None:
-    mem, drv, dev = make()
+    _mem, drv, dev = make()
     drv.raw_avail([], idx_delta=SIZE + 1)
     with pytest.raises(VirtqueueError, match="more than the queue size"):
         dev.available()
 
 
 def test_head_made_available_twice_while_in_flight_is_refused() -> None:
-    mem, drv, dev = make()
+    _mem, drv, dev = make()
     drv.raw_descriptor(0, BUF, 8, 0, 0)
     drv.raw_avail([0, 0])
     assert dev.pop() is not None
@@ -318,7 +318,7 @@ def test_bad_ring_layouts_are_refused(layout: RingLayout, match: str) -> None:
 
 
 def test_device_refuses_its_own_misuse() -> None:
-    mem, drv, dev = make()
+    _mem, drv, dev = make()
     h = drv.add([Segment(BUF, 4, True)])
     drv.publish()
     chain = dev.pop()
@@ -330,7 +330,7 @@ def test_device_refuses_its_own_misuse() -> None:
 
 
 def test_unpop_gives_the_last_chain_back() -> None:
-    mem, drv, dev = make()
+    _mem, drv, dev = make()
     drv.add([Segment(BUF, 4)])
     drv.publish()
     chain = dev.pop()
@@ -371,7 +371,7 @@ def test_driver_refuses_bogus_used_entries() -> None:
 
 
 def test_driver_validates_chains_it_builds() -> None:
-    mem, drv, dev = make(indirect=False)
+    _mem, drv, _dev = make(indirect=False)
     with pytest.raises(ValueError, match="readable segments must come before"):
         drv.add([Segment(BUF, 1, True), Segment(BUF, 1)])
     with pytest.raises(ValueError, match="at least one"):

@@ -17,6 +17,7 @@ from virtio_nsm.vhost_user.backend import (
 )
 from virtio_nsm.vhost_user.daemon import NsmQueueWorker
 from virtio_nsm.vhost_user.message import (
+    U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_REPLY_MASK,
@@ -28,7 +29,6 @@ from virtio_nsm.vhost_user.message import (
     MessageError,
     ProtocolFeature,
     SingleMemoryRegion,
-    U64,
     VringAddr,
     VringFd,
     VringState,

@@ -6,6 +6,7 @@ import pytest
 
 from virtio_nsm.vhost_user.message import (
     HEADER,
+    U64,
     VHOST_USER_REPLY_MASK,
     VHOST_USER_VERSION,
     FrontendRequest,
@@ -14,7 +15,6 @@ from virtio_nsm.vhost_user.message import (
     Message,
     MessageError,
     SingleMemoryRegion,
-    U64,
     VringAddr,
     VringFd,
     VringState,

@@ -62,7 +62,7 @@ def test_pair_is_answered_request_first_with_len_0_then_exact_response() -> None
 
 def test_every_available_pair_is_served_in_one_pass() -> None:
     handler = Recorder()
-    mem, drv, dev, worker = setup(handler)
+    mem, drv, _dev, worker = setup(handler)
     pairs = [linux_request(mem, drv, bytes([0x41 + i]) * 3, slot=i) for i in range(3)]
     drv.publish()
     assert worker.process() is True
@@ -73,7 +73,7 @@ def test_every_available_pair_is_served_in_one_pass() -> None:
 
 def test_single_chain_with_readable_and_writable_parts() -> None:
     handler = Recorder(reply=b"ok")
-    mem, drv, dev, worker = setup(handler)
+    mem, drv, _dev, worker = setup(handler)
     mem.write(REQ, b"req")
     head = drv.add([Segment(REQ, 3), Segment(RESP, 0x3000, True)])
     drv.publish()
@@ -84,7 +84,7 @@ def test_single_chain_with_readable_and_writable_parts() -> None:
 
 def test_request_waits_for_its_response_chain() -> None:
     handler = Recorder()
-    mem, drv, dev, worker = setup(handler)
+    mem, drv, _dev, worker = setup(handler)
     mem.write(REQ, b"abc")
     h1 = drv.add([Segment(REQ, 3)])
     drv.publish()
@@ -97,7 +97,7 @@ def test_request_waits_for_its_response_chain() -> None:
 
 
 def test_rewind_gives_back_a_held_request() -> None:
-    mem, drv, dev, worker = setup(Recorder())
+    _mem, drv, dev, worker = setup(Recorder())
     drv.add([Segment(REQ, 3)])
     drv.publish()
     worker.process()
@@ -107,7 +107,7 @@ def test_rewind_gives_back_a_held_request() -> None:
 
 
 def test_missing_response_chain_breaks_the_ring() -> None:
-    mem, drv, dev, worker = setup(Recorder())
+    _mem, drv, _dev, worker = setup(Recorder())
     drv.add([Segment(REQ, 3)])
     drv.add([Segment(REQ, 3)])
     drv.publish()
@@ -116,7 +116,7 @@ def test_missing_response_chain_breaks_the_ring() -> None:
 
 
 def test_response_chain_without_request_breaks_the_ring() -> None:
-    mem, drv, dev, worker = setup(Recorder())
+    _mem, drv, _dev, worker = setup(Recorder())
     drv.add([Segment(RESP, 0x3000, True)])
     drv.publish()
     with pytest.raises(VirtqueueError, match="no request before it"):
@@ -125,7 +125,7 @@ def test_response_chain_without_request_breaks_the_ring() -> None:
 
 def test_small_response_buffer_gets_buffer_too_small() -> None:
     handler = Recorder(reply=b"x" * 100)
-    mem, drv, dev, worker = setup(handler)
+    mem, drv, _dev, worker = setup(handler)
     h1, h2 = linux_request(mem, drv, b"req", resp_len=64)
     drv.publish()
     worker.process()
@@ -135,7 +135,7 @@ def test_small_response_buffer_gets_buffer_too_small() -> None:
 
 
 def test_tiny_response_buffer_gets_nothing() -> None:
-    mem, drv, dev, worker = setup(Recorder(reply=b"x" * 100))
+    mem, drv, _dev, worker = setup(Recorder(reply=b"x" * 100))
     h1, h2 = linux_request(mem, drv, b"req", resp_len=4)
     drv.publish()
     worker.process()
@@ -144,7 +144,7 @@ def test_tiny_response_buffer_gets_nothing() -> None:
 
 def test_oversized_request_is_passed_truncated_to_limit_plus_one() -> None:
     handler = Recorder()
-    mem, drv, dev, worker = setup(handler)
+    _mem, drv, _dev, worker = setup(handler)
     # A 0x2000-byte request made of two descriptors.
     h1 = drv.add([Segment(REQ, 0x1000), Segment(REQ + 0x1000, 0x1000)])
     drv.add([Segment(RESP, 0x3000, True)])
@@ -155,7 +155,7 @@ def test_oversized_request_is_passed_truncated_to_limit_plus_one() -> None:
 
 
 def test_handler_exception_becomes_internal_error() -> None:
-    mem, drv, dev, worker = setup(Recorder(fail=True))
+    mem, drv, _dev, worker = setup(Recorder(fail=True))
     h1, h2 = linux_request(mem, drv, b"req")
     drv.publish()
     worker.process()
@@ -165,8 +165,8 @@ def test_handler_exception_becomes_internal_error() -> None:
 
 
 def test_oversized_handler_response_becomes_internal_error() -> None:
-    mem, drv, dev, worker = setup(Recorder(reply=b"x" * 0x3001))
-    h1, h2 = linux_request(mem, drv, b"req")
+    mem, drv, _dev, worker = setup(Recorder(reply=b"x" * 0x3001))
+    _h1, h2 = linux_request(mem, drv, b"req")
     drv.publish()
     worker.process()
     assert drv.collect_used()[1] == (h2, len(encode_error(ErrorCode.InternalError)))

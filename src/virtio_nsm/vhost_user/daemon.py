@@ -74,34 +74,39 @@ class NsmQueueWorker:
         return f"<NsmQueueWorker {self.queue!r} pending={self.pending and self.pending.head}>"
 
     def process(self) -> bool:
+        queue = self.queue
+        answered = 0
+        try:
+            while (chain := queue.pop()) is not None:
+                answered += self._take(chain)
+        finally:
+            # Publish what was answered even if a later chain broke the rules.
+            if answered:
+                queue.publish_used()
+        return answered > 0
+
+    def _take(self, chain: Chain) -> int:
         queue, memory = self.queue, self.queue.memory
-        published = False
-        while (chain := queue.pop()) is not None:
-            request = self.pending
-            if request is None:
-                if chain.readable and chain.writable:
-                    response = self._serve(chain, chain.writable_len)
-                    queue.add_used(chain.head, chain.write(memory, response))
-                    queue.publish_used()
-                    published = True
-                elif chain.readable:
-                    self.pending = chain
-                else:
-                    raise VirtqueueError(f"chain {chain.head} is a response buffer with no request before it")
-                continue
-            if chain.readable or not chain.writable:
-                raise VirtqueueError(
-                    f"request chain {request.head} is followed by chain {chain.head}, "
-                    "which is not a device-writable response buffer"
-                )
-            self.pending = None
-            response = self._serve(request, chain.writable_len)
-            written = chain.write(memory, response)
-            queue.add_used(request.head, 0)
-            queue.add_used(chain.head, written)
-            queue.publish_used()
-            published = True
-        return published
+        request = self.pending
+        if request is None:
+            if chain.readable and chain.writable:
+                response = self._serve(chain, chain.writable_len)
+                queue.add_used(chain.head, chain.write(memory, response))
+                return 1
+            if chain.readable:
+                self.pending = chain
+                return 0
+            raise VirtqueueError(f"chain {chain.head} is a response buffer with no request before it")
+        if chain.readable or not chain.writable:
+            raise VirtqueueError(
+                f"request chain {request.head} is followed by chain {chain.head}, "
+                "which is not a device-writable response buffer"
+            )
+        self.pending = None
+        written = chain.write(memory, self._serve(request, chain.writable_len))
+        queue.add_used(request.head, 0)
+        queue.add_used(chain.head, written)
+        return 1
 
     def rewind(self) -> int:
         if self.pending is not None:

@@ -336,9 +336,9 @@ class VhostUserFrontend:
                 slots.append(slot)
                 base = GUEST_BASE + _RING_AREA + slot * _SLOT
                 self.memory.write(base, request)
-                req_head = self.queue.add([Segment(base, len(request))])
+                req_head = self.queue.add_buffer(base, len(request), False)
                 resp_addr = base + MAX_REQUEST_SIZE
-                resp_head = self.queue.add([Segment(resp_addr, RESPONSE_BUFFER_SIZE, True)])
+                resp_head = self.queue.add_buffer(resp_addr, RESPONSE_BUFFER_SIZE, True)
                 pairs.append(_Pair(req_head, resp_head, resp_addr))
             self.queue.request_interrupt_after(2 * len(pairs))
             if self.queue.publish():

@@ -136,6 +136,8 @@ class GuestMemory:
     def __init__(self, regions: Iterable[MemoryRegion] = ()) -> None:
         self._regions: list[MemoryRegion] = []
         self._starts: list[int] = []
+        # The region of the last access: nearly every access hits it again.
+        self._last: MemoryRegion | None = None
         for region in regions:
             self.add(region)
 
@@ -174,6 +176,7 @@ class GuestMemory:
             if (region.guest_addr, region.size, region.user_addr) == (guest_addr, size, user_addr):
                 del self._regions[i]
                 del self._starts[i]
+                self._last = None
                 return region
         raise GuestMemoryError(f"no memory region at guest {guest_addr:#x}+{size:#x} user {user_addr:#x}")
 
@@ -183,6 +186,7 @@ class GuestMemory:
             region.close()
         self._regions.clear()
         self._starts.clear()
+        self._last = None
 
     # -- translation ----------------------------------------------------------------
 
@@ -191,7 +195,17 @@ class GuestMemory:
         if i >= 0:
             region = self._regions[i]
             if gpa < region.guest_end:
+                self._last = region
                 return region
+        return None
+
+    def _hit(self, gpa: int, length: int) -> tuple[memoryview, int] | None:
+        """Fast path: the range lies inside the region of the previous access."""
+        region = self._last
+        if region is not None and length > 0:
+            offset = gpa - region.guest_addr
+            if 0 <= offset and offset + length <= region.size:
+                return region.buffer, offset
         return None
 
     def _pieces(self, gpa: int, length: int) -> Iterator[tuple[memoryview, int, int]]:
@@ -218,6 +232,8 @@ class GuestMemory:
 
     def check(self, gpa: int, length: int) -> None:
         """Raise :class:`GuestMemoryError` unless the whole range is mapped."""
+        if self._hit(gpa, length) is not None:
+            return
         for _ in self._pieces(gpa, length):
             pass
 
@@ -243,6 +259,10 @@ class GuestMemory:
     # -- access -----------------------------------------------------------------------
 
     def read(self, gpa: int, length: int) -> bytes:
+        hit = self._hit(gpa, length)
+        if hit is not None:
+            buf, off = hit
+            return buf[off : off + length].tobytes()
         pieces = list(self._pieces(gpa, length))
         if len(pieces) == 1:
             buf, off, n = pieces[0]
@@ -250,6 +270,11 @@ class GuestMemory:
         return b"".join(bytes(buf[off : off + n]) for buf, off, n in pieces)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        hit = self._hit(gpa, len(data))
+        if hit is not None:
+            buf, off = hit
+            buf[off : off + len(data)] = data
+            return
         done = 0
         for buf, off, n in self._pieces(gpa, len(data)):
             buf[off : off + n] = data[done : done + n]

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import spec
 from .memory import GuestMemory, GuestMemoryError, VirtioError
@@ -49,8 +50,7 @@ class VirtqueueError(VirtioError):
     """The ring contents violate the virtqueue rules (the other side is buggy or hostile)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """One descriptor's buffer: guest address, length, and whether the device may write it."""
 
     addr: int
@@ -58,25 +58,27 @@ class Segment:
     writable: bool = False
 
 
-@dataclass(slots=True)
 class Chain:
     """A descriptor chain popped by the device: the readable part, then the writable part."""
 
-    head: int
-    avail_index: int
-    readable: list[Segment] = field(default_factory=list)
-    writable: list[Segment] = field(default_factory=list)
+    __slots__ = ("avail_index", "head", "readable", "readable_len", "writable", "writable_len")
 
-    @property
-    def readable_len(self) -> int:
-        return sum(s.length for s in self.readable)
+    def __init__(self, head: int, avail_index: int = 0) -> None:
+        self.head = head
+        self.avail_index = avail_index
+        self.readable: list[Segment] = []
+        self.writable: list[Segment] = []
+        self.readable_len = 0
+        self.writable_len = 0
 
-    @property
-    def writable_len(self) -> int:
-        return sum(s.length for s in self.writable)
+    def __repr__(self) -> str:
+        return f"<Chain head={self.head} readable={self.readable} writable={self.writable}>"
 
     def read(self, memory: GuestMemory, limit: int) -> bytes:
         """The first ``limit`` bytes of the readable part (less if it is shorter)."""
+        if len(self.readable) == 1:
+            seg = self.readable[0]
+            return memory.read(seg.addr, min(seg.length, limit))
         parts: list[bytes] = []
         left = limit
         for seg in self.readable:
@@ -198,6 +200,7 @@ class DeviceQueue(_SplitRing):
         self.next_used_idx = self.used_idx if used_idx is None else used_idx & 0xFFFF
         self._signalled_used: int | None = None
         self._in_flight: dict[int, int] = {}  # head -> writable capacity
+        self._avail_seen = self.last_avail_idx  # avail->idx as last read
 
     def __repr__(self) -> str:
         return (
@@ -221,20 +224,40 @@ class DeviceQueue(_SplitRing):
 
     def pop(self) -> Chain | None:
         """Take the next available chain, fully validated, or ``None`` if there is none."""
-        if not self.available():
-            return None
-        slot = self.last_avail_idx % self.size
-        head = self._u16(self._avail, 4 + 2 * slot)
+        # Re-read avail->idx only once everything seen so far has been taken.
+        if self._avail_seen == self.last_avail_idx:
+            if not self.available():
+                return None
+            self._avail_seen = self.avail_idx
+        last = self.last_avail_idx
+        (head,) = _U16.unpack_from(self._avail, 4 + 2 * (last % self.size))
         if head in self._in_flight:
             raise VirtqueueError(f"driver made chain {head} available again while in flight")
-        chain = self._walk(head)
-        chain.avail_index = self.last_avail_idx
+        chain = Chain(head, last)
+        if head < self.size:
+            # Fast path for the common one-descriptor chain; anything else takes _walk.
+            addr, length, flags, _ = _DESC.unpack_from(self._desc, head * spec.VIRTQ_DESC_SIZE)
+            if not flags & (spec.VIRTQ_DESC_F_NEXT | spec.VIRTQ_DESC_F_INDIRECT) and length:
+                try:
+                    self.memory.check(addr, length)
+                except GuestMemoryError as exc:
+                    raise VirtqueueError(f"chain {head}: descriptor buffer: {exc}") from exc
+                if flags & spec.VIRTQ_DESC_F_WRITE:
+                    chain.writable.append(Segment(addr, length, True))
+                    chain.writable_len = length
+                else:
+                    chain.readable.append(Segment(addr, length, False))
+                    chain.readable_len = length
+            else:
+                self._walk(chain)
+        else:
+            self._walk(chain)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         self._in_flight[head] = chain.writable_len
         return chain
 
-    def _walk(self, head: int) -> Chain:
-        chain = Chain(head, 0)
+    def _walk(self, chain: Chain) -> Chain:
+        head = chain.head
         table, table_len, in_indirect = self._desc, self.size, False
         index, visited, total = head, 0, 0
         while True:
@@ -285,10 +308,12 @@ class DeviceQueue(_SplitRing):
                     raise VirtqueueError(f"chain {head}: descriptor buffer: {exc}") from exc
             if flags & spec.VIRTQ_DESC_F_WRITE:
                 chain.writable.append(Segment(addr, length, True))
+                chain.writable_len += length
             elif chain.writable:
                 raise VirtqueueError(f"chain {head}: device-readable descriptor after a device-writable one")
             else:
                 chain.readable.append(Segment(addr, length, False))
+                chain.readable_len += length
             if not flags & spec.VIRTQ_DESC_F_NEXT:
                 return chain
             index = nxt
@@ -299,6 +324,7 @@ class DeviceQueue(_SplitRing):
             raise ValueError("only the most recently popped chain can be given back")
         del self._in_flight[chain.head]
         self.last_avail_idx = chain.avail_index
+        self._avail_seen = self.last_avail_idx
 
     def add_used(self, head: int, length: int) -> None:
         """Write one used element (not yet visible: see :meth:`publish_used`)."""
@@ -410,6 +436,24 @@ class DriverQueue(_SplitRing):
         _U16.pack_into(self._avail, 4 + 2 * slot, head)
         self._shadow_avail = (self._shadow_avail + 1) & 0xFFFF
         self._in_flight[head] = (ids, writable)
+        return head
+
+    def add_buffer(self, addr: int, length: int, writable: bool) -> int:
+        """Queue a one-descriptor chain (what Linux's nsm.ko does); returns its head."""
+        if not self._free:
+            raise ValueError("no room: 1 descriptor needed, 0 free")
+        head = self._free.pop()
+        _DESC.pack_into(
+            self._desc,
+            head * spec.VIRTQ_DESC_SIZE,
+            addr,
+            length,
+            spec.VIRTQ_DESC_F_WRITE if writable else 0,
+            0,
+        )
+        _U16.pack_into(self._avail, 4 + 2 * (self._shadow_avail % self.size), head)
+        self._shadow_avail = (self._shadow_avail + 1) & 0xFFFF
+        self._in_flight[head] = ([head], length if writable else 0)
         return head
 
     def publish(self) -> bool:

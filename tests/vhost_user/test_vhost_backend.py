@@ -66,7 +66,7 @@ def readable(fd: int) -> bool:
 class Harness:
     def __init__(self) -> None:
         self.device = Device()
-        self.backend = VhostUserBackend(lambda q: NsmQueueWorker(q, self.device))
+        self.backend = VhostUserBackend(lambda q, notify: NsmQueueWorker(q, self.device, notify))
         self.memfd = os.memfd_create("guest")
         os.ftruncate(self.memfd, SIZE)
         self.mem = GuestMemory(

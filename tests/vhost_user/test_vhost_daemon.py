@@ -46,7 +46,7 @@ from virtio_nsm.virtio import spec
 from virtio_nsm.virtio.queue import Segment
 
 R = FrontendRequest
-BUF = GUEST_BASE + 0x4000  # first request slot of the frontend's memory
+BUF = GUEST_BASE + 0x4000  # inside the frontend's buffer area
 F_NEXT = spec.VIRTQ_DESC_F_NEXT
 F_WRITE = spec.VIRTQ_DESC_F_WRITE
 

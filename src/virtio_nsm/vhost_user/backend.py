@@ -7,7 +7,8 @@ kick notifications (:meth:`kick`) and keeps everything a vhost-user device needs
 negotiated features, protocol features, the mapped memory table, and per vring its
 size, addresses, base, kick/call/err descriptors and enabled/started state.  It is
 device-agnostic: what to do with the chains of a ready vring is delegated to a
-:class:`QueueWorker` made by the ``worker_factory`` (for NSM see
+:class:`QueueWorker` made by the ``worker_factory`` from the queue and a callback
+that interrupts the driver mid-pass if it asked for it (for NSM see
 :mod:`virtio_nsm.vhost_user.daemon`).  It does no socket I/O (the event loop owns
 the socket), but it does map memory and write to call/err eventfds.
 
@@ -156,7 +157,7 @@ class VhostUserBackend:
 
     def __init__(
         self,
-        worker_factory: Callable[[DeviceQueue], QueueWorker],
+        worker_factory: Callable[[DeviceQueue, Callable[[], None]], QueueWorker],
         *,
         num_queues: int = 1,
     ) -> None:
@@ -316,7 +317,7 @@ class VhostUserBackend:
         except VirtioError as exc:
             self._break(vring, f"cannot set up the rings: {exc}")
             return None
-        vring.worker = self._worker_factory(vring.queue)
+        vring.worker = self._worker_factory(vring.queue, lambda: self._interrupt(vring))
         log.info(
             "vring %d started: size %d, avail index %d, %s",
             vring.index,
@@ -325,6 +326,11 @@ class VhostUserBackend:
             layout,
         )
         return vring.queue
+
+    def _interrupt(self, vring: Vring) -> None:
+        """Mid-pass: interrupt now if the driver asked to hear about what is published."""
+        if vring.queue is not None and vring.queue.needs_notify(barrier=False):
+            self._signal(vring)
 
     def _signal(self, vring: Vring) -> None:
         if vring.call_fd is None:

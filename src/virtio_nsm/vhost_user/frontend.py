@@ -33,6 +33,7 @@ import fcntl
 import os
 import select
 import socket
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ from ..errors import DeviceNotFoundError, ErrorCode, NsmError, TransportError
 from ..nsm.protocol import MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE
 from ..virtio import spec
 from ..virtio.memory import GuestMemory, MemoryRegion, VirtioError
-from ..virtio.queue import DriverQueue, RingLayout, Segment
+from ..virtio.queue import DriverQueue, RingLayout
 from .connection import Connection, ConnectionClosed
 from .message import (
     U64,
@@ -74,8 +75,9 @@ RESPONSE_BUFFER_SIZE = MAX_RESPONSE_SIZE
 GUEST_BASE = 0x4000_0000
 USER_BASE = 0x7F12_3400_0000
 
-_RING_AREA = 0x4000
 _SLOT = MAX_REQUEST_SIZE + RESPONSE_BUFFER_SIZE
+#: Rounds of a burst kept in flight at once (each at most 1/(2*_ROUNDS) of the ring).
+_ROUNDS = 4
 _R = FrontendRequest
 _PF = ProtocolFeature
 _WANTED_PROTOCOL = (
@@ -101,6 +103,7 @@ class _Pair:
     req_head: int
     resp_head: int
     resp_addr: int
+    slot: int
 
 
 class VhostUserFrontend:
@@ -222,7 +225,9 @@ class VhostUserFrontend:
 
         # Guest RAM: one sealed memfd holding the rings and one buffer pair per request.
         slots = self.queue_size // 2
-        size = _RING_AREA + slots * _SLOT
+        layout = RingLayout.contiguous(self.queue_size, GUEST_BASE)
+        self._buffers = GUEST_BASE + -(-(layout.end - GUEST_BASE) // 0x1000) * 0x1000
+        size = self._buffers - GUEST_BASE + slots * _SLOT
         memfd = os.memfd_create("virtio-nsm-frontend", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self._fds.append(memfd)
         os.ftruncate(memfd, size)
@@ -234,8 +239,6 @@ class VhostUserFrontend:
         table = MemoryTable((MemoryRegionDescription(GUEST_BASE, size, USER_BASE, 0),))
         self._set(_R.VHOST_USER_SET_MEM_TABLE, table.encode(), [memfd])
 
-        layout = RingLayout.contiguous(self.queue_size, GUEST_BASE)
-        assert layout.end <= GUEST_BASE + _RING_AREA
         self.queue = DriverQueue(
             self._memory,
             layout,
@@ -243,6 +246,8 @@ class VhostUserFrontend:
             indirect=bool(acked & (1 << spec.VIRTIO_RING_F_INDIRECT_DESC)),
         )
         self._free_slots = list(range(slots - 1, -1, -1))
+        self._done: dict[int, tuple[int, int]] = {}  # head -> (arrival order, used length)
+        self._seq = 0
 
         def uva(gpa: int) -> int:
             return gpa - GUEST_BASE + USER_BASE
@@ -260,6 +265,9 @@ class VhostUserFrontend:
         self._set(_R.VHOST_USER_SET_VRING_CALL, VringFd(0, False).encode(), [self.call_fd])
         self._set(_R.VHOST_USER_SET_VRING_ERR, VringFd(0, False).encode(), [self.err_fd])
         self._set(_R.VHOST_USER_SET_VRING_KICK, VringFd(0, False).encode(), [self.kick_fd])
+        self._poller = select.poll()
+        for fd in (self.call_fd, self.err_fd, self._connection().sock.fileno()):
+            self._poller.register(fd, select.POLLIN)
         if features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             self._set(_R.VHOST_USER_SET_VRING_ENABLE, VringState(0, 1).encode())
         if self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_STATUS):
@@ -310,7 +318,11 @@ class VhostUserFrontend:
         return self.exchange_many([request])[0]
 
     def exchange_many(self, requests: Sequence[bytes]) -> list[bytes]:
-        """Send a burst: as many requests as fit are queued before one kick.
+        """Send a burst of requests; responses come back in the same order.
+
+        Requests go out in rounds of up to a quarter of the ring's descriptors, each
+        round queued before a single kick, and a second round is queued while the
+        device works on the first, so both sides run at once.
 
         A request longer than 0x1000 bytes is refused before anything is sent, as
         Linux refuses it with EMSGSIZE: :class:`NsmError` ``InputTooLarge``.
@@ -322,58 +334,87 @@ class VhostUserFrontend:
                     f"request of {len(request)} bytes exceeds {MAX_REQUEST_SIZE:#x} bytes",
                 )
         responses: list[bytes] = []
-        step = max(1, self.queue_size // 2)
-        for start in range(0, len(requests), step):
-            responses += self._round(requests[start : start + step])
+        step = max(1, self.queue_size // (2 * _ROUNDS))
+        in_flight: deque[list[_Pair]] = deque()
+        start = 0
+        while start < len(requests) or in_flight:
+            while start < len(requests) and len(in_flight) < _ROUNDS:
+                in_flight.append(self._submit(requests[start : start + step]))
+                start += step
+            responses += self._complete(in_flight.popleft())
         return responses
 
-    def _round(self, requests: Sequence[bytes]) -> list[bytes]:
+    def _submit(self, requests: Sequence[bytes]) -> list[_Pair]:
         pairs: list[_Pair] = []
-        slots: list[int] = []
-        try:
-            for request in requests:
-                slot = self._free_slots.pop()
-                slots.append(slot)
-                base = GUEST_BASE + _RING_AREA + slot * _SLOT
-                self.memory.write(base, request)
-                req_head = self.queue.add_buffer(base, len(request), False)
-                resp_addr = base + MAX_REQUEST_SIZE
-                resp_head = self.queue.add_buffer(resp_addr, RESPONSE_BUFFER_SIZE, True)
-                pairs.append(_Pair(req_head, resp_head, resp_addr))
-            self.queue.request_interrupt_after(2 * len(pairs))
-            if self.queue.publish():
-                self.kick()
-            used = self.wait_used(2 * len(pairs))
-        finally:
-            self._free_slots.extend(reversed(slots))
-        return self._match(pairs, used)
+        for request in requests:
+            slot = self._free_slots.pop()
+            base = self._buffers + slot * _SLOT
+            self.memory.write(base, request)
+            req_head = self.queue.add_buffer(base, len(request), False)
+            resp_addr = base + MAX_REQUEST_SIZE
+            resp_head = self.queue.add_buffer(resp_addr, RESPONSE_BUFFER_SIZE, True)
+            pairs.append(_Pair(req_head, resp_head, resp_addr, slot))
+        if self.queue.publish():
+            self.kick()
+        return pairs
 
-    def _match(self, pairs: list[_Pair], used: list[tuple[int, int]]) -> list[bytes]:
-        position = {head: (i, length) for i, (head, length) in enumerate(used)}
+    def _complete(self, pairs: list[_Pair]) -> list[bytes]:
+        """Wait until the device has returned both chains of every pair; read responses."""
+        done = self._done
+        heads = {p.req_head for p in pairs} | {p.resp_head for p in pairs}
+        missing = len(heads - done.keys())
+        while missing > 0:
+            # The device completes in order: these are the next `missing` used entries.
+            self.queue.request_interrupt_after(missing)
+            new = self._collect(block=False) or self._collect(block=True)
+            missing -= sum(1 for head in new if head in heads)
         responses: list[bytes] = []
         for pair in pairs:
-            req = position.get(pair.req_head)
-            resp = position.get(pair.resp_head)
-            if req is None or resp is None:
-                raise VhostUserError("backend did not return both chains of a request")
-            if req[1] != 0:
-                raise VhostUserError(f"request chain returned with length {req[1]} (0 expected)")
-            if req[0] > resp[0]:
+            req_seq, req_len = done.pop(pair.req_head)
+            resp_seq, resp_len = done.pop(pair.resp_head)
+            if req_len != 0:
+                raise VhostUserError(f"request chain returned with length {req_len} (0 expected)")
+            if req_seq > resp_seq:
                 raise VhostUserError("backend returned the response chain before the request")
-            responses.append(self.memory.read(pair.resp_addr, resp[1]))
+            responses.append(self.memory.read(pair.resp_addr, resp_len))
+            self._free_slots.append(pair.slot)
         return responses
+
+    def _collect(self, *, block: bool) -> list[int]:
+        """Record new used entries (waiting for an interrupt first if ``block``)."""
+        if block:
+            self._wait_interrupt()
+        try:
+            used = self.queue.collect_used()
+        except VirtioError as exc:
+            raise VhostUserError(f"invalid used ring: {exc}") from exc
+        for head, length in used:
+            self._done[head] = (self._seq, length)
+            self._seq += 1
+        return [head for head, _ in used]
 
     def kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)
 
+    def _wait_interrupt(self) -> None:
+        events = self._poller.poll(self.timeout * 1000)
+        if not events:
+            raise VhostUserError(f"no response from the device within {self.timeout} s")
+        for fd, _ in events:
+            if fd == self.err_fd:
+                raise VhostUserError("the backend reported a vring error (device needs reset)")
+            if fd == self._connection().sock.fileno():
+                raise VhostUserError("the backend closed the connection")
+            if fd == self.call_fd:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self.call_fd)
+
     def wait_used(self, count: int) -> list[tuple[int, int]]:
-        """Collect ``count`` used elements, waiting for interrupts as needed."""
+        """Collect ``count`` used elements as they are, waiting for interrupts as needed.
+
+        For driving the ring by hand (tests); :meth:`exchange_many` does its own waiting.
+        """
         used: list[tuple[int, int]] = []
-        sock = self._connection().sock
-        poller = select.poll()
-        poller.register(self.call_fd, select.POLLIN)
-        poller.register(self.err_fd, select.POLLIN)
-        poller.register(sock, select.POLLIN)
         while True:
             try:
                 used += self.queue.collect_used()
@@ -381,17 +422,7 @@ class VhostUserFrontend:
                 raise VhostUserError(f"invalid used ring: {exc}") from exc
             if len(used) >= count:
                 return used
-            events = poller.poll(self.timeout * 1000)
-            if not events:
-                raise VhostUserError(f"no response from the device within {self.timeout} s")
-            for fd, _ in events:
-                if fd == self.err_fd:
-                    raise VhostUserError("the backend reported a vring error (device needs reset)")
-                if fd == sock.fileno():
-                    raise VhostUserError("the backend closed the connection")
-                if fd == self.call_fd:
-                    with contextlib.suppress(BlockingIOError):
-                        os.eventfd_read(self.call_fd)
+            self._wait_interrupt()
 
 
 class VhostUserTransport(VhostUserFrontend):

@@ -31,6 +31,8 @@ be considered broken (the device sets ``DEVICE_NEEDS_RESET``).
 from __future__ import annotations
 
 import struct
+import sys
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -38,12 +40,41 @@ from typing import NamedTuple
 from . import spec
 from .memory import GuestMemory, GuestMemoryError, VirtioError
 
-__all__ = ["Chain", "DeviceQueue", "DriverQueue", "RingLayout", "Segment", "VirtqueueError"]
+__all__ = [
+    "Chain",
+    "DeviceQueue",
+    "DriverQueue",
+    "RingLayout",
+    "Segment",
+    "VirtqueueError",
+    "memory_barrier",
+]
 
-_DESC = struct.Struct("<QIHH")
-_USED_ELEM = struct.Struct("<II")
-_U16 = struct.Struct("<H")
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("virtio rings are little-endian and so must be the host")
+# Native formats on purpose: CPython packs and unpacks them with one whole-field copy,
+# while the explicit little-endian formats go byte by byte, which lets the other side
+# observe a half-written 16-bit ring index.
+_DESC = struct.Struct("QIHH")
+_USED_ELEM = struct.Struct("II")
+_U16 = struct.Struct("H")
 _U32_LIMIT = 1 << 32
+_F_WRITE = spec.VIRTQ_DESC_F_WRITE
+_NEXT_OR_INDIRECT = spec.VIRTQ_DESC_F_NEXT | spec.VIRTQ_DESC_F_INDIRECT
+_FENCE = threading.Lock()
+
+
+def memory_barrier() -> None:
+    """A full memory barrier, for a store to a ring followed by a load of the other side's field.
+
+    Notification suppression is a Dekker-style handshake between two processes (we
+    publish an index, then read the index at which the peer wants to be told), so a
+    store must not be reordered after the following load.  Python has no fence;
+    taking and releasing an uncontended CPython lock performs an atomic
+    read-modify-write, which orders memory like a full barrier on x86 and arm64.
+    """
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class VirtqueueError(VirtioError):
@@ -96,6 +127,9 @@ class Chain:
                 f"{len(data)} bytes do not fit the {self.writable_len}-byte writable part "
                 f"of chain {self.head}"
             )
+        if len(self.writable) == 1:
+            memory.write(self.writable[0].addr, data)
+            return len(data)
         done = 0
         for seg in self.writable:
             if done == len(data):
@@ -214,12 +248,15 @@ class DeviceQueue(_SplitRing):
 
     def available(self) -> int:
         """How many chains the driver has made available and we have not popped."""
-        pending = (self.avail_idx - self.last_avail_idx) & 0xFFFF
+        avail_idx = self.avail_idx
+        memory_barrier()  # read the ring entries only after the index that covers them
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         if pending > self.size:
             raise VirtqueueError(
                 f"available index {self.avail_idx} is {pending} ahead of {self.last_avail_idx}, "
                 f"more than the queue size {self.size}"
             )
+        self._avail_seen = avail_idx
         return pending
 
     def pop(self) -> Chain | None:
@@ -228,21 +265,21 @@ class DeviceQueue(_SplitRing):
         if self._avail_seen == self.last_avail_idx:
             if not self.available():
                 return None
-            self._avail_seen = self.avail_idx
         last = self.last_avail_idx
         (head,) = _U16.unpack_from(self._avail, 4 + 2 * (last % self.size))
-        if head in self._in_flight:
+        in_flight = self._in_flight
+        if head in in_flight:
             raise VirtqueueError(f"driver made chain {head} available again while in flight")
         chain = Chain(head, last)
         if head < self.size:
             # Fast path for the common one-descriptor chain; anything else takes _walk.
-            addr, length, flags, _ = _DESC.unpack_from(self._desc, head * spec.VIRTQ_DESC_SIZE)
-            if not flags & (spec.VIRTQ_DESC_F_NEXT | spec.VIRTQ_DESC_F_INDIRECT) and length:
+            addr, length, flags, _ = _DESC.unpack_from(self._desc, head << 4)
+            if not flags & _NEXT_OR_INDIRECT and length:
                 try:
                     self.memory.check(addr, length)
                 except GuestMemoryError as exc:
                     raise VirtqueueError(f"chain {head}: descriptor buffer: {exc}") from exc
-                if flags & spec.VIRTQ_DESC_F_WRITE:
+                if flags & _F_WRITE:
                     chain.writable.append(Segment(addr, length, True))
                     chain.writable_len = length
                 else:
@@ -252,8 +289,8 @@ class DeviceQueue(_SplitRing):
                 self._walk(chain)
         else:
             self._walk(chain)
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        self._in_flight[head] = chain.writable_len
+        self.last_avail_idx = (last + 1) & 0xFFFF
+        in_flight[head] = chain.writable_len
         return chain
 
     def _walk(self, chain: Chain) -> Chain:
@@ -333,16 +370,23 @@ class DeviceQueue(_SplitRing):
             raise ValueError(f"chain {head} is not in flight")
         if not 0 <= length <= capacity:
             raise ValueError(f"used length {length} exceeds chain {head}'s {capacity} bytes")
-        slot = self.next_used_idx % self.size
-        _USED_ELEM.pack_into(self._used, 4 + spec.VIRTQ_USED_ELEM_SIZE * slot, head, length)
-        self.next_used_idx = (self.next_used_idx + 1) & 0xFFFF
+        idx = self.next_used_idx
+        _USED_ELEM.pack_into(self._used, 4 + 8 * (idx % self.size), head, length)
+        self.next_used_idx = (idx + 1) & 0xFFFF
 
     def publish_used(self) -> None:
         """Make the used elements written so far visible to the driver."""
+        memory_barrier()  # the elements must be visible before the index that covers them
         _U16.pack_into(self._used, 2, self.next_used_idx)
 
-    def needs_notify(self) -> bool:
-        """Whether the driver asked to be interrupted for what was published since last time."""
+    def needs_notify(self, *, barrier: bool = True) -> bool:
+        """Whether the driver asked to be interrupted for what was published since last time.
+
+        Without ``barrier`` the answer may be a stale "no"; use that only for early
+        interrupts that are followed by a checked decision.
+        """
+        if barrier:
+            memory_barrier()
         if not self.event_idx:
             flags = self._u16(self._avail, 0)
             return not flags & spec.VIRTQ_AVAIL_F_NO_INTERRUPT
@@ -357,6 +401,7 @@ class DeviceQueue(_SplitRing):
         """Ask for a kick as soon as anything new is made available (EVENT_IDX only)."""
         if self.event_idx:
             _U16.pack_into(self._used, self._avail_event_off, self.last_avail_idx)
+            memory_barrier()
 
 
 class DriverQueue(_SplitRing):
@@ -459,10 +504,12 @@ class DriverQueue(_SplitRing):
     def publish(self) -> bool:
         """Make added chains visible; returns whether the device wants a kick for them."""
         old, new = self._published_avail, self._shadow_avail
+        memory_barrier()  # descriptors and ring entries before the index that covers them
         _U16.pack_into(self._avail, 2, new)
         self._published_avail = new
         if old == new:
             return False
+        memory_barrier()
         if self.event_idx:
             avail_event = self._u16(self._used, self._avail_event_off)
             return spec.vring_need_event(avail_event, new, old)
@@ -474,10 +521,12 @@ class DriverQueue(_SplitRing):
             _U16.pack_into(self._avail, self._used_event_off, (self.last_used_idx + count - 1) & 0xFFFF)
         else:
             _U16.pack_into(self._avail, 0, 0)
+        memory_barrier()
 
     def collect_used(self) -> list[tuple[int, int]]:
         """Every newly used ``(head, length)``, validated against what is in flight."""
         used_idx = self.used_idx
+        memory_barrier()  # read the elements only after the index that covers them
         count = (used_idx - self.last_used_idx) & 0xFFFF
         if count > len(self._in_flight):
             raise VirtqueueError(

@@ -204,7 +204,7 @@ class GuestMemory:
         region = self._last
         if region is not None and length > 0:
             offset = gpa - region.guest_addr
-            if 0 <= offset and offset + length <= region.size:
+            if offset >= 0 and offset + length <= region.size:
                 return region.buffer, offset
         return None
 
@@ -235,7 +235,7 @@ class GuestMemory:
         region = self._last
         if region is not None and length > 0:
             offset = gpa - region.guest_addr
-            if 0 <= offset and offset + length <= region.size:
+            if offset >= 0 and offset + length <= region.size:
                 return
         for _ in self._pieces(gpa, length):
             pass

@@ -262,9 +262,8 @@ class DeviceQueue(_SplitRing):
     def pop(self) -> Chain | None:
         """Take the next available chain, fully validated, or ``None`` if there is none."""
         # Re-read avail->idx only once everything seen so far has been taken.
-        if self._avail_seen == self.last_avail_idx:
-            if not self.available():
-                return None
+        if self._avail_seen == self.last_avail_idx and not self.available():
+            return None
         last = self.last_avail_idx
         (head,) = _U16.unpack_from(self._avail, 4 + 2 * (last % self.size))
         in_flight = self._in_flight

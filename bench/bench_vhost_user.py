@@ -6,8 +6,9 @@ an eventfd kick and an eventfd interrupt between two processes.
 
     PYTHONPATH=src python bench/bench_vhost_user.py [--seconds 2] [--pcr 0]
 
-Prints requests/s and microseconds per request for each mode and the ratio
-to ``handle()`` (1.0 would mean the transport costs nothing).
+Prints requests/s, wall microseconds per request, the backend process's CPU
+microseconds per request ("device time" as the frontend's peer spends it), and
+the ratio to ``handle()`` (1.0 would mean the transport costs nothing).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from pathlib import Path
 from virtio_nsm.nsm.device import NsmDevice
 from virtio_nsm.nsm.protocol import DescribePCR, encode_request
 from virtio_nsm.vhost_user.frontend import VhostUserTransport
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(run_batch: Callable[[], int], seconds: float) -> tuple[float, int]:
@@ -54,13 +61,14 @@ def main() -> None:
         return 100
 
     base_rate, _ = measure(handle_batch, args.seconds)
-    rows = [("handle() in-process", base_rate)]
+    # (mode, requests/s, backend CPU per request in us or None)
+    rows: list[tuple[str, float, float | None]] = [("handle() in-process", base_rate, None)]
 
     with tempfile.TemporaryDirectory() as tmp:
         sock = Path(tmp) / "nsm.sock"
         server = subprocess.Popen(
             [sys.executable, "-m", "virtio_nsm", "serve", "--vhost-user", str(sock)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ),
+            stdout=subprocess.PIPE, stderr=None, text=True, env=dict(os.environ),
         )
         try:
             assert server.stdout is not None
@@ -74,24 +82,31 @@ def main() -> None:
                         transport.exchange(request)
                     return 20
 
-                rows.append(("vhost-user, one request at a time", measure(single, args.seconds)[0]))
-                for batch in (8, 64, args.queue_size // 2):
-                    burst = [request] * batch
+                def run(name: str, batch: Callable[[], int]) -> None:
+                    cpu = cpu_seconds(server.pid)
+                    rate, done = measure(batch, args.seconds)
+                    device_us = (cpu_seconds(server.pid) - cpu) / done * 1e6
+                    rows.append((name, rate, device_us))
+
+                run("vhost-user, one request at a time", single)
+                for size in (8, 64, args.queue_size // 2):
+                    burst = [request] * size
 
                     def batched(burst: list[bytes] = burst) -> int:
                         return len(transport.exchange_many(burst))
 
-                    rows.append(
-                        (f"vhost-user, bursts of {batch}", measure(batched, args.seconds)[0])
-                    )
+                    run(f"vhost-user, bursts of {size}", batched)
         finally:
             server.terminate()
             server.wait(10)
 
     print(f"DescribePCR({args.pcr}), {len(request)}-byte request, {len(expected)}-byte response")
-    print(f"{'mode':<36} {'req/s':>10} {'us/req':>9} {'ratio':>7}")
-    for name, rate in rows:
-        print(f"{name:<36} {rate:>10.0f} {1e6 / rate:>9.1f} {rate / base_rate:>7.2f}")
+    print("us/req: wall time per request; backend us/req: CPU the backend process spent per")
+    print("request (device time incl. vhost-user/virtqueue work; ~includes warm-up, so approx.)")
+    print(f"{'mode':<36} {'req/s':>10} {'us/req':>9} {'backend us/req':>15} {'ratio':>7}")
+    for name, rate, device_us in rows:
+        backend = f"{device_us:.1f}" if device_us is not None else f"{1e6 / base_rate:.1f}"
+        print(f"{name:<36} {rate:>10.0f} {1e6 / rate:>9.1f} {backend:>15} {rate / base_rate:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -111,3 +111,23 @@ def test_signal_stops_while_a_frontend_is_connected(tmp_path: Path, sig: int) ->
         assert time.monotonic() - t0 < 20
     finally:
         transport.close()
+
+
+def test_cross_process_pipelined_stress(tmp_path: Path) -> None:
+    """Two processes on one ring: only this exposes torn or transiently zeroed indices."""
+    from virtio_nsm.nsm.protocol import DescribePCR, ExtendPCR, encode_request
+
+    path = tmp_path / "nsm.sock"
+    proc, _ = start(["--vhost-user", str(path)], dict(os.environ))
+    try:
+        with VhostUserTransport(path, queue_size=1024, timeout=30) as transport:
+            burst = [encode_request(DescribePCR(0))] * 512
+            expected = transport.exchange(burst[0])
+            for _ in range(100):
+                assert transport.exchange_many(burst) == [expected] * 512
+            extends = [encode_request(ExtendPCR(23, bytes([i % 256]))) for i in range(3000)]
+            last = transport.exchange_many(extends)[-1]
+        with Nsm(VhostUserTransport(path, timeout=20)) as nsm:
+            assert last.endswith(nsm.describe_pcr(23).data)
+    finally:
+        stop(proc, signal.SIGTERM)

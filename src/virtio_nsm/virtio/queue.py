@@ -52,12 +52,14 @@ __all__ = [
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("virtio rings are little-endian and so must be the host")
-# Native formats on purpose: CPython packs and unpacks them with one whole-field copy,
-# while the explicit little-endian formats go byte by byte, which lets the other side
-# observe a half-written 16-bit ring index.
-_DESC = struct.Struct("QIHH")
-_USED_ELEM = struct.Struct("II")
-_U16 = struct.Struct("H")
+# Fields the other side reads concurrently (ring indices, flags, event indices) are
+# accessed through memoryviews cast to "H": CPython reads and writes such an item
+# with one whole-field copy.  struct.pack_into is not safe for them: it zero-fills
+# the field before writing it, and the little-endian formats go byte by byte, so
+# the peer can observe 0 or a half-written index.  Descriptors and ring entries
+# are only read after the index that publishes them, so struct is fine there.
+_DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
 _U32_LIMIT = 1 << 32
 _F_WRITE = spec.VIRTQ_DESC_F_WRITE
 _NEXT_OR_INDIRECT = spec.VIRTQ_DESC_F_NEXT | spec.VIRTQ_DESC_F_INDIRECT
@@ -194,25 +196,25 @@ class _SplitRing:
             self._used = memory.view(layout.used, spec.used_ring_size(size))
         except GuestMemoryError as exc:
             raise VirtqueueError(f"virtqueue rings are not in guest memory: {exc}") from exc
-        self._used_event_off = 4 + 2 * size
-        self._avail_event_off = 4 + spec.VIRTQ_USED_ELEM_SIZE * size
+        self._avail16 = self._avail.cast("H")
+        self._used16 = self._used.cast("H")
+        # Positions, in 16-bit words, of avail->used_event and used->avail_event.
+        self._used_event = 2 + size
+        self._avail_event = 2 + 4 * size
 
     def release(self) -> None:
         """Drop the views into guest memory (call before unmapping it)."""
-        for view in (self._desc, self._avail, self._used):
+        for view in (self._avail16, self._used16, self._desc, self._avail, self._used):
             view.release()
-
-    def _u16(self, view: memoryview, offset: int) -> int:
-        return int(_U16.unpack_from(view, offset)[0])
 
     # Raw ring fields, for tests and diagnostics.
     @property
     def avail_idx(self) -> int:
-        return self._u16(self._avail, 2)
+        return int(self._avail16[1])
 
     @property
     def used_idx(self) -> int:
-        return self._u16(self._used, 2)
+        return int(self._used16[1])
 
 
 class DeviceQueue(_SplitRing):
@@ -265,7 +267,7 @@ class DeviceQueue(_SplitRing):
         if self._avail_seen == self.last_avail_idx and not self.available():
             return None
         last = self.last_avail_idx
-        (head,) = _U16.unpack_from(self._avail, 4 + 2 * (last % self.size))
+        head = int(self._avail16[2 + last % self.size])
         in_flight = self._in_flight
         if head in in_flight:
             raise VirtqueueError(f"driver made chain {head} available again while in flight")
@@ -376,7 +378,7 @@ class DeviceQueue(_SplitRing):
     def publish_used(self) -> None:
         """Make the used elements written so far visible to the driver."""
         memory_barrier()  # the elements must be visible before the index that covers them
-        _U16.pack_into(self._used, 2, self.next_used_idx)
+        self._used16[1] = self.next_used_idx
 
     def needs_notify(self, *, barrier: bool = True) -> bool:
         """Whether the driver asked to be interrupted for what was published since last time.
@@ -387,19 +389,19 @@ class DeviceQueue(_SplitRing):
         if barrier:
             memory_barrier()
         if not self.event_idx:
-            flags = self._u16(self._avail, 0)
+            flags = self._avail16[0]
             return not flags & spec.VIRTQ_AVAIL_F_NO_INTERRUPT
         new, old = self.next_used_idx, self._signalled_used
         self._signalled_used = new
         if old is None:
             return True
-        used_event = self._u16(self._avail, self._used_event_off)
+        used_event = self._avail16[self._used_event]
         return spec.vring_need_event(used_event, new, old)
 
     def publish_avail_event(self) -> None:
         """Ask for a kick as soon as anything new is made available (EVENT_IDX only)."""
         if self.event_idx:
-            _U16.pack_into(self._used, self._avail_event_off, self.last_avail_idx)
+            self._used16[self._avail_event] = self.last_avail_idx
             memory_barrier()
 
 
@@ -477,7 +479,7 @@ class DriverQueue(_SplitRing):
             _DESC.pack_into(self._desc, ids[i] * spec.VIRTQ_DESC_SIZE, addr, length, flags, nxt)
         head = ids[0]
         slot = self._shadow_avail % self.size
-        _U16.pack_into(self._avail, 4 + 2 * slot, head)
+        self._avail16[2 + slot] = head
         self._shadow_avail = (self._shadow_avail + 1) & 0xFFFF
         self._in_flight[head] = (ids, writable)
         return head
@@ -495,7 +497,7 @@ class DriverQueue(_SplitRing):
             spec.VIRTQ_DESC_F_WRITE if writable else 0,
             0,
         )
-        _U16.pack_into(self._avail, 4 + 2 * (self._shadow_avail % self.size), head)
+        self._avail16[2 + self._shadow_avail % self.size] = head
         self._shadow_avail = (self._shadow_avail + 1) & 0xFFFF
         self._in_flight[head] = ([head], length if writable else 0)
         return head
@@ -504,22 +506,22 @@ class DriverQueue(_SplitRing):
         """Make added chains visible; returns whether the device wants a kick for them."""
         old, new = self._published_avail, self._shadow_avail
         memory_barrier()  # descriptors and ring entries before the index that covers them
-        _U16.pack_into(self._avail, 2, new)
+        self._avail16[1] = new
         self._published_avail = new
         if old == new:
             return False
         memory_barrier()
         if self.event_idx:
-            avail_event = self._u16(self._used, self._avail_event_off)
+            avail_event = self._used16[self._avail_event]
             return spec.vring_need_event(avail_event, new, old)
-        return not self._u16(self._used, 0) & spec.VIRTQ_USED_F_NO_NOTIFY
+        return not self._used16[0] & spec.VIRTQ_USED_F_NO_NOTIFY
 
     def request_interrupt_after(self, count: int) -> None:
         """Ask to be interrupted once ``count`` more used elements have been published."""
         if self.event_idx:
-            _U16.pack_into(self._avail, self._used_event_off, (self.last_used_idx + count - 1) & 0xFFFF)
+            self._avail16[self._used_event] = (self.last_used_idx + count - 1) & 0xFFFF
         else:
-            _U16.pack_into(self._avail, 0, 0)
+            self._avail16[0] = 0
         memory_barrier()
 
     def collect_used(self) -> list[tuple[int, int]]:
@@ -557,9 +559,9 @@ class DriverQueue(_SplitRing):
         """Put raw heads on the available ring and publish (for fault injection in tests)."""
         heads = list(heads)
         for head in heads:
-            _U16.pack_into(self._avail, 4 + 2 * (self._shadow_avail % self.size), head & 0xFFFF)
+            self._avail16[2 + self._shadow_avail % self.size] = head & 0xFFFF
             self._shadow_avail = (self._shadow_avail + 1) & 0xFFFF
         if idx_delta is not None:
             self._shadow_avail = (self._published_avail + idx_delta) & 0xFFFF
-        _U16.pack_into(self._avail, 2, self._shadow_avail)
+        self._avail16[1] = self._shadow_avail
         self._published_avail = self._shadow_avail

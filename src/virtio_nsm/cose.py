@@ -8,6 +8,7 @@ converting signatures. Nothing here decides whether a document is trusted;
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,9 +122,10 @@ def split_sign1(data: bytes) -> tuple[list[Any], bool]:
             raise CoseError(f"unexpected CBOR tag {item.tag} (COSE_Sign1 is tag 18)")
         item = item.value
         tagged = True
-    if not isinstance(item, list) or len(item) != 4:
+    # cbor2 hands out a tagged array's contents as a tuple.
+    if not isinstance(item, list | tuple) or len(item) != 4:
         raise CoseError("a COSE_Sign1 is an array of 4 elements")
-    return item, tagged
+    return list(item), tagged
 
 
 def sign1_problems(parts: list[Any]) -> list[str]:
@@ -132,7 +134,7 @@ def sign1_problems(parts: list[Any]) -> list[str]:
     problems = []
     if not isinstance(protected, bytes):
         problems.append("protected header is not a byte string")
-    if not isinstance(unprotected, dict):
+    if not isinstance(unprotected, Mapping):  # a FrozenDict inside a tag
         problems.append("unprotected header is not a map")
     if not isinstance(payload, bytes):
         problems.append("payload is not a byte string (detached payloads are not supported)")
@@ -148,7 +150,7 @@ def decode_sign1(data: bytes) -> Sign1:
     if problems:
         raise CoseError("; ".join(problems))
     protected, unprotected, payload, signature = parts
-    return Sign1(protected, unprotected, payload, signature, tagged)
+    return Sign1(protected, dict(unprotected), payload, signature, tagged)
 
 
 def verify_es384(

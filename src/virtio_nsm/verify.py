@@ -255,8 +255,8 @@ class _Syntax:
         self.values["tagged"] = tagged
         self.problems.extend(cose.sign1_problems(parts))
         protected, unprotected, payload, signature = parts
-        if isinstance(unprotected, dict):
-            self.values["unprotected"] = unprotected
+        if isinstance(unprotected, Mapping):
+            self.values["unprotected"] = dict(unprotected)
         if isinstance(protected, bytes):
             self.values["protected"] = protected
             if protected != cose.PROTECTED_ES384:

@@ -226,16 +226,17 @@ def _is_uint(value: Any) -> bool:
 
 
 def _type_name(value: Any) -> str:
+    """The CBOR type of a decoded value, with its article."""
     if value is None:
         return "null"
     return {
-        bool: "bool",
-        int: "integer",
-        float: "float",
-        bytes: "byte string",
-        str: "text",
-        list: "array",
-        dict: "map",
+        bool: "a bool",
+        int: "an integer",
+        float: "a float",
+        bytes: "a byte string",
+        str: "a text string",
+        list: "an array",
+        dict: "a map",
     }.get(type(value), type(value).__name__)
 
 
@@ -281,7 +282,7 @@ class _Syntax:
             self.problems.append(f"payload is not acceptable CBOR: {exc}")
             return
         if not isinstance(fields, dict):
-            self.problems.append(f"payload is a {_type_name(fields)}, not a map")
+            self.problems.append(f"payload is {_type_name(fields)}, not a map")
             return
         self.values["fields"] = fields
         checks = (self.module_id, self.digest, self.timestamp, self.pcrs)
@@ -297,13 +298,13 @@ class _Syntax:
         for name in OPTIONAL_FIELDS:
             value = fields.get(name)
             if value is not None and not isinstance(value, bytes):
-                self.problems.append(f"{name} is a {_type_name(value)}, not bytes or null")
+                self.problems.append(f"{name} is {_type_name(value)}, not bytes or null")
             elif value is not None:
                 self.values[name] = value
 
     def module_id(self, value: Any) -> None:
         if not isinstance(value, str):
-            self.problems.append(f"module_id is a {_type_name(value)}, not text")
+            self.problems.append(f"module_id is {_type_name(value)}, not text")
         elif not value:
             self.problems.append("module_id is empty")
         else:
@@ -311,14 +312,14 @@ class _Syntax:
 
     def digest(self, value: Any) -> None:
         if not isinstance(value, str) or value not in DIGEST_SIZES:
-            shown = repr(value) if isinstance(value, str) else f"a {_type_name(value)}"
+            shown = repr(value) if isinstance(value, str) else _type_name(value)
             self.problems.append(f"digest is {shown}, not one of {', '.join(DIGEST_SIZES)}")
         else:
             self.values["digest"] = value
 
     def timestamp(self, value: Any) -> None:
         if not _is_uint(value):
-            self.problems.append(f"timestamp is a {_type_name(value)}, not an unsigned integer")
+            self.problems.append(f"timestamp is {_type_name(value)}, not an unsigned integer")
         elif value == 0:
             self.problems.append("timestamp is 0")
         elif value >= 1 << 64:
@@ -328,7 +329,7 @@ class _Syntax:
 
     def pcrs(self, value: Any) -> None:
         if not isinstance(value, dict):
-            self.problems.append(f"pcrs is a {_type_name(value)}, not a map")
+            self.problems.append(f"pcrs is {_type_name(value)}, not a map")
             return
         if not 1 <= len(value) <= MAX_PCRS:
             self.problems.append(f"pcrs has {len(value)} entries, must have 1 to {MAX_PCRS}")
@@ -339,7 +340,7 @@ class _Syntax:
                 self.problems.append(f"pcrs has an invalid index {index!r}")
                 continue
             if not isinstance(pcr, bytes):
-                self.problems.append(f"PCR{index} is a {_type_name(pcr)}, not bytes")
+                self.problems.append(f"PCR{index} is {_type_name(pcr)}, not bytes")
             elif len(pcr) not in DIGEST_SIZES.values():
                 self.problems.append(f"PCR{index} is {len(pcr)} bytes, not 32, 48 or 64")
             elif size is not None and len(pcr) != size:
@@ -366,7 +367,7 @@ class _Syntax:
 
     def certificate(self, value: Any) -> None:
         if not isinstance(value, bytes):
-            self.problems.append(f"certificate is a {_type_name(value)}, not bytes")
+            self.problems.append(f"certificate is {_type_name(value)}, not bytes")
             return
         if self._der_size("certificate", value):
             self.values["certificate"] = value
@@ -374,7 +375,7 @@ class _Syntax:
 
     def cabundle(self, value: Any) -> None:
         if not isinstance(value, list):
-            self.problems.append(f"cabundle is a {_type_name(value)}, not an array")
+            self.problems.append(f"cabundle is {_type_name(value)}, not an array")
             return
         if not 1 <= len(value) <= MAX_CABUNDLE_ENTRIES:
             self.problems.append(
@@ -387,7 +388,7 @@ class _Syntax:
         for i, entry in enumerate(value):
             what = f"cabundle[{i}]"
             if not isinstance(entry, bytes):
-                self.problems.append(f"{what} is a {_type_name(entry)}, not bytes")
+                self.problems.append(f"{what} is {_type_name(entry)}, not bytes")
                 certs.append(None)
                 continue
             ders.append(entry)

@@ -9,6 +9,7 @@ exists so a test can break exactly one property of one certificate.
 from __future__ import annotations
 
 import datetime as dt
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -178,6 +179,8 @@ def _encode(value: Any) -> bytes:
         return cbor.TRUE if value else cbor.FALSE
     if isinstance(value, int):
         return cbor.uint(value) if value >= 0 else cbor.head(cbor.MAJOR_NINT, -1 - value)
+    if isinstance(value, float):
+        return b"\xfb" + struct.pack(">d", value)
     if isinstance(value, bytes):
         return cbor.bstr(value)
     if isinstance(value, str):

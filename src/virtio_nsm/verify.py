@@ -360,10 +360,24 @@ class _Syntax:
 
     def _parse_cert(self, what: str, value: bytes) -> x509.Certificate | None:
         try:
-            return x509.load_der_x509_certificate(value)
-        except ValueError as exc:
+            cert = x509.load_der_x509_certificate(value)
+        except Exception as exc:  # ValueError, x509.InvalidVersion, ...
             self.problems.append(f"{what} is not a DER X.509 certificate: {exc}")
             return None
+        # cryptography decodes some parts lazily; read them all now so that a
+        # malformed part is a syntax problem here, not an exception later.
+        try:
+            cert.subject.rfc4514_string()
+            cert.issuer.rfc4514_string()
+            cert.public_key()
+            _ = cert.extensions, cert.signature_algorithm_oid, cert.serial_number
+            _ = cert.not_valid_before_utc, cert.not_valid_after_utc, cert.version
+        except Exception as exc:  # ValueError, UnsupportedAlgorithm, DuplicateExtension, ...
+            self.problems.append(f"{what} has an unreadable part: {exc}")
+            return None
+        if cert.serial_number <= 0:  # RFC 5280 4.1.2.2; cryptography only warns
+            self.problems.append(f"{what} has a serial number that is not positive")
+        return cert
 
     def certificate(self, value: Any) -> None:
         if not isinstance(value, bytes):
@@ -443,11 +457,7 @@ def _check_certificate(
         reasons.append(f"{label} does not have an ECDSA P-384 key")
     if cert.signature_algorithm_oid != SignatureAlgorithmOID.ECDSA_WITH_SHA384:
         reasons.append(f"{label} is not signed with ecdsa-with-SHA384")
-    try:
-        extensions = cert.extensions
-    except Exception as exc:  # cryptography refuses e.g. duplicate extensions
-        reasons.append(f"{label} has unreadable extensions: {exc}")
-        return
+    extensions = cert.extensions  # readable: checked by _Syntax._parse_cert
     for ext in extensions:
         if ext.critical and ext.oid not in _UNDERSTOOD_CRITICAL:
             reasons.append(f"{label} has an unsupported critical extension {ext.oid.dotted_string}")

@@ -8,7 +8,7 @@ import hashlib
 import cbor2
 import pytest
 from conftest import AWS_DATA, aws_names, load_aws
-from verify_pki import Pki
+from verify_pki import Pki, der
 
 from virtio_nsm import cose
 from virtio_nsm.verify import (
@@ -18,7 +18,6 @@ from virtio_nsm.verify import (
     parse_unverified,
     verify_document,
 )
-from verify_pki import der
 
 
 def test_every_shared_document_has_an_expected_verdict() -> None:

@@ -180,7 +180,10 @@ def test_cose_structure_problems(pki: Pki) -> None:
     three = cbor.array_head(3) + cbor.bstr(sign1.protected) + b"\xa0" + cbor.bstr(payload)
     assert reasons_of(three, pki) == ["not a COSE_Sign1: a COSE_Sign1 is an array of 4 elements"]
     nested = (
-        cbor.array_head(4) + cbor.bstr(sign1.protected) + b"\xa0" + cbor.tstr("x")
+        cbor.array_head(4)
+        + cbor.bstr(sign1.protected)
+        + b"\xa0"
+        + cbor.tstr("x")
         + cbor.bstr(sign1.signature)
     )
     assert any("payload is not a byte string" in r for r in reasons_of(nested, pki))
@@ -191,8 +194,11 @@ def test_non_empty_unprotected_header_is_ignored(pki: Pki) -> None:
     payload = encode_payload(payload_fields(pki))
     sign1 = cose.decode_sign1(sign(pki.leaf_key, payload))
     doc = (
-        cbor.array_head(4) + cbor.bstr(sign1.protected) + b"\xa1\x04\x41\x00"
-        + cbor.bstr(payload) + cbor.bstr(sign1.signature)
+        cbor.array_head(4)
+        + cbor.bstr(sign1.protected)
+        + b"\xa1\x04\x41\x00"
+        + cbor.bstr(payload)
+        + cbor.bstr(sign1.signature)
     )
     verify_document(doc, roots=[pki.root], at=T0)
 

@@ -1,0 +1,99 @@
+"""Any single-byte change to a valid document makes it invalid.
+
+Every region is covered — the outer CBOR framing, the protected header (all
+bytes), each payload field (key, head and value bytes) and the signature —
+with sampled positions inside large regions to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+import pytest
+from conftest import load_aws
+from cryptography import x509
+from verify_pki import T0, Pki, document
+
+from virtio_nsm import cbor, cose
+from virtio_nsm.verify import OPTIONAL_FIELDS, REQUIRED_FIELDS, VerificationError, verify_document
+
+MASKS = (0x01, 0x80, 0xFF)
+SAMPLES_PER_FIELD = 24
+
+
+def regions(doc: bytes) -> dict[str, range]:
+    """Byte ranges of each part of an untagged COSE_Sign1 document."""
+    sign1 = cose.decode_sign1(doc)
+    prot_at = doc.index(cbor.bstr(sign1.protected)) + len(cbor.bstr(sign1.protected)) - 4
+    payload_head = cbor.bstr(sign1.payload)[: -len(sign1.payload)]
+    pay_at = doc.index(payload_head + sign1.payload[:8]) + len(payload_head)
+    sig_at = len(doc) - len(sign1.signature)
+    result = {
+        "outer framing": range(0, prot_at),
+        "protected header": range(prot_at, prot_at + 4),
+        "unprotected header and payload head": range(prot_at + 4, pay_at),
+        "signature head": range(pay_at + len(sign1.payload), sig_at),
+        "signature": range(sig_at, len(doc)),
+    }
+    payload = sign1.payload
+    starts = []
+    for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS):
+        starts.append((payload.index(cbor.tstr(name)), name))
+    starts.sort()
+    result["payload map head"] = range(pay_at, pay_at + starts[0][0])
+    for i, (start, name) in enumerate(starts):
+        end = starts[i + 1][0] if i + 1 < len(starts) else len(payload)
+        result[f"payload {name}"] = range(pay_at + start, pay_at + end)
+    return result
+
+
+def positions(region: range, rng: random.Random) -> list[int]:
+    if len(region) <= SAMPLES_PER_FIELD:
+        return list(region)
+    # Both ends (heads, key bytes, last value byte) plus a random spread.
+    fixed = list(region[:6]) + list(region[-3:])
+    rest = [p for p in region if p not in fixed]
+    return fixed + rng.sample(rest, SAMPLES_PER_FIELD - len(fixed))
+
+
+def assert_all_mutations_rejected(
+    doc: bytes, at: dt.datetime, roots: list[x509.Certificate] | None
+) -> int:
+    verify_document(doc, roots=roots, at=at)  # the original is valid
+    rng = random.Random(0x5EED)
+    found = regions(doc)
+    covered = sorted(p for r in found.values() for p in r)
+    assert covered == list(range(len(doc))), "regions must tile the document"
+    count = 0
+    for name, region in found.items():
+        for pos in positions(region, rng):
+            for mask in MASKS:
+                mutated = bytearray(doc)
+                mutated[pos] ^= mask
+                with pytest.raises(VerificationError) as info:
+                    verify_document(bytes(mutated), roots=roots, at=at)
+                assert not any("internal error" in r for r in info.value.reasons), (name, pos)
+                count += 1
+    return count
+
+
+def test_mutations_of_real_document() -> None:
+    doc = load_aws("nitrite_production.b64")
+    assert assert_all_mutations_rejected(doc.raw, doc.at, None) > 500
+
+
+def test_mutations_of_local_document(pki: Pki) -> None:
+    doc = document(pki, nonce=b"n" * 32, user_data=b"u" * 64, public_key=b"k" * 97)
+    assert assert_all_mutations_rejected(doc, T0, [pki.root]) > 500
+
+
+def test_every_signature_bit(pki: Pki) -> None:
+    doc = document(pki)
+    sig_at = len(doc) - 96
+    for pos in range(sig_at, len(doc)):
+        for bit in range(8):
+            mutated = bytearray(doc)
+            mutated[pos] ^= 1 << bit
+            with pytest.raises(VerificationError):
+                verify_document(bytes(mutated), roots=[pki.root], at=T0)

@@ -6,7 +6,7 @@ raises VerificationError, and no reason is the fail-closed "internal error".
 
 from __future__ import annotations
 
-import datetime as dt
+import contextlib
 import os
 from typing import Any
 
@@ -23,7 +23,12 @@ PKI: Pki = make_pki()
 FIELDS = payload_fields(PKI, nonce=b"nonce", user_data=b"user")
 VALID = sign(PKI.leaf_key, encode_payload(FIELDS))
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: Raise VERIFY_FUZZ_EXAMPLES for a long local run (the suite default stays fast).
+FUZZ = settings(
+    max_examples=int(os.environ.get("VERIFY_FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def verdict(doc: bytes, **kwargs: Any) -> VerifiedDocument | VerificationError:
@@ -117,10 +122,8 @@ def test_strict_decoder_agrees_with_cbor2(value: Any) -> None:
 @FUZZ
 @given(st.binary(max_size=300))
 def test_strict_decoder_raises_only_its_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(_strict_cbor.StrictCborError):
         _strict_cbor.loads(data)
-    except _strict_cbor.StrictCborError:
-        pass
 
 
 @pytest.mark.parametrize(
@@ -147,4 +150,4 @@ def test_hostile_payloads(data: bytes) -> None:
 def test_valid_reference_document() -> None:
     result = verdict(VALID)
     assert isinstance(result, VerifiedDocument)
-    assert result.time == T0.replace(microsecond=0) or result.time <= T0 + dt.timedelta(seconds=1)
+    assert result.time == T0

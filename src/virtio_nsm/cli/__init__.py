@@ -17,3 +17,4 @@ def main() -> None:
 
 # Command modules register themselves on `main` when imported.
 # (none yet)
+from virtio_nsm.cli import verify as _verify  # noqa: E402, F401  (nsm verify, nsm inspect)

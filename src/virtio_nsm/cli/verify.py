@@ -288,7 +288,8 @@ def _inspect_lines(u: UnverifiedDocument) -> list[str]:
     if u.timestamp is not None:
         time = u.time
         shown = _iso(time) if time is not None else "not representable"
-        lines.append(f"time        {shown} (timestamp {u.timestamp} ms)")
+        hint = " — looks like seconds, not ms" if u.timestamp < 100_000_000_000 else ""
+        lines.append(f"time        {shown} (timestamp {u.timestamp} ms{hint})")
     if u.digest is not None:
         lines.append(f"digest      {u.digest}")
     if u.pcrs is not None:

@@ -152,6 +152,7 @@ class NsmDevice:
         now = self._now()
         self.ca = ca if ca is not None else CertificateAuthority.generate(now)
         self._chain = SigningChain(self.ca, state.module_id)
+        self._documents = attestation.DocumentEncoder(state.module_id, state.pcrs.digest.value)
         signer = self._chain.signer(now)
         worst = (
             len(signer.certificate) + sum(len(c) for c in signer.cabundle) + 8 * 6
@@ -234,12 +235,11 @@ class NsmDevice:
             case Attestation(user_data, nonce, public_key):
                 seconds = self._clock()
                 now = dt.datetime.fromtimestamp(seconds, dt.UTC)
-                document = attestation.sign_document(
+                document = self._documents.sign(
                     self._chain.signer(now),
-                    module_id=state.module_id,
-                    digest=bank.digest.value,
-                    timestamp_ms=int(seconds * 1000),
-                    pcrs=bank.locked_values(),
+                    int(seconds * 1000),
+                    bank.locked_values(),
+                    pcrs_key=bank,  # immutable: same bank, same encoded map
                     public_key=public_key,
                     user_data=user_data,
                     nonce=nonce,

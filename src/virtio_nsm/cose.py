@@ -153,9 +153,7 @@ def decode_sign1(data: bytes) -> Sign1:
     return Sign1(protected, dict(unprotected), payload, signature, tagged)
 
 
-def verify_es384(
-    key: ec.EllipticCurvePublicKey, protected: bytes, payload: bytes, signature: bytes
-) -> bool:
+def verify_es384(key: ec.EllipticCurvePublicKey, protected: bytes, payload: bytes, signature: bytes) -> bool:
     """Whether ``signature`` (raw ``r || s``) is a valid ES384 signature by ``key``.
 
     Only the signature is checked: the caller decides whether ``protected`` is
@@ -164,9 +162,7 @@ def verify_es384(
     if not isinstance(key.curve, ec.SECP384R1) or len(signature) != 2 * P384_COORDINATE_SIZE:
         return False
     try:
-        key.verify(
-            raw_to_der(signature), sig_structure(protected, payload), ec.ECDSA(hashes.SHA384())
-        )
+        key.verify(raw_to_der(signature), sig_structure(protected, payload), ec.ECDSA(hashes.SHA384()))
     except InvalidSignature:
         return False
     return True

@@ -90,9 +90,7 @@ MAX_CERT_SIZE: Final = 1024
 MAX_CABUNDLE_ENTRIES: Final = 16
 MAX_PCRS: Final = 32
 #: PCR length for each digest name the payload may carry.
-DIGEST_SIZES: Final[Mapping[str, int]] = MappingProxyType(
-    {"SHA256": 32, "SHA384": 48, "SHA512": 64}
-)
+DIGEST_SIZES: Final[Mapping[str, int]] = MappingProxyType({"SHA256": 32, "SHA384": 48, "SHA512": 64})
 SIGNATURE_SIZE: Final = 2 * cose.P384_COORDINATE_SIZE
 REQUIRED_FIELDS: Final = ("module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle")
 OPTIONAL_FIELDS: Final = ("public_key", "user_data", "nonce")
@@ -262,15 +260,12 @@ class _Syntax:
             self.values["protected"] = protected
             if protected != cose.PROTECTED_ES384:
                 self.problems.append(
-                    "protected header must be exactly {1: -35} (ES384), "
-                    f"got h'{_short_hex(protected)}'"
+                    f"protected header must be exactly {{1: -35}} (ES384), got h'{_short_hex(protected)}'"
                 )
         if isinstance(signature, bytes):
             self.values["signature"] = signature
             if len(signature) != SIGNATURE_SIZE:
-                self.problems.append(
-                    f"signature is {len(signature)} bytes, ES384 needs {SIGNATURE_SIZE}"
-                )
+                self.problems.append(f"signature is {len(signature)} bytes, ES384 needs {SIGNATURE_SIZE}")
         if isinstance(payload, bytes):
             self.values["payload"] = payload
             self.payload(payload)
@@ -286,9 +281,7 @@ class _Syntax:
             return
         self.values["fields"] = fields
         checks = (self.module_id, self.digest, self.timestamp, self.pcrs)
-        for name, check in zip(
-            REQUIRED_FIELDS, (*checks, self.certificate, self.cabundle), strict=True
-        ):
+        for name, check in zip(REQUIRED_FIELDS, (*checks, self.certificate, self.cabundle), strict=True):
             if name not in fields:
                 self.problems.append(f"payload has no {name}")
             elif fields[name] is None:
@@ -345,8 +338,7 @@ class _Syntax:
                 self.problems.append(f"PCR{index} is {len(pcr)} bytes, not 32, 48 or 64")
             elif size is not None and len(pcr) != size:
                 self.problems.append(
-                    f"PCR{index} is {len(pcr)} bytes but digest {self.values['digest']} "
-                    f"gives {size}"
+                    f"PCR{index} is {len(pcr)} bytes but digest {self.values['digest']} gives {size}"
                 )
             else:
                 good[index] = pcr
@@ -392,9 +384,7 @@ class _Syntax:
             self.problems.append(f"cabundle is {_type_name(value)}, not an array")
             return
         if not 1 <= len(value) <= MAX_CABUNDLE_ENTRIES:
-            self.problems.append(
-                f"cabundle has {len(value)} entries, must have 1 to {MAX_CABUNDLE_ENTRIES}"
-            )
+            self.problems.append(f"cabundle has {len(value)} entries, must have 1 to {MAX_CABUNDLE_ENTRIES}")
             if len(value) > MAX_CABUNDLE_ENTRIES:
                 return
         ders: list[bytes] = []
@@ -484,9 +474,7 @@ def _check_certificate(
             reasons.append(f"{label} has a non-critical basicConstraints")
         # path[1..index-1] are the CAs between this one and the leaf.
         if bc.value.path_length is not None and index - 1 > bc.value.path_length:
-            reasons.append(
-                f"{label} allows {bc.value.path_length} CA(s) below it, the chain has {index - 1}"
-            )
+            reasons.append(f"{label} allows {bc.value.path_length} CA(s) below it, the chain has {index - 1}")
     if ku is None or not ku.key_cert_sign:
         reasons.append(f"{label} lacks the keyCertSign key usage")
 
@@ -553,9 +541,7 @@ def _check_chain(
         reasons.append(f"X.509 path validation failed: {exc}")
     else:
         if [_der(c) for c in built] != [_der(c) for c in path]:
-            reasons.append(
-                "X.509 path validation chose a chain other than [leaf, cabundle reversed]"
-            )
+            reasons.append("X.509 path validation chose a chain other than [leaf, cabundle reversed]")
     return tuple(path), reasons
 
 
@@ -699,9 +685,7 @@ def _verify_parsed(
     if u.leaf is not None and None not in (u.protected, u.payload, u.signature):
         assert u.protected is not None and u.payload is not None and u.signature is not None
         key = u.leaf.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
-            key.curve, ec.SECP384R1
-        ):
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
             reasons.append("COSE signature not checked: the leaf key is not ECDSA P-384")
         elif not cose.verify_es384(key, u.protected, u.payload, u.signature):
             reasons.append("COSE signature does not verify with the leaf certificate's key")
@@ -711,9 +695,7 @@ def _verify_parsed(
     if u.timestamp is not None and time is None:
         reasons.append("timestamp is beyond the year 9999")
     if time is not None:
-        if u.leaf is not None and not (
-            u.leaf.not_valid_before_utc <= time <= u.leaf.not_valid_after_utc
-        ):
+        if u.leaf is not None and not (u.leaf.not_valid_before_utc <= time <= u.leaf.not_valid_after_utc):
             reasons.append(
                 f"timestamp {time.isoformat()} is outside the leaf certificate's validity "
                 f"({_when(u.leaf.not_valid_before_utc)} to {_when(u.leaf.not_valid_after_utc)})"
@@ -741,7 +723,5 @@ def _verify_parsed(
         if u.nonce is None:
             reasons.append("the document has no nonce, one was expected")
         elif not hmac.compare_digest(u.nonce, expected_nonce):
-            reasons.append(
-                f"nonce is {_short_hex(u.nonce, 32)}, expected {_short_hex(expected_nonce, 32)}"
-            )
+            reasons.append(f"nonce is {_short_hex(u.nonce, 32)}, expected {_short_hex(expected_nonce, 32)}")
     return chain

@@ -7,8 +7,7 @@ import hashlib
 
 import cbor2
 import pytest
-from conftest import AWS_DATA, aws_names, load_aws
-from verify_pki import Pki, der
+from verify_support import AWS_DATA, Pki, aws_names, der, load_aws
 
 from virtio_nsm import cose
 from virtio_nsm.verify import (

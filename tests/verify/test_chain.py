@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from verify_pki import (
+from verify_support import (
     T0,
     Pki,
     default_specs,
@@ -143,9 +143,7 @@ def test_non_p384_keys(position: int, curve: ec.EllipticCurve, expected: str) ->
     pki = make_pki(SPECS, keys)
     # The COSE signature stays ES384-shaped (96 bytes) whatever the leaf key is.
     payload = encode_payload(payload_fields(pki))
-    der_sig = pki.leaf_key.sign(
-        cose.sig_structure(cose.PROTECTED_ES384, payload), ec.ECDSA(hashes.SHA384())
-    )
+    der_sig = pki.leaf_key.sign(cose.sig_structure(cose.PROTECTED_ES384, payload), ec.ECDSA(hashes.SHA384()))
     doc = cose.encode_sign1(cose.PROTECTED_ES384, payload, cose.der_to_raw(der_sig, 48))
     reasons = reasons_of(doc, roots=[pki.root], at=T0)
     assert expected in reasons, reasons

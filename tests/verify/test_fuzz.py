@@ -14,7 +14,7 @@ import cbor2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from verify_pki import T0, Pki, encode_payload, make_pki, payload_fields, sign
+from verify_support import T0, Pki, encode_payload, make_pki, payload_fields, sign
 
 from virtio_nsm import _strict_cbor
 from virtio_nsm.verify import VerificationError, VerifiedDocument, parse_unverified, verify_document
@@ -64,7 +64,7 @@ def test_random_bytes_behind_cose_prefix(data: bytes) -> None:
 def test_splices_of_valid_document(start: int, length: int, insert: bytes) -> None:
     mutated = VALID[:start] + insert + VALID[start + length :]
     result = verdict(mutated)
-    if mutated != VALID:
+    if mutated not in (VALID, b"\xd2" + VALID):  # adding tag 18 is the one harmless edit
         assert isinstance(result, VerificationError)
 
 

@@ -11,9 +11,8 @@ import datetime as dt
 import random
 
 import pytest
-from conftest import load_aws
 from cryptography import x509
-from verify_pki import T0, Pki, document
+from verify_support import T0, Pki, document, load_aws
 
 from virtio_nsm import cbor, cose
 from virtio_nsm.verify import OPTIONAL_FIELDS, REQUIRED_FIELDS, VerificationError, verify_document
@@ -57,9 +56,7 @@ def positions(region: range, rng: random.Random) -> list[int]:
     return fixed + rng.sample(rest, SAMPLES_PER_FIELD - len(fixed))
 
 
-def assert_all_mutations_rejected(
-    doc: bytes, at: dt.datetime, roots: list[x509.Certificate] | None
-) -> int:
+def assert_all_mutations_rejected(doc: bytes, at: dt.datetime, roots: list[x509.Certificate] | None) -> int:
     verify_document(doc, roots=roots, at=at)  # the original is valid
     rng = random.Random(0x5EED)
     found = regions(doc)

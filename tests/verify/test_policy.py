@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from verify_pki import T0, Pki, document
+from verify_support import T0, Pki, document
 
 from virtio_nsm.verify import DEFAULT_CLOCK_SKEW, VerificationError, verify_document
 
@@ -44,9 +44,7 @@ def test_expected_pcr_arguments_are_checked(pki: Pki) -> None:
 
 def test_nonce(pki: Pki) -> None:
     doc = document(pki, nonce=b"fresh-nonce")
-    assert (
-        verify_document(doc, roots=[pki.root], at=T0, nonce=b"fresh-nonce").nonce == b"fresh-nonce"
-    )
+    assert verify_document(doc, roots=[pki.root], at=T0, nonce=b"fresh-nonce").nonce == b"fresh-nonce"
     assert reasons_of(doc, pki, at=T0, nonce=b"other")[0].startswith("nonce is ")
     assert reasons_of(document(pki), pki, at=T0, nonce=b"x") == [
         "the document has no nonce, one was expected"

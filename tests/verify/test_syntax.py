@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from verify_pki import T0, Pki, encode_payload, payload_fields, sign
+from verify_support import T0, Pki, encode_payload, payload_fields, sign
 
 from virtio_nsm import cbor, cose
 from virtio_nsm.verify import VerificationError, parse_unverified, verify_document
@@ -174,9 +174,7 @@ def test_cose_structure_problems(pki: Pki) -> None:
     sign1 = cose.decode_sign1(good)
     short_sig = cose.encode_sign1(sign1.protected, sign1.payload, sign1.signature[:95])
     assert "signature is 95 bytes, ES384 needs 96" in reasons_of(short_sig, pki)
-    assert reasons_of(good + b"\x00", pki) == [
-        "not a COSE_Sign1: 1 trailing bytes after the COSE_Sign1"
-    ]
+    assert reasons_of(good + b"\x00", pki) == ["not a COSE_Sign1: 1 trailing bytes after the COSE_Sign1"]
     three = cbor.array_head(3) + cbor.bstr(sign1.protected) + b"\xa0" + cbor.bstr(payload)
     assert reasons_of(three, pki) == ["not a COSE_Sign1: a COSE_Sign1 is an array of 4 elements"]
     nested = (

@@ -16,5 +16,5 @@ def main() -> None:
 
 
 # Command modules register themselves on `main` when imported.
-# (none yet)
-from virtio_nsm.cli import verify as _verify  # noqa: E402, F401  (nsm verify, nsm inspect)
+from . import device as _device  # noqa: E402,F401
+from . import verify as _verify  # noqa: E402,F401

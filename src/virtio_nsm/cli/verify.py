@@ -67,9 +67,7 @@ def parse_time(value: str) -> dt.datetime:
             return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=int(text))
         parsed = dt.datetime.fromisoformat(text)
     except (ValueError, OverflowError) as exc:
-        raise click.BadParameter(
-            f"{value!r} is not ISO 8601 or epoch milliseconds ({exc})"
-        ) from None
+        raise click.BadParameter(f"{value!r} is not ISO 8601 or epoch milliseconds ({exc})") from None
     return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed
 
 

@@ -1,4 +1,5 @@
-"""A local test PKI shaped like AWS's, and a document builder on top of it.
+"""Verifier test helpers: the shared AWS documents, and a local test PKI shaped like
+AWS's with a document builder on top of it.
 
 root (no pathLen, decades) → regional (pathLen 2, 20 days) → zonal (pathLen 1,
 6 days) → instance (pathLen 0, 1 day) → leaf (CA:FALSE, digitalSignature, 3 h),
@@ -8,12 +9,15 @@ exists so a test can break exactly one property of one certificate.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -188,9 +192,7 @@ def _encode(value: Any) -> bytes:
     if isinstance(value, list):
         return cbor.array_head(len(value)) + b"".join(_encode(v) for v in value)
     if isinstance(value, Mapping):
-        return cbor.map_head(len(value)) + b"".join(
-            _encode(k) + _encode(v) for k, v in value.items()
-        )
+        return cbor.map_head(len(value)) + b"".join(_encode(k) + _encode(v) for k, v in value.items())
     raise TypeError(type(value))
 
 
@@ -236,3 +238,45 @@ def sign(
 
 def document(pki: Pki, *, indefinite: bool = False, **kwargs: Any) -> bytes:
     return sign(pki.leaf_key, encode_payload(payload_fields(pki, **kwargs), indefinite=indefinite))
+
+
+# -- the shared AWS documents ------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+#: Read-only test data shared between worktrees (never written by tests).
+AWS_DATA = REPO.parent / "shared" / "testdata" / "aws"
+
+
+@dataclass(frozen=True)
+class AwsDocument:
+    name: str
+    raw: bytes
+    #: The verification time NOTICE.md pins (the document's own timestamp).
+    at: dt.datetime
+    valid: bool
+
+
+def _ms(ms: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=ms)
+
+
+# Verdicts and pinned times as listed in AWS_DATA/NOTICE.md.
+AWS_EXPECTED = {
+    "nitrite_production.b64": (_ms(1725719859545), True),
+    "nitrite_debug.b64": (_ms(1725719886508), True),
+    "evervault_debug.b64": (_ms(1694102161556), True),
+    # timestamp field is in seconds; pin to when its leaf is valid instead.
+    "nitrite_selfsigned_invalid.b64": (_ms(1713379906 * 1000), False),
+}
+
+
+def load_aws(name: str) -> AwsDocument:
+    path = AWS_DATA / name
+    if not path.exists():
+        pytest.skip(f"shared AWS test data not found at {path}")
+    at, valid = AWS_EXPECTED[name]
+    return AwsDocument(name, base64.b64decode(path.read_bytes()), at, valid)
+
+
+def aws_names() -> list[str]:
+    return sorted(AWS_EXPECTED)

@@ -1,0 +1,294 @@
+"""Device commands: describe, pcr, random, attest; and the local CA (``nsm ca``)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn, ParamSpec, TypeVar
+
+import click
+
+from ..client import DEFAULT_DEVICE, DEVICE_ENV, Nsm
+from ..errors import ConfigurationError, DeviceNotFoundError, NsmError, TransportError
+from ..nsm.pki import CertificateAuthority, default_ca_dir
+from . import main
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Exit status of an error answer from the device.
+EXIT_NSM_ERROR = 1
+#: Exit status of a usage, I/O or transport problem.
+EXIT_USAGE = 2
+
+
+def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
+    click.echo(f"nsm: {message}", err=True)
+    sys.exit(status)
+
+
+def device_options(f: Callable[P, T]) -> Callable[P, T]:
+    f = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+    f = click.option(
+        "--device",
+        envvar=DEVICE_ENV,
+        default=DEFAULT_DEVICE,
+        show_default=True,
+        help=f"/dev/nsm path, vhost-user:SOCKET or local (default from ${DEVICE_ENV}).",
+    )(f)
+    return f
+
+
+@contextmanager
+def open_device(device: str) -> Iterator[Nsm]:
+    try:
+        nsm = Nsm.open(device)
+    except DeviceNotFoundError as exc:
+        fail(str(exc.strerror))
+    except (TransportError, OSError, ConfigurationError) as exc:
+        fail(f"cannot open {device}: {getattr(exc, 'strerror', None) or exc}")
+    try:
+        yield nsm
+    except NsmError as exc:
+        fail(f"device answered {exc.code.name}" + (f" ({exc.detail})" if exc.detail else ""), EXIT_NSM_ERROR)
+    except TransportError as exc:
+        fail(f"transport failed: {exc.strerror or exc}")
+    finally:
+        nsm.close()
+
+
+def emit(as_json: bool, data: dict[str, Any], text: str) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+def parse_hex(value: str, what: str) -> bytes:
+    try:
+        return bytes.fromhex(value.removeprefix("0x"))
+    except ValueError:
+        raise click.BadParameter(f"{what} must be hexadecimal") from None
+
+
+def hex_or_file(value: str | None, what: str) -> bytes | None:
+    """HEX, or @FILE for a file's raw bytes."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {what} file {value[1:]}: {exc.strerror}") from None
+    return parse_hex(value, what)
+
+
+def pcr_index(f: Callable[P, T]) -> Callable[P, T]:
+    return click.argument("index", type=click.IntRange(0, 0xFFFF))(f)
+
+
+def _with_device(f: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(f)
+    def wrapper(device: str, as_json: bool, **kwargs: Any) -> None:
+        with open_device(device) as nsm:
+            f(nsm, as_json, **kwargs)
+
+    return device_options(wrapper)
+
+
+@main.command()
+@_with_device
+def describe(nsm: Nsm, as_json: bool) -> None:
+    """Describe the device (DescribeNSM)."""
+    d = nsm.describe_nsm()
+    data = {
+        "version": f"{d.version_major}.{d.version_minor}.{d.version_patch}",
+        "module_id": d.module_id,
+        "digest": d.digest,
+        "max_pcrs": d.max_pcrs,
+        "locked_pcrs": list(d.locked_pcrs),
+    }
+    emit(
+        as_json,
+        data,
+        "\n".join(
+            (
+                f"module_id:   {d.module_id}",
+                f"version:     {data['version']}",
+                f"digest:      {d.digest}",
+                f"max_pcrs:    {d.max_pcrs}",
+                f"locked_pcrs: {_ranges(d.locked_pcrs)}",
+            )
+        ),
+    )
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    if not indices:
+        return "none"
+    parts, start, prev = [], indices[0], indices[0]
+    for i in (*indices[1:], None):
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ",".join(parts)
+
+
+@main.group()
+def pcr() -> None:
+    """Read, extend and lock PCRs."""
+
+
+@pcr.command("get")
+@pcr_index
+@_with_device
+def pcr_get(nsm: Nsm, as_json: bool, index: int) -> None:
+    """Show PCR INDEX and whether it is locked (DescribePCR)."""
+    d = nsm.describe_pcr(index)
+    emit(
+        as_json,
+        {"index": index, "locked": d.lock, "data": d.data.hex()},
+        f"PCR{index} {'locked' if d.lock else 'unlocked'} {d.data.hex()}",
+    )
+
+
+@pcr.command("extend")
+@pcr_index
+@click.option("--data", "data_hex", metavar="HEX", help="Data to extend with, in hex.")
+@click.option(
+    "--file",
+    "data_file",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Extend with this file's bytes ('-' for standard input).",
+)
+@_with_device
+def pcr_extend(nsm: Nsm, as_json: bool, index: int, data_hex: str | None, data_file: str | None) -> None:
+    """Extend PCR INDEX: new = H(old || data) (ExtendPCR)."""
+    if (data_hex is None) == (data_file is None):
+        raise click.UsageError("give exactly one of --data HEX or --file F")
+    if data_hex is not None:
+        data = parse_hex(data_hex, "--data")
+    else:
+        assert data_file is not None
+        with click.open_file(data_file, "rb") as fh:
+            data = fh.read()
+    value = nsm.extend_pcr(index, data)
+    emit(as_json, {"index": index, "data": value.hex()}, f"PCR{index} {value.hex()}")
+
+
+@pcr.command("lock")
+@pcr_index
+@_with_device
+def pcr_lock(nsm: Nsm, as_json: bool, index: int) -> None:
+    """Lock PCR INDEX for the life of the device (LockPCR)."""
+    nsm.lock_pcr(index)
+    emit(as_json, {"index": index, "locked": True}, f"PCR{index} locked")
+
+
+@pcr.command("lock-range")
+@click.argument("range_", metavar="RANGE", type=click.IntRange(0, 0xFFFF))
+@_with_device
+def pcr_lock_range(nsm: Nsm, as_json: bool, range_: int) -> None:
+    """Lock PCRs 0 .. RANGE-1 (LockPCRs)."""
+    nsm.lock_pcrs(range_)
+    emit(
+        as_json,
+        {"range": range_, "locked": list(range(range_))},
+        f"PCR0-{range_ - 1} locked" if range_ else "nothing to lock",
+    )
+
+
+@main.command()
+@click.option(
+    "--bytes",
+    "count",
+    type=click.IntRange(1, 1 << 20),
+    default=256,
+    show_default=True,
+    help="How many random bytes (GetRandom gives 256 per request).",
+)
+@_with_device
+def random(nsm: Nsm, as_json: bool, count: int) -> None:
+    """Random bytes from the device (GetRandom), in hex."""
+    out = bytearray()
+    while len(out) < count:
+        out += nsm.get_random()
+    data = bytes(out[:count])
+    emit(as_json, {"random": data.hex()}, data.hex())
+
+
+@main.command()
+@click.option("--nonce", metavar="HEX", help="Nonce, in hex.")
+@click.option("--user-data", metavar="HEX|@FILE", help="User data, in hex or @FILE.")
+@click.option("--public-key", metavar="@FILE|HEX", help="Public key bytes, @FILE or hex.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Where to write the document (raw COSE_Sign1; '-' for standard output).",
+)
+@_with_device
+def attest(
+    nsm: Nsm, as_json: bool, nonce: str | None, user_data: str | None, public_key: str | None, output: str
+) -> None:
+    """Get a signed attestation document (Attestation)."""
+    document = nsm.attestation(
+        user_data=hex_or_file(user_data, "--user-data"),
+        nonce=parse_hex(nonce, "--nonce") if nonce is not None else None,
+        public_key=hex_or_file(public_key, "--public-key"),
+    )
+    try:
+        with click.open_file(output, "wb", atomic=output != "-") as fh:
+            fh.write(document)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}")
+    if output != "-":
+        emit(
+            as_json,
+            {"document": output, "size": len(document)},
+            f"wrote {len(document)}-byte attestation document to {output}",
+        )
+
+
+@main.group()
+def ca() -> None:
+    """The local attestation CA (root key and certificate)."""
+
+
+def _ca_dir_option(f: Callable[P, T]) -> Callable[P, T]:
+    return click.option(
+        "--dir",
+        "directory",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help=f"CA directory (default {default_ca_dir()}).",
+    )(f)
+
+
+@ca.command("init")
+@_ca_dir_option
+def ca_init(directory: Path | None) -> None:
+    """Create a persistent CA (root key 0600) that `nsm serve` loads."""
+    directory = directory or default_ca_dir()
+    try:
+        CertificateAuthority.generate().save(directory)
+    except (ConfigurationError, OSError) as exc:
+        fail(str(exc))
+    click.echo(f"created CA in {directory}")
+
+
+@ca.command("root")
+@_ca_dir_option
+def ca_root(directory: Path | None) -> None:
+    """Print the CA's root certificate (PEM), the trust anchor for its documents."""
+    directory = directory or default_ca_dir()
+    try:
+        authority = CertificateAuthority.load(directory)
+    except ConfigurationError as exc:
+        fail(f"{exc} (create one with `nsm ca init`)")
+    click.echo(authority.certificate_pem.decode("ascii"), nl=False)

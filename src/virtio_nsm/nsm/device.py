@@ -1,0 +1,260 @@
+"""The NSM device: bytes in, bytes out.
+
+:class:`NsmDevice` knows nothing about rings, sockets or files. ``handle``
+takes one request as the driver wrote it and returns the exact response bytes
+the device puts in the response buffer; it never raises.
+
+Atomicity: the device state (:class:`DeviceState`: identity and PCR bank) is
+one immutable value. A mutating request computes the next value, hands it to
+the optional ``commit`` hook (persistence plugs in there) and only then makes
+it current. If anything fails before that point -- a rejected request, a
+failing hook, a bug -- the current value is untouched and the answer is an
+error. PCRs and locks only ever move forward: nothing here unlocks or resets
+a PCR, and a transport's reset does not reach this object.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from ..errors import ConfigurationError, ErrorCode
+from . import attestation, protocol
+from .pcr import MAX_PCRS, Digest, PcrBank
+from .pki import CertificateAuthority, SigningChain
+from .protocol import (
+    MAX_RESPONSE_SIZE,
+    Attestation,
+    DescribeNSM,
+    DescribePCR,
+    ExtendPCR,
+    GetRandom,
+    LockPCR,
+    LockPCRs,
+    Request,
+    RequestRejected,
+)
+
+log = logging.getLogger(__name__)
+
+#: Version reported by DescribeNSM.
+VERSION: Final = (1, 0, 0)
+#: Bytes of randomness in one GetRandom answer.
+RANDOM_SIZE: Final = 256
+
+Clock = Callable[[], float]
+RandomSource = Callable[[int], bytes]
+CommitHook = Callable[["DeviceState"], None]
+
+
+def generate_module_id() -> str:
+    """A module id shaped like a real one: ``i-<17 hex>-enc<16 hex>``."""
+    return f"i-{secrets.token_hex(9)[:17]}-enc{secrets.token_hex(8)}"
+
+
+def default_boot_measurements(module_id: str, digest: Digest) -> dict[int, bytes]:
+    """Boot PCRs of a debug-mode enclave: PCR0-2 zero, PCR4 measures the parent instance."""
+    instance_id = module_id.split("-enc", 1)[0]
+    return {4: digest.extend(bytes(digest.size), instance_id.encode("utf-8"))}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """Everything a guest can observe or change: identity, PCR values and locks."""
+
+    module_id: str
+    pcrs: PcrBank
+    version: tuple[int, int, int] = VERSION
+
+    def __post_init__(self) -> None:
+        if not self.module_id or len(self.module_id.encode("utf-8")) > 256:
+            raise ConfigurationError("module_id must be 1 to 256 bytes of text")
+        if len(self.version) != 3 or not all(0 <= v <= 0xFFFF for v in self.version):
+            raise ConfigurationError("version must be three u16 numbers")
+
+    @classmethod
+    def at_boot(
+        cls,
+        module_id: str | None = None,
+        digest: Digest | str = Digest.SHA384,
+        boot_measurements: Mapping[int, bytes] | None = None,
+        max_pcrs: int = MAX_PCRS,
+    ) -> DeviceState:
+        digest = _digest(digest)
+        module_id = module_id if module_id is not None else generate_module_id()
+        if boot_measurements is None:
+            boot_measurements = default_boot_measurements(module_id, digest)
+        try:
+            bank = PcrBank.at_boot(digest, boot_measurements, max_pcrs)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        return cls(module_id, bank)
+
+
+def _digest(value: Digest | str) -> Digest:
+    if isinstance(value, Digest):
+        return value
+    try:
+        return Digest(value.upper())
+    except ValueError:
+        raise ConfigurationError(f"unknown digest {value!r} (choose SHA256, SHA384 or SHA512)") from None
+
+
+# Room a document needs beyond the signing chain and the PCRs: the request's
+# three fields (bounded by the request size), the payload keys, the COSE frame,
+# the response frame, and slack for certificate re-issue (DER lengths vary).
+_DOCUMENT_OVERHEAD: Final = protocol.MAX_REQUEST_SIZE + 512
+
+
+class NsmDevice:
+    """A sans-IO NitroSecureModule.
+
+    ``NsmDevice()`` is a working device: a generated module id, SHA-384 PCRs
+    with debug-enclave boot measurements (PCR0-15 locked), and a fresh
+    in-memory CA. Every part can be supplied instead: ``state`` (from
+    :attr:`state` of another device, or persistence), ``ca`` (see
+    :class:`CertificateAuthority`), ``clock`` (seconds since the epoch),
+    ``random_bytes`` and a ``commit`` hook that must make a new state durable
+    before it is answered (raise to refuse the change).
+    """
+
+    def __init__(
+        self,
+        *,
+        module_id: str | None = None,
+        digest: Digest | str = Digest.SHA384,
+        boot_measurements: Mapping[int, bytes] | None = None,
+        max_pcrs: int = MAX_PCRS,
+        state: DeviceState | None = None,
+        ca: CertificateAuthority | None = None,
+        clock: Clock = time.time,
+        random_bytes: RandomSource = os.urandom,
+        commit: CommitHook | None = None,
+    ) -> None:
+        if state is None:
+            state = DeviceState.at_boot(module_id, digest, boot_measurements, max_pcrs)
+        elif module_id is not None or boot_measurements is not None:
+            raise ConfigurationError("give either a state or module_id/boot_measurements")
+        self._clock = clock
+        self._random = random_bytes
+        self._commit = commit
+        self._lock = threading.Lock()
+        self._state = state
+        now = self._now()
+        self.ca = ca if ca is not None else CertificateAuthority.generate(now)
+        self._chain = SigningChain(self.ca, state.module_id)
+        self._documents = attestation.DocumentEncoder(state.module_id, state.pcrs.digest.value)
+        signer = self._chain.signer(now)
+        worst = (
+            len(signer.certificate)
+            + sum(len(c) for c in signer.cabundle)
+            + 8 * 6
+            + MAX_PCRS * (3 + state.pcrs.digest.size)
+            + len(state.module_id.encode())
+            + _DOCUMENT_OVERHEAD
+        )
+        if worst > MAX_RESPONSE_SIZE:
+            raise ConfigurationError(
+                f"the certificate chain is too large: a document could need {worst} bytes, "
+                f"the response buffer holds {MAX_RESPONSE_SIZE}"
+            )
+
+    # -- state ---------------------------------------------------------
+
+    @property
+    def state(self) -> DeviceState:
+        """The current state; a value, safe to keep as a snapshot."""
+        return self._state
+
+    @property
+    def root_certificate_pem(self) -> bytes:
+        """The PEM root that this device's attestation documents chain to."""
+        return self.ca.certificate_pem
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._clock(), dt.UTC)
+
+    def _apply(self, new: DeviceState) -> None:
+        if self._commit is not None:
+            try:
+                self._commit(new)
+            except Exception as exc:
+                log.error("state change not committed, request refused: %s", exc)
+                raise RequestRejected(ErrorCode.InternalError, f"commit failed: {exc}") from exc
+        self._state = new
+
+    # -- requests ------------------------------------------------------
+
+    def handle(self, request: bytes) -> bytes:
+        """Answer one request (CBOR bytes) with the response bytes. Never raises."""
+        with self._lock:
+            try:
+                response = self._dispatch(protocol.decode_request(request))
+            except RequestRejected as exc:
+                return protocol.encode_error(exc.code)
+            except Exception:
+                log.exception("internal error while handling a request")
+                return protocol.encode_error(ErrorCode.InternalError)
+        if len(response) > MAX_RESPONSE_SIZE:  # excluded at construction; kept as a guard
+            log.error("response of %d bytes does not fit the response buffer", len(response))
+            return protocol.encode_error(ErrorCode.InternalError)
+        return response
+
+    def _dispatch(self, request: Request) -> bytes:
+        state = self._state
+        bank = state.pcrs
+        match request:
+            case DescribePCR(index):
+                lock, data = bank.describe(index)
+                return protocol.encode_describe_pcr(lock, data)
+            case ExtendPCR(index, data):
+                new_bank = bank.extend(index, data)
+                self._apply(DeviceState(state.module_id, new_bank, state.version))
+                return protocol.encode_response(protocol.ExtendPCRResponse(new_bank.values[index]))
+            case LockPCR(index):
+                self._apply(DeviceState(state.module_id, bank.lock(index), state.version))
+                return protocol.encode_response(protocol.LockPCRResponse())
+            case LockPCRs(count):
+                new_bank = bank.lock_range(count)
+                if new_bank.locked != bank.locked:
+                    self._apply(DeviceState(state.module_id, new_bank, state.version))
+                return protocol.encode_response(protocol.LockPCRsResponse())
+            case DescribeNSM():
+                major, minor, patch = state.version
+                return protocol.encode_response(
+                    protocol.DescribeNSMResponse(
+                        version_major=major,
+                        version_minor=minor,
+                        version_patch=patch,
+                        module_id=state.module_id,
+                        max_pcrs=bank.max_pcrs,
+                        locked_pcrs=tuple(bank.locked_indices()),
+                        digest=bank.digest.value,
+                    )
+                )
+            case Attestation(user_data, nonce, public_key):
+                seconds = self._clock()
+                now = dt.datetime.fromtimestamp(seconds, dt.UTC)
+                document = self._documents.sign(
+                    self._chain.signer(now),
+                    int(seconds * 1000),
+                    bank.locked_values(),
+                    pcrs_key=bank,  # immutable: same bank, same encoded map
+                    public_key=public_key,
+                    user_data=user_data,
+                    nonce=nonce,
+                )
+                return protocol.encode_response(protocol.AttestationResponse(document))
+            case GetRandom():
+                random = self._random(RANDOM_SIZE)
+                if len(random) != RANDOM_SIZE:
+                    raise RuntimeError("the random source returned too few bytes")
+                return protocol.encode_response(protocol.GetRandomResponse(random))
+        raise TypeError(f"unhandled request {request!r}")

@@ -1,0 +1,505 @@
+"""NSM wire protocol: typed requests and responses and their CBOR form.
+
+Theory of operation
+-------------------
+Every NSM message is one CBOR item. Requests and responses are Rust enums
+serialised by serde_cbor: a unit variant is a bare text string
+(``"DescribeNSM"``), a struct variant a one-entry map from the variant name to
+a map of fields (``{"DescribePCR": {"index": 0}}``). Errors are
+``{"Error": "<ErrorCode name>"}``.
+
+Decoding a request follows the real device (facts sheet §2): anything that is
+not one of the seven request forms is ``InvalidOperation`` -- broken CBOR,
+trailing bytes, unknown names, extra top-level entries, missing or mistyped
+fields, integers that do not fit a u16. Unknown fields inside the inner map
+are ignored. Range checks against the PCR bank (``InvalidIndex``) belong to the
+device, not to the codec.
+
+Encoding is byte-exact with serde_cbor: shortest heads, definite lengths,
+fields in declaration order. Responses are assembled from precomputed
+fragments, so the exact bytes are visible here rather than left to a generic
+encoder.
+
+Decoding a response follows the AWS client: the outer map must be exactly a
+one-entry map, nothing may follow the item, unknown names are rejected, inner
+fields may come in any order and unknown inner fields are ignored.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import cbor2
+
+from .. import cbor
+from ..errors import ErrorCode, NsmError
+
+#: Largest request the device accepts (the request buffer of the spec).
+MAX_REQUEST_SIZE: Final = 0x1000
+#: Size of the response buffer; no response is ever longer.
+MAX_RESPONSE_SIZE: Final = 0x3000
+#: Largest value of a u16 field.
+_U16_MAX: Final = 0xFFFF
+
+
+class RequestRejected(Exception):
+    """A request cannot be decoded; ``code`` is the error the device answers."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code.name}: {reason}")
+
+
+# --------------------------------------------------------------------------
+# Requests
+
+
+@dataclass(frozen=True, slots=True)
+class DescribePCR:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendPCR:
+    index: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LockPCR:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class LockPCRs:
+    range: int
+
+
+@dataclass(frozen=True, slots=True)
+class DescribeNSM:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Attestation:
+    user_data: bytes | None = None
+    nonce: bytes | None = None
+    public_key: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GetRandom:
+    pass
+
+
+Request = DescribePCR | ExtendPCR | LockPCR | LockPCRs | DescribeNSM | Attestation | GetRandom
+
+
+# --------------------------------------------------------------------------
+# Responses
+
+
+@dataclass(frozen=True, slots=True)
+class DescribePCRResponse:
+    lock: bool
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendPCRResponse:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LockPCRResponse:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LockPCRsResponse:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DescribeNSMResponse:
+    version_major: int
+    version_minor: int
+    version_patch: int
+    module_id: str
+    max_pcrs: int
+    locked_pcrs: tuple[int, ...]
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class AttestationResponse:
+    document: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class GetRandomResponse:
+    random: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse:
+    code: ErrorCode
+
+
+Response = (
+    DescribePCRResponse
+    | ExtendPCRResponse
+    | LockPCRResponse
+    | LockPCRsResponse
+    | DescribeNSMResponse
+    | AttestationResponse
+    | GetRandomResponse
+    | ErrorResponse
+)
+
+#: Digest names a DescribeNSM response may carry.
+DIGEST_NAMES: Final = ("SHA256", "SHA384", "SHA512")
+
+# --------------------------------------------------------------------------
+# Decoding requests
+
+_DESCRIBE_PCR_PREFIX: Final = b"\xa1" + cbor.tstr("DescribePCR") + b"\xa1" + cbor.tstr("index")
+
+
+def _reject_tag(decoder: Any, tag: Any) -> Any:
+    raise ValueError(f"CBOR tag {tag.tag} is not part of any NSM request")
+
+
+def _reject_semantic_tag(decoder: Any) -> Any:
+    raise ValueError("CBOR tags are not part of any NSM request")
+
+
+# Tags that cbor2 would silently turn into plain ints; every other tag either
+# reaches the tag hook or yields a type no field accepts.
+_SEMANTIC_REJECTS: Final = {2: _reject_semantic_tag, 3: _reject_semantic_tag, 55799: _reject_semantic_tag}
+
+
+def load_exact(data: bytes) -> Any:
+    """Decode exactly one CBOR item that spans all of ``data``.
+
+    Tags and duplicate map keys are refused (serde_cbor refuses duplicate
+    struct fields; no NSM message uses tags). Raises ``ValueError``.
+    """
+    stream = io.BytesIO(data)
+    try:
+        item = cbor2.CBORDecoder(
+            stream,
+            tag_hook=_reject_tag,
+            semantic_decoders=_SEMANTIC_REJECTS,
+            allow_duplicate_keys=False,
+            max_depth=64,
+        ).decode()
+    except Exception as exc:  # cbor2 raises several types (and RecursionError) on bad input
+        raise ValueError(f"invalid CBOR: {exc}") from exc
+    if stream.tell() != len(data):
+        raise ValueError(f"{len(data) - stream.tell()} bytes after the CBOR item")
+    return item
+
+
+def _invalid(reason: str) -> RequestRejected:
+    return RequestRejected(ErrorCode.InvalidOperation, reason)
+
+
+def _u16(fields: Mapping[Any, Any], name: str, variant: str) -> int:
+    if name not in fields:
+        raise _invalid(f"{variant}: missing field {name!r}")
+    value = fields[name]
+    if type(value) is not int:
+        raise _invalid(f"{variant}.{name}: expected an integer, got {type(value).__name__}")
+    if not 0 <= value <= _U16_MAX:
+        raise _invalid(f"{variant}.{name}: {value} does not fit in a u16")
+    return value
+
+
+def _byte_field(value: Any, where: str) -> bytes:
+    # serde_bytes accepts byte strings and text strings (as their UTF-8 bytes).
+    if type(value) is bytes:
+        return value
+    if type(value) is str:
+        return value.encode("utf-8")
+    raise _invalid(f"{where}: expected bytes or text, got {type(value).__name__}")
+
+
+def _optional_bytes(fields: Mapping[Any, Any], name: str) -> bytes | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    return _byte_field(value, f"Attestation.{name}")
+
+
+def _inner_map(value: Any, variant: str) -> Mapping[Any, Any]:
+    if not isinstance(value, dict):
+        raise _invalid(f"{variant}: expected a map of fields, got {type(value).__name__}")
+    return value
+
+
+def decode_request(data: bytes) -> Request:
+    """Decode one request, or raise :class:`RequestRejected` with the device's error."""
+    if len(data) > MAX_REQUEST_SIZE:
+        raise RequestRejected(
+            ErrorCode.InputTooLarge,
+            f"request is {len(data)} bytes, the limit is {MAX_REQUEST_SIZE}",
+        )
+    # Fast path for the most frequent request in its canonical encoding. The
+    # canonical bytes are unambiguous, so this is the same decision as below.
+    if data.startswith(_DESCRIBE_PCR_PREFIX):
+        rest = data[len(_DESCRIBE_PCR_PREFIX) :]
+        if len(rest) == 1 and rest[0] < 24:
+            return DescribePCR(rest[0])
+        if len(rest) == 2 and rest[0] == 0x18 and rest[1] >= 24:
+            return DescribePCR(rest[1])
+    try:
+        item = load_exact(data)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+    if type(item) is str:
+        if item == "DescribeNSM":
+            return DescribeNSM()
+        if item == "GetRandom":
+            return GetRandom()
+        raise _invalid(f"unknown request {item!r}")
+    if not isinstance(item, dict):
+        raise _invalid(f"a request is a text or a one-entry map, got {type(item).__name__}")
+    if len(item) != 1:
+        raise _invalid(f"a request map has exactly one entry, got {len(item)}")
+    ((name, value),) = item.items()
+    if name == "DescribePCR":
+        return DescribePCR(_u16(_inner_map(value, name), "index", name))
+    if name == "ExtendPCR":
+        fields = _inner_map(value, name)
+        index = _u16(fields, "index", name)
+        if "data" not in fields:
+            raise _invalid("ExtendPCR: missing field 'data'")
+        return ExtendPCR(index, _byte_field(fields["data"], "ExtendPCR.data"))
+    if name == "LockPCR":
+        return LockPCR(_u16(_inner_map(value, name), "index", name))
+    if name == "LockPCRs":
+        return LockPCRs(_u16(_inner_map(value, name), "range", name))
+    if name == "Attestation":
+        fields = _inner_map(value, name)
+        return Attestation(
+            user_data=_optional_bytes(fields, "user_data"),
+            nonce=_optional_bytes(fields, "nonce"),
+            public_key=_optional_bytes(fields, "public_key"),
+        )
+    raise _invalid(f"unknown request {name!r}")
+
+
+# --------------------------------------------------------------------------
+# Encoding requests (the driver side), byte-identical with the AWS client
+
+
+def _opt(value: bytes | None) -> bytes:
+    return cbor.NULL if value is None else cbor.bstr(value)
+
+
+_K_INDEX: Final = cbor.tstr("index")
+_K_DATA: Final = cbor.tstr("data")
+
+
+def encode_request(request: Request) -> bytes:
+    """The CBOR bytes the AWS client sends for ``request``."""
+    match request:
+        case DescribePCR(index):
+            return _DESCRIBE_PCR_PREFIX + cbor.uint(index)
+        case ExtendPCR(index, data):
+            return (
+                b"\xa1"
+                + cbor.tstr("ExtendPCR")
+                + b"\xa2"
+                + _K_INDEX
+                + cbor.uint(index)
+                + _K_DATA
+                + cbor.bstr(data)
+            )
+        case LockPCR(index):
+            return b"\xa1" + cbor.tstr("LockPCR") + b"\xa1" + _K_INDEX + cbor.uint(index)
+        case LockPCRs(range_):
+            return b"\xa1" + cbor.tstr("LockPCRs") + b"\xa1" + cbor.tstr("range") + cbor.uint(range_)
+        case DescribeNSM():
+            return cbor.tstr("DescribeNSM")
+        case Attestation(user_data, nonce, public_key):
+            return (
+                b"\xa1"
+                + cbor.tstr("Attestation")
+                + b"\xa3"
+                + cbor.tstr("user_data")
+                + _opt(user_data)
+                + cbor.tstr("nonce")
+                + _opt(nonce)
+                + cbor.tstr("public_key")
+                + _opt(public_key)
+            )
+        case GetRandom():
+            return cbor.tstr("GetRandom")
+    raise TypeError(f"not an NSM request: {request!r}")
+
+
+# --------------------------------------------------------------------------
+# Encoding responses (the device side)
+
+_R_DESCRIBE_PCR: Final = b"\xa1" + cbor.tstr("DescribePCR") + b"\xa2" + cbor.tstr("lock")
+_R_EXTEND_PCR: Final = b"\xa1" + cbor.tstr("ExtendPCR") + b"\xa1" + _K_DATA
+_R_LOCK_PCR: Final = cbor.tstr("LockPCR")
+_R_LOCK_PCRS: Final = cbor.tstr("LockPCRs")
+_R_ATTESTATION: Final = b"\xa1" + cbor.tstr("Attestation") + b"\xa1" + cbor.tstr("document")
+#: The exact prefix Linux's hwrng parser expects before the random bytes.
+GET_RANDOM_PREFIX: Final = b"\xa1" + cbor.tstr("GetRandom") + b"\xa1" + cbor.tstr("random")
+_R_ERRORS: Final[dict[ErrorCode, bytes]] = {
+    code: b"\xa1" + cbor.tstr("Error") + cbor.tstr(code.name)
+    for code in ErrorCode
+    if code is not ErrorCode.Success
+}
+_R_DESCRIBE_NSM_KEYS: Final = tuple(
+    cbor.tstr(k)
+    for k in (
+        "version_major",
+        "version_minor",
+        "version_patch",
+        "module_id",
+        "max_pcrs",
+        "locked_pcrs",
+        "digest",
+    )
+)
+
+
+def encode_describe_pcr(lock: bool, data: bytes) -> bytes:
+    return _R_DESCRIBE_PCR + (cbor.TRUE if lock else cbor.FALSE) + _K_DATA + cbor.bstr(data)
+
+
+def encode_error(code: ErrorCode) -> bytes:
+    return _R_ERRORS[code]
+
+
+def encode_response(response: Response) -> bytes:
+    """The CBOR bytes the real device sends for ``response``."""
+    match response:
+        case DescribePCRResponse(lock, data):
+            return encode_describe_pcr(lock, data)
+        case ExtendPCRResponse(data):
+            return _R_EXTEND_PCR + cbor.bstr(data)
+        case LockPCRResponse():
+            return _R_LOCK_PCR
+        case LockPCRsResponse():
+            return _R_LOCK_PCRS
+        case DescribeNSMResponse():
+            k = _R_DESCRIBE_NSM_KEYS
+            r = response
+            return (
+                b"\xa1"
+                + cbor.tstr("DescribeNSM")
+                + b"\xa7"
+                + k[0]
+                + cbor.uint(r.version_major)
+                + k[1]
+                + cbor.uint(r.version_minor)
+                + k[2]
+                + cbor.uint(r.version_patch)
+                + k[3]
+                + cbor.tstr(r.module_id)
+                + k[4]
+                + cbor.uint(r.max_pcrs)
+                + k[5]
+                + cbor.array_head(len(r.locked_pcrs))
+                + b"".join(cbor.uint(i) for i in r.locked_pcrs)
+                + k[6]
+                + cbor.tstr(r.digest)
+            )
+        case AttestationResponse(document):
+            return _R_ATTESTATION + cbor.bstr(document)
+        case GetRandomResponse(random):
+            return GET_RANDOM_PREFIX + cbor.bstr(random)
+        case ErrorResponse(code):
+            return _R_ERRORS[code]
+    raise TypeError(f"not an NSM response: {response!r}")
+
+
+# --------------------------------------------------------------------------
+# Decoding responses (the driver side), with the AWS client's rules
+
+
+def _bad(reason: str) -> NsmError:
+    return NsmError(ErrorCode.InvalidResponse, reason)
+
+
+def _field(fields: Mapping[Any, Any], name: str, kind: type, variant: str) -> Any:
+    if name not in fields:
+        raise _bad(f"{variant}: missing field {name!r}")
+    value = fields[name]
+    if type(value) is not kind:
+        raise _bad(f"{variant}.{name}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _uint_field(fields: Mapping[Any, Any], name: str, variant: str, limit: int) -> int:
+    value: int = _field(fields, name, int, variant)
+    if not 0 <= value <= limit:
+        raise _bad(f"{variant}.{name}: {value} is out of range")
+    return value
+
+
+def decode_response(data: bytes) -> Response:
+    """Decode a device's answer; raise :class:`NsmError` (InvalidResponse) if malformed.
+
+    An error answer decodes to :class:`ErrorResponse`; it is not raised here.
+    """
+    if len(data) > MAX_RESPONSE_SIZE:
+        raise _bad(f"response is {len(data)} bytes, more than {MAX_RESPONSE_SIZE}")
+    if not data:
+        raise _bad("empty response")
+    if 0xA0 <= data[0] <= 0xBF and data[0] != 0xA1:
+        raise _bad("the outer map of a response must be a one-entry map (0xa1)")
+    try:
+        item = load_exact(data)
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
+    if type(item) is str:
+        if item == "LockPCR":
+            return LockPCRResponse()
+        if item == "LockPCRs":
+            return LockPCRsResponse()
+        raise _bad(f"unknown response {item!r}")
+    if not isinstance(item, dict):
+        raise _bad(f"a response is a text or a one-entry map, got {type(item).__name__}")
+    ((name, value),) = item.items()
+    if name == "Error":
+        if type(value) is not str or value not in ErrorCode.__members__ or value == "Success":
+            raise _bad(f"unknown error code {value!r}")
+        return ErrorResponse(ErrorCode[value])
+    if not isinstance(value, dict):
+        raise _bad(f"{name}: expected a map of fields")
+    if name == "DescribePCR":
+        return DescribePCRResponse(_field(value, "lock", bool, name), _field(value, "data", bytes, name))
+    if name == "ExtendPCR":
+        return ExtendPCRResponse(_field(value, "data", bytes, name))
+    if name == "DescribeNSM":
+        locked = _field(value, "locked_pcrs", list, name)
+        if not all(type(i) is int and 0 <= i <= _U16_MAX for i in locked):
+            raise _bad("DescribeNSM.locked_pcrs: expected a list of u16")
+        digest = _field(value, "digest", str, name)
+        if digest not in DIGEST_NAMES:
+            raise _bad(f"DescribeNSM.digest: unknown digest {digest!r}")
+        return DescribeNSMResponse(
+            version_major=_uint_field(value, "version_major", name, _U16_MAX),
+            version_minor=_uint_field(value, "version_minor", name, _U16_MAX),
+            version_patch=_uint_field(value, "version_patch", name, _U16_MAX),
+            module_id=_field(value, "module_id", str, name),
+            max_pcrs=_uint_field(value, "max_pcrs", name, _U16_MAX),
+            locked_pcrs=tuple(locked),
+            digest=digest,
+        )
+    if name == "Attestation":
+        return AttestationResponse(_field(value, "document", bytes, name))
+    if name == "GetRandom":
+        return GetRandomResponse(_field(value, "random", bytes, name))
+    raise _bad(f"unknown response {name!r}")

@@ -479,52 +479,13 @@ def _check_certificate(
         reasons.append(f"{label} lacks the keyCertSign key usage")
 
 
-def _check_chain(
+def _rfc5280_path(
     leaf: x509.Certificate,
     bundle: Sequence[x509.Certificate],
     roots: Sequence[x509.Certificate],
     at: dt.datetime,
-) -> tuple[tuple[x509.Certificate, ...], list[str]]:
-    reasons: list[str] = []
-    path = [leaf, *reversed(bundle)]
-    n = len(path)
-
-    def link_label(i: int) -> str:
-        return _label(i, n, anchored_by_root=False)
-
-    for i in range(n - 1):
-        child, parent = path[i], path[i + 1]
-        try:
-            child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, InvalidSignature) as exc:
-            detail = str(exc) or "signature does not verify"
-            reasons.append(f"{link_label(i)} is not issued by {link_label(i + 1)}: {detail}")
-
-    top = path[-1]
-    top_der = _der(top)
-    anchor: x509.Certificate | None = None
-    anchored_by_root = False
-    for root in roots:
-        if _der(root) == top_der:
-            anchor = root
-            break
-    else:
-        for root in roots:
-            try:
-                top.verify_directly_issued_by(root)
-            except (ValueError, TypeError, InvalidSignature):
-                continue
-            anchor, anchored_by_root = root, True
-            break
-    if anchor is None:
-        reasons.append(f"{link_label(n - 1)} is neither a trusted root nor issued by one")
-    if anchored_by_root and anchor is not None:
-        path.append(anchor)
-
-    for i, cert in enumerate(path):
-        _check_certificate(cert, _label(i, len(path), anchored_by_root), i, at, reasons)
-
-    # Independently, the RFC 5280 validator must accept the same chain.
+) -> tuple[list[x509.Certificate] | None, str | None]:
+    """cryptography's path validation: the chain it built, or why it failed."""
     try:
         verifier = (
             x509v.PolicyBuilder()
@@ -536,12 +497,78 @@ def _check_chain(
             )
             .build_client_verifier()
         )
-        built = verifier.verify(leaf, list(reversed(bundle))).chain
+        return verifier.verify(leaf, list(reversed(bundle))).chain, None
     except x509v.VerificationError as exc:
-        reasons.append(f"X.509 path validation failed: {exc}")
-    else:
-        if [_der(c) for c in built] != [_der(c) for c in path]:
-            reasons.append("X.509 path validation chose a chain other than [leaf, cabundle reversed]")
+        return None, f"X.509 path validation failed: {exc}"
+
+
+def _diagnose_links(
+    path: list[x509.Certificate], roots: Sequence[x509.Certificate], reasons: list[str]
+) -> x509.Certificate | None:
+    """Check each link of ``path`` and find its anchor; report every broken link.
+
+    Returns the trusted root that issued ``path[-1]`` when that is how the path
+    is anchored, else ``None``.
+    """
+    n = len(path)
+
+    def label(i: int) -> str:
+        return _label(i, n, anchored_by_root=False)
+
+    for i in range(n - 1):
+        try:
+            path[i].verify_directly_issued_by(path[i + 1])
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            detail = str(exc) or "signature does not verify"
+            reasons.append(f"{label(i)} is not issued by {label(i + 1)}: {detail}")
+    top_der = _der(path[-1])
+    if any(_der(root) == top_der for root in roots):
+        return None
+    for root in roots:
+        try:
+            path[-1].verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return root
+    reasons.append(f"{label(n - 1)} is neither a trusted root nor issued by one")
+    return None
+
+
+def _check_chain(
+    leaf: x509.Certificate,
+    bundle: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    at: dt.datetime,
+) -> tuple[tuple[x509.Certificate, ...], list[str]]:
+    """Validate ``[leaf, *reversed(bundle)]`` to one of ``roots`` at ``at``.
+
+    cryptography's RFC 5280 validator checks names, signatures and its own
+    profile; the path it builds must be exactly ours (plus, possibly, the
+    trusted root that issued ``cabundle[0]``). Then every certificate goes
+    through the explicit checks of :func:`_check_certificate`. Only when the
+    validator refuses or builds another path are the links re-checked one by
+    one, to say which one is broken.
+    """
+    reasons: list[str] = []
+    path = [leaf, *reversed(bundle)]
+    built, failure = _rfc5280_path(leaf, bundle, roots, at)
+    anchored_by_root = False
+    if built is not None:
+        built_der = [_der(c) for c in built]
+        path_der = [_der(c) for c in path]
+        if built_der[:-1] == path_der and len(built) == len(path) + 1:
+            path.append(built[-1])
+            anchored_by_root = True
+        elif built_der != path_der:
+            failure = "X.509 path validation chose a chain other than [leaf, cabundle reversed]"
+    if failure is not None:
+        reasons.append(failure)
+        root = _diagnose_links(path, roots, reasons)
+        if root is not None:
+            path.append(root)
+            anchored_by_root = True
+    for i, cert in enumerate(path):
+        _check_certificate(cert, _label(i, len(path), anchored_by_root), i, at, reasons)
     return tuple(path), reasons
 
 

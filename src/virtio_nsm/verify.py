@@ -356,11 +356,10 @@ class _Syntax:
         except Exception as exc:  # ValueError, x509.InvalidVersion, ...
             self.problems.append(f"{what} is not a DER X.509 certificate: {exc}")
             return None
-        # cryptography decodes some parts lazily; read them all now so that a
-        # malformed part is a syntax problem here, not an exception later.
+        # cryptography decodes some parts lazily; read those the checks use now
+        # so that a malformed part is a syntax problem here, not an exception
+        # later. (Names are left to the path validator, which parses them.)
         try:
-            cert.subject.rfc4514_string()
-            cert.issuer.rfc4514_string()
             cert.public_key()
             _ = cert.extensions, cert.signature_algorithm_oid, cert.serial_number
             _ = cert.not_valid_before_utc, cert.not_valid_after_utc, cert.version
@@ -554,12 +553,11 @@ def _check_chain(
     built, failure = _rfc5280_path(leaf, bundle, roots, at)
     anchored_by_root = False
     if built is not None:
-        built_der = [_der(c) for c in built]
-        path_der = [_der(c) for c in path]
-        if built_der[:-1] == path_der and len(built) == len(path) + 1:
+        # Certificate equality compares the DER encodings.
+        if len(built) == len(path) + 1 and built[:-1] == path:
             path.append(built[-1])
             anchored_by_root = True
-        elif built_der != path_der:
+        elif built != path:
             failure = "X.509 path validation chose a chain other than [leaf, cabundle reversed]"
     if failure is not None:
         reasons.append(failure)

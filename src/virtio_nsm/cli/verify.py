@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,14 +116,25 @@ def _iso(t: dt.datetime) -> str:
     return text.replace("+00:00", "Z")
 
 
+def _name(name: Callable[[], x509.Name]) -> str:
+    try:
+        return name().rfc4514_string()
+    except ValueError as exc:  # inspect shows certificates that were never validated
+        return f"(unreadable name: {exc})"
+
+
 def _subject(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string()
+    return _name(lambda: cert.subject)
+
+
+def _issuer(cert: x509.Certificate) -> str:
+    return _name(lambda: cert.issuer)
 
 
 def _cert_json(cert: x509.Certificate) -> dict[str, Any]:
     return {
         "subject": _subject(cert),
-        "issuer": cert.issuer.rfc4514_string(),
+        "issuer": _issuer(cert),
         "not_before": _iso(cert.not_valid_before_utc),
         "not_after": _iso(cert.not_valid_after_utc),
     }
@@ -263,7 +274,7 @@ def _inspect_cert(label: str, cert: x509.Certificate | None) -> list[str]:
         return [f"  {label}: (unreadable)"]
     return [
         f"  {label}: {_subject(cert)}",
-        f"      issuer  {cert.issuer.rfc4514_string()}",
+        f"      issuer  {_issuer(cert)}",
         f"      valid   {_iso(cert.not_valid_before_utc)} .. {_iso(cert.not_valid_after_utc)}",
         f"      key     {_describe_key(cert)}, signed {_algorithm(cert)}",
     ]

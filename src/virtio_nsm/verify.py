@@ -600,7 +600,10 @@ def _duration(value: dt.timedelta | float | None, name: str) -> dt.timedelta | N
     if isinstance(value, dt.timedelta):
         result = value
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        result = dt.timedelta(seconds=value)
+        try:
+            result = dt.timedelta(seconds=value)
+        except (OverflowError, ValueError):  # inf, nan, beyond timedelta's range
+            raise ValueError(f"{name} must be a finite number of seconds") from None
     else:
         raise TypeError(f"{name} must be a timedelta or a number of seconds")
     if result < dt.timedelta(0):
@@ -725,7 +728,7 @@ def _verify_parsed(
                 f"timestamp {time.isoformat()} is outside the leaf certificate's validity "
                 f"({_when(u.leaf.not_valid_before_utc)} to {_when(u.leaf.not_valid_after_utc)})"
             )
-        if time > at + skew:
+        if time - skew > at:  # (at + skew could overflow near year 9999)
             reasons.append(
                 f"timestamp {time.isoformat()} is more than {skew.total_seconds():g} s "
                 f"after the verification time {at.isoformat()}"

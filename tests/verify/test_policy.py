@@ -110,3 +110,22 @@ def test_policy_failures_are_reported_with_chain_failures(pki: Pki, other_pki: P
     text = "\n".join(reasons)
     for part in ("neither a trusted root", "expired", "nonce is", "PCR0 is"):
         assert part in text, reasons
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        dt.datetime.max.replace(tzinfo=dt.UTC),
+        dt.datetime.min.replace(tzinfo=dt.UTC),
+        dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
+    ],
+)
+def test_extreme_verification_times(pki: Pki, at: dt.datetime) -> None:
+    reasons = reasons_of(document(pki), pki, at=at, max_age=dt.timedelta.max)
+    assert not any("internal error" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e300, -1, "60"])
+def test_bad_max_age_arguments(pki: Pki, bad: object) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        verify_document(document(pki), roots=[pki.root], at=T0, max_age=bad)  # type: ignore[arg-type]

@@ -240,6 +240,8 @@ def verify(
             nonce=expected_nonce,
             max_age=max_age,
         )
+    except (ValueError, TypeError) as exc:  # an argument verify_document refuses
+        raise click.UsageError(str(exc)) from None
     except VerificationError as exc:
         if as_json:
             click.echo(json.dumps({"valid": False, "reasons": exc.reasons}, indent=2))

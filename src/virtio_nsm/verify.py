@@ -54,7 +54,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from types import MappingProxyType
@@ -116,6 +116,9 @@ class VerificationError(Exception):
     def __init__(self, reasons: Sequence[str]) -> None:
         self.reasons: list[str] = list(reasons) or ["unspecified verification failure"]
         super().__init__("attestation document is invalid: " + "; ".join(self.reasons))
+
+    def __reduce__(self) -> tuple[type[VerificationError], tuple[list[str]]]:
+        return (type(self), (self.reasons,))
 
 
 @dataclass(frozen=True)
@@ -280,8 +283,16 @@ class _Syntax:
             self.problems.append(f"payload is {_type_name(fields)}, not a map")
             return
         self.values["fields"] = fields
-        checks = (self.module_id, self.digest, self.timestamp, self.pcrs)
-        for name, check in zip(REQUIRED_FIELDS, (*checks, self.certificate, self.cabundle), strict=True):
+        # In this order: the pcrs check needs the digest.
+        checks: dict[str, Callable[[Any], None]] = {
+            "module_id": self.module_id,
+            "digest": self.digest,
+            "timestamp": self.timestamp,
+            "pcrs": self.pcrs,
+            "certificate": self.certificate,
+            "cabundle": self.cabundle,
+        }
+        for name, check in checks.items():
             if name not in fields:
                 self.problems.append(f"payload has no {name}")
             elif fields[name] is None:
@@ -649,6 +660,8 @@ def verify_document(
     Raises :class:`VerificationError` listing every reason the document is not
     trusted. Only arguments other than ``doc`` can raise anything else.
     """
+    if not isinstance(doc, bytes | bytearray | memoryview):
+        raise TypeError(f"doc must be bytes, not {type(doc).__name__}")
     trusted = _roots(roots)
     when = _instant(at)
     pcr_policy = _expected_pcrs(expected_pcrs)

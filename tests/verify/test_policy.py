@@ -129,3 +129,18 @@ def test_extreme_verification_times(pki: Pki, at: dt.datetime) -> None:
 def test_bad_max_age_arguments(pki: Pki, bad: object) -> None:
     with pytest.raises((ValueError, TypeError)):
         verify_document(document(pki), roots=[pki.root], at=T0, max_age=bad)  # type: ignore[arg-type]
+
+
+def test_verification_error_pickles_and_lists_reasons() -> None:
+    import pickle
+
+    err = VerificationError(["a", "b"])
+    assert str(err) == "attestation document is invalid: a; b"
+    again = pickle.loads(pickle.dumps(err))
+    assert again.reasons == ["a", "b"] and str(again) == str(err)
+
+
+def test_doc_must_be_bytes(pki: Pki) -> None:
+    with pytest.raises(TypeError):
+        verify_document("not bytes", roots=[pki.root], at=T0)  # type: ignore[arg-type]
+    verify_document(bytearray(document(pki)), roots=[pki.root], at=T0)

@@ -379,6 +379,12 @@ class _Syntax:
             return None
         if cert.serial_number <= 0:  # RFC 5280 4.1.2.2; cryptography only warns
             self.problems.append(f"{what} has a serial number that is not positive")
+        # The certificate ends with its signature BIT STRING; DER needs 0 unused
+        # bits there, but cryptography ignores that byte, which would let one
+        # certificate have several encodings.
+        unused_bits_at = len(value) - len(cert.signature) - 1
+        if unused_bits_at < 0 or value[unused_bits_at] != 0:
+            self.problems.append(f"{what} is not DER: its signature has unused bits")
         return cert
 
     def certificate(self, value: Any) -> None:

@@ -154,3 +154,11 @@ def test_indefinite_payload_map_decodes_like_definite() -> None:
     with pytest.raises(VerificationError) as info:
         verify_document(mutated, at=doc.at)
     assert info.value.reasons == ["COSE signature does not verify with the leaf certificate's key"]
+
+
+def test_tampered_shipped_root_fails_the_import_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    import virtio_nsm.verify as v
+
+    monkeypatch.setattr(v, "AWS_NITRO_ROOT_SHA256", "00" * 32)
+    with pytest.raises(ImportError, match="shipped AWS Nitro root"):
+        v._load_aws_root()

@@ -147,3 +147,21 @@ def test_non_p384_keys(position: int, curve: ec.EllipticCurve, expected: str) ->
     doc = cose.encode_sign1(cose.PROTECTED_ES384, payload, cose.der_to_raw(der_sig, 48))
     reasons = reasons_of(doc, roots=[pki.root], at=T0)
     assert expected in reasons, reasons
+
+
+def test_certificate_signature_bit_string_must_be_der() -> None:
+    # cryptography ignores the unused-bits byte of the signature BIT STRING when
+    # the padding bit is zero: one certificate, two encodings. We refuse that.
+    for _ in range(20):
+        pki = make_pki(SPECS)
+        zonal = der(pki.certs[2])
+        if zonal[-1] & 1 == 0:
+            break
+    else:
+        pytest.skip("no certificate with an even last signature byte in 20 tries")
+    fields = payload_fields(pki)
+    pos = len(zonal) - len(pki.certs[2].signature) - 1
+    assert zonal[pos] == 0
+    fields["cabundle"][2] = zonal[:pos] + b"\x01" + zonal[pos + 1 :]
+    reasons = reasons_of(sign(pki.leaf_key, encode_payload(fields)), roots=[pki.root], at=T0)
+    assert reasons == ["cabundle[2] is not DER: its signature has unused bits"]

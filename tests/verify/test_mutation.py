@@ -12,7 +12,7 @@ import random
 
 import pytest
 from cryptography import x509
-from verify_support import T0, Pki, document, load_aws
+from verify_support import T0, Pki, document, encode_payload, load_aws, payload_fields, sign
 
 from virtio_nsm import cbor, cose
 from virtio_nsm.verify import OPTIONAL_FIELDS, REQUIRED_FIELDS, VerificationError, verify_document
@@ -94,3 +94,28 @@ def test_every_signature_bit(pki: Pki) -> None:
             mutated[pos] ^= 1 << bit
             with pytest.raises(VerificationError):
                 verify_document(bytes(mutated), roots=[pki.root], at=T0)
+
+
+def test_mutated_certificates_in_a_resigned_payload(pki: Pki) -> None:
+    # The leaf key re-signs each payload, so only the certificate checks stand
+    # between a changed certificate byte and acceptance.
+    base = payload_fields(pki)
+    rng = random.Random(7)
+    count = 0
+    for slot in ("certificate", 0, 1, 2, 3):
+        original = base["certificate"] if slot == "certificate" else base["cabundle"][slot]
+        tail = range(len(original) - 110, len(original))  # signature algorithm and value
+        picks = sorted({*range(12), *rng.sample(range(len(original)), 30), *rng.sample(tail, 12)})
+        for pos in picks:
+            changed = bytearray(original)
+            changed[pos] ^= 0x01
+            fields = dict(base, cabundle=list(base["cabundle"]))
+            if slot == "certificate":
+                fields["certificate"] = bytes(changed)
+            else:
+                fields["cabundle"][slot] = bytes(changed)
+            with pytest.raises(VerificationError) as info:
+                verify_document(sign(pki.leaf_key, encode_payload(fields)), roots=[pki.root], at=T0)
+            assert not any("internal error" in r for r in info.value.reasons), (slot, pos)
+            count += 1
+    assert count > 200

@@ -195,3 +195,19 @@ def test_module_entry_point_subprocess(prod_file: tuple[Path, AwsDocument]) -> N
     proc = subprocess.run(cmd, capture_output=True, env=env, timeout=60, check=False)
     assert proc.returncode == 1
     assert b"expired" in proc.stderr
+
+
+def test_inspect_json() -> None:
+    good = load_aws("nitrite_production.b64")
+    code, out, _ = run("inspect", "--json", "-", stdin=good.raw)
+    assert code == 0
+    data = json.loads(out)
+    assert data["verified"] is False and data["problems"] == []
+    assert data["timestamp"] == 1725719859545 and data["time"] == "2024-09-07T14:37:39.545Z"
+    assert data["cabundle"][0]["subject"] == "CN=aws.nitro-enclaves,OU=AWS,O=Amazon,C=US"
+    assert data["certificate"]["key"] == "EC secp384r1"
+    bad = load_aws("nitrite_selfsigned_invalid.b64")
+    code, out, _ = run("inspect", "--json", "-", stdin=bad.raw)
+    assert code == 1
+    data = json.loads(out)
+    assert "cabundle is null" in data["problems"] and data["cabundle"] == []

@@ -151,3 +151,19 @@ def test_valid_reference_document() -> None:
     result = verdict(VALID)
     assert isinstance(result, VerifiedDocument)
     assert result.time == T0
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, len(VALID) - 1), st.integers(1, 255), st.booleans())
+def test_cli_inspect_and_verify_never_crash(pos: int, mask: int, as_json: bool) -> None:
+    from click.testing import CliRunner
+
+    from virtio_nsm.cli import main
+
+    mutated = bytearray(VALID)
+    mutated[pos] ^= mask
+    flags = ["--json"] if as_json else []
+    for command in (["inspect", "-"], ["verify", "-"]):
+        result = CliRunner().invoke(main, [*command, *flags], input=bytes(mutated))
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        assert result.exit_code in (0, 1)

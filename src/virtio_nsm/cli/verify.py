@@ -24,6 +24,8 @@ from cryptography.x509.oid import SignatureAlgorithmOID
 
 from virtio_nsm.cli import main
 from virtio_nsm.verify import (
+    OPTIONAL_FIELDS,
+    REQUIRED_FIELDS,
     UnverifiedDocument,
     VerificationError,
     VerifiedDocument,
@@ -32,6 +34,7 @@ from virtio_nsm.verify import (
     verify_document,
 )
 
+_KNOWN_FIELDS = frozenset((*REQUIRED_FIELDS, *OPTIONAL_FIELDS))
 _BASE64 = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
 
 
@@ -244,7 +247,7 @@ def verify(
         raise click.UsageError(str(exc)) from None
     except VerificationError as exc:
         if as_json:
-            click.echo(json.dumps({"valid": False, "reasons": exc.reasons}, indent=2))
+            click.echo(json.dumps({"valid": False, "reasons": exc.reasons, "document": None}, indent=2))
         else:
             click.echo("attestation document is INVALID:", err=True)
             for reason in exc.reasons:
@@ -315,17 +318,41 @@ def _inspect_lines(u: UnverifiedDocument) -> list[str]:
     for name in ("public_key", "user_data", "nonce"):
         if name in u.fields:
             lines.append(f"{name:<11} {_size(getattr(u, name))}")
-    known = {"module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle"}
-    known |= {"public_key", "user_data", "nonce"}
-    extra = [k for k in u.fields if k not in known]
+    extra = [k for k in u.fields if k not in _KNOWN_FIELDS]
     if extra:
         lines.append(f"unknown fields: {', '.join(repr(k) for k in extra)}")
     return lines
 
 
+def _inspect_json(u: UnverifiedDocument) -> dict[str, Any]:
+    def cert(c: x509.Certificate | None) -> dict[str, Any] | None:
+        return None if c is None else {**_cert_json(c), "key": _describe_key(c), "signature": _algorithm(c)}
+
+    time = u.time
+    return {
+        "verified": False,
+        "problems": list(u.problems),
+        "tagged": u.tagged,
+        "protected": _opt_hex(u.protected),
+        "signature": _opt_hex(u.signature),
+        "module_id": u.module_id,
+        "digest": u.digest,
+        "timestamp": u.timestamp,
+        "time": None if time is None else _iso(time),
+        "pcrs": None if u.pcrs is None else {str(i): v.hex() for i, v in u.pcrs.items()},
+        "certificate": cert(u.leaf),
+        "cabundle": [cert(c) for c in u.bundle],
+        "public_key": _opt_hex(u.public_key),
+        "user_data": _opt_hex(u.user_data),
+        "nonce": _opt_hex(u.nonce),
+        "unknown_fields": [repr(k) for k in u.fields if k not in _KNOWN_FIELDS],
+    }
+
+
 @main.command()
 @click.argument("doc", metavar="DOC")
-def inspect(doc: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+def inspect(doc: str, as_json: bool) -> None:
     """Decode the attestation document DOC without verifying it.
 
     Shows what can be decoded and lists syntax problems. Exit status: 0 no
@@ -333,10 +360,15 @@ def inspect(doc: str) -> None:
     2 I/O error.
     """
     u = parse_unverified(read_document(doc))
-    click.echo("\n".join(_inspect_lines(u)))
+    if as_json:
+        click.echo(json.dumps(_inspect_json(u), indent=2))
+    else:
+        click.echo("\n".join(_inspect_lines(u)))
+        if u.problems:
+            click.echo("problems:")
+            for problem in u.problems:
+                click.echo(f"  - {problem}")
+        else:
+            click.echo("no syntax problems (signature, chain and times not checked: use nsm verify)")
     if u.problems:
-        click.echo("problems:")
-        for problem in u.problems:
-            click.echo(f"  - {problem}")
         sys.exit(1)
-    click.echo("no syntax problems (signature, chain and times not checked: use nsm verify)")

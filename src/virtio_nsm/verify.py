@@ -19,16 +19,18 @@ collects every reason and raises one :class:`VerificationError` listing them.
    ``public_key``, ``user_data`` and ``nonce`` are bytes, or ``null``/absent
    (both mean "absent"); the real device enforces no size on them, so neither
    does this. Unknown extra fields are ignored.
-2. **Chain**: ``[leaf, *reversed(cabundle)]`` must link certificate by
-   certificate (issuer name and signature), and ``cabundle[0]`` must be a
-   trusted root (DER-equal) or be issued by one. Every certificate, the root
-   included, must be valid at ``at``, be X.509 v3, carry a P-384 key and be
-   signed with ecdsa-with-SHA384, and mark no unknown extension critical. CA
-   certificates need a critical basicConstraints with CA set, keyCertSign, and a
-   pathLen that admits the CAs below them; the leaf must not be a CA and needs
-   digitalSignature. Independently, cryptography's RFC 5280 path validator
-   (web-PKI CA profile, permissive leaf profile, as the facts sheet requires for
-   real documents) must accept the same chain to the same roots.
+2. **Chain**: the path is ``[leaf, *reversed(cabundle)]``, and ``cabundle[0]``
+   must be a trusted root (DER-equal) or be issued by one. cryptography's RFC
+   5280 validator (web-PKI CA profile, permissive leaf profile, which the facts
+   sheet says real documents need) checks names and signatures and must build
+   exactly this path to the same roots; when it refuses, each link is
+   re-checked on its own to say which one is broken. Then, explicitly, every
+   certificate, the root included, must be valid at ``at``, be X.509 v3 in
+   strict DER with a positive serial, carry a P-384 key, be signed with
+   ecdsa-with-SHA384, and mark no unknown extension critical. CA certificates
+   need a critical basicConstraints with CA set, keyCertSign, and a pathLen that
+   admits the CAs below them; the leaf must not be a CA and needs
+   digitalSignature.
 3. **Signature**: the COSE Sig_structure verifies under the leaf's key.
 4. **Policy**: the timestamp lies within the leaf's validity; it is not more
    than ``clock_skew`` (default 60 s) after ``at``; optionally it is at most

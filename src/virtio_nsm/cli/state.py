@@ -12,7 +12,6 @@ from .. import persist
 from . import main
 from .device import fail
 
-
 P = ParamSpec("P")
 T = TypeVar("T")
 

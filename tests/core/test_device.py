@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from virtio_nsm import ConfigurationError, DeviceState, Digest, ErrorCode, NsmDevice
+from virtio_nsm import ConfigurationError, Digest, ErrorCode, NsmDevice
 from virtio_nsm.nsm import protocol as p
+from virtio_nsm.nsm.device import Commit
 
 
 def call(device: NsmDevice, request: p.Request) -> p.Response:
@@ -146,13 +147,13 @@ def test_generated_module_id_shape() -> None:
 
 
 def test_failed_commit_leaves_state_untouched(clock: object) -> None:
-    committed: list[DeviceState] = []
+    committed: list[Commit] = []
     fail = True
 
-    def commit(state: DeviceState) -> None:
+    def commit(change: Commit) -> None:
         if fail:
             raise OSError("disk full")
-        committed.append(state)
+        committed.append(change)
 
     device = NsmDevice(commit=commit)
     before = device.state
@@ -163,12 +164,14 @@ def test_failed_commit_leaves_state_untouched(clock: object) -> None:
     assert isinstance(call(device, p.DescribePCR(16)), p.DescribePCRResponse)
     assert isinstance(call(device, p.Attestation()), p.AttestationResponse)
     fail = False
-    assert isinstance(call(device, p.ExtendPCR(16, b"x")), p.ExtendPCRResponse)
-    assert committed == [device.state]
+    request = p.encode_request(p.ExtendPCR(16, b"x"))
+    response = device.handle(request, token=("slot", 7))
+    assert isinstance(p.decode_response(response), p.ExtendPCRResponse)
+    assert committed == [Commit(device.state, request, response, ("slot", 7))]
 
 
 def test_reads_do_not_commit() -> None:
-    committed: list[DeviceState] = []
+    committed: list[Commit] = []
     device = NsmDevice(commit=committed.append)
     for request in (p.DescribePCR(1), p.DescribeNSM(), p.GetRandom(), p.Attestation(), p.LockPCRs(16)):
         call(device, request)

@@ -128,11 +128,8 @@ class DevNsmTransport:
         if self._fd < 0:
             raise TransportError(errno.EBADF, f"{self.path} is closed")
         req = ctypes.create_string_buffer(request, max(len(request), 1))
-        raw = bytearray(
-            pack_nsm_raw(
-                ctypes.addressof(req), len(request), ctypes.addressof(self._response), MAX_RESPONSE_SIZE
-            )
-        )
+        raw = bytearray(pack_nsm_raw(ctypes.addressof(req), len(request),
+                                     ctypes.addressof(self._response), MAX_RESPONSE_SIZE))
         try:
             fcntl.ioctl(self._fd, NSM_IOCTL_RAW, raw, True)
         except OSError as exc:
@@ -158,7 +155,7 @@ def open_transport(device: str | None = None) -> Transport:
     if spec.startswith(VHOST_USER_PREFIX):
         from .vhost_user.frontend import VhostUserTransport
 
-        return VhostUserTransport(spec[len(VHOST_USER_PREFIX) :])
+        return VhostUserTransport(spec[len(VHOST_USER_PREFIX):])
     return DevNsmTransport(spec)
 
 
@@ -189,9 +186,8 @@ class Nsm:
     def __enter__(self) -> Nsm:
         return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
     def close(self) -> None:
@@ -206,9 +202,8 @@ class Nsm:
         if isinstance(response, ErrorResponse):
             raise NsmError(response.code)
         if not isinstance(response, expected):
-            raise NsmError(
-                ErrorCode.InvalidResponse, f"expected {expected.__name__}, got {type(response).__name__}"
-            )
+            raise NsmError(ErrorCode.InvalidResponse,
+                           f"expected {expected.__name__}, got {type(response).__name__}")
         return response
 
     def describe_pcr(self, index: int) -> PcrDescription:
@@ -228,9 +223,8 @@ class Nsm:
     def describe_nsm(self) -> NsmDescription:
         return self._call(DescribeNSM(), DescribeNSMResponse)
 
-    def attestation(
-        self, user_data: bytes | None = None, nonce: bytes | None = None, public_key: bytes | None = None
-    ) -> bytes:
+    def attestation(self, user_data: bytes | None = None, nonce: bytes | None = None,
+                    public_key: bytes | None = None) -> bytes:
         """A signed attestation document (COSE_Sign1 bytes)."""
         return self._call(Attestation(user_data, nonce, public_key), AttestationResponse).document
 

@@ -19,17 +19,8 @@ from virtio_nsm import CertificateAuthority, ConfigurationError, Nsm, NsmDevice
 from virtio_nsm.cose import raw_to_der
 from virtio_nsm.nsm import pki
 
-KEYS = [
-    "module_id",
-    "digest",
-    "timestamp",
-    "pcrs",
-    "certificate",
-    "cabundle",
-    "public_key",
-    "user_data",
-    "nonce",
-]
+KEYS = ["module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle", "public_key",
+        "user_data", "nonce"]
 
 
 def parts(document: bytes) -> tuple[list[object], dict[str, object]]:
@@ -43,12 +34,9 @@ def path_verify(root_pem: bytes, payload: dict, at: dt.datetime) -> list[x509.Ce
     leaf = x509.load_der_x509_certificate(payload["certificate"])
     intermediates = [x509.load_der_x509_certificate(c) for c in payload["cabundle"][1:]]
     verifier = (
-        PolicyBuilder()
-        .store(Store([root]))
-        .time(at)
-        .extension_policies(
-            ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ExtensionPolicy.permit_all()
-        )
+        PolicyBuilder().store(Store([root])).time(at)
+        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(),
+                            ee_policy=ExtensionPolicy.permit_all())
         .build_client_verifier()
     )
     return list(verifier.verify(leaf, intermediates).chain)
@@ -82,9 +70,8 @@ def test_document_shape(device: NsmDevice, clock: FakeClock) -> None:
     assert payload["pcrs"][16] == nsm.describe_pcr(16).data
     assert payload["public_key"] is None and payload["user_data"] == b"ud"
     assert payload["nonce"] == b"\x00\x01"
-    assert payload["cabundle"][0] == x509.load_pem_x509_certificate(device.root_certificate_pem).public_bytes(
-        serialization.Encoding.DER
-    )
+    assert payload["cabundle"][0] == x509.load_pem_x509_certificate(
+        device.root_certificate_pem).public_bytes(serialization.Encoding.DER)
     assert len(payload["cabundle"]) == 4
     assert signature_ok(outer, payload)
 
@@ -121,7 +108,8 @@ def test_chain_shape_like_aws(device: NsmDevice) -> None:
     assert bc.critical and not bc.value.ca
     assert leaf.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
     lifetimes = [c.not_valid_after_utc - c.not_valid_before_utc for c in certs[1:]]
-    assert lifetimes == [pki.REGIONAL_LIFETIME, pki.ZONAL_LIFETIME, pki.INSTANCE_LIFETIME, pki.LEAF_LIFETIME]
+    assert lifetimes == [pki.REGIONAL_LIFETIME, pki.ZONAL_LIFETIME, pki.INSTANCE_LIFETIME,
+                         pki.LEAF_LIFETIME]
     for cert in certs:
         key = cert.public_key()
         assert isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP384R1)
@@ -156,9 +144,7 @@ def test_chain_stays_valid_over_weeks(device: NsmDevice, clock: FakeClock) -> No
 
 
 def test_bring_your_own_root(tmp_path: Path, clock: FakeClock) -> None:
-    ca = CertificateAuthority.generate(
-        now=dt.datetime.fromtimestamp(clock.now, dt.UTC), common_name="my root"
-    )
+    ca = CertificateAuthority.generate(now=dt.datetime.fromtimestamp(clock.now, dt.UTC), common_name="my root")
     ca.save(tmp_path / "ca")
     key_mode = stat.S_IMODE(os.stat(tmp_path / "ca" / pki.ROOT_KEY_FILE).st_mode)
     assert key_mode == 0o600

@@ -84,26 +84,14 @@ def test_attest(shared_device: NsmDevice, tmp_path: Path) -> None:
     pk = tmp_path / "pk.der"
     pk.write_bytes(b"\x30\x01key")
     out_file = tmp_path / "doc.cose"
-    code, _, err = run(
-        "attest",
-        "--nonce",
-        "abcd",
-        "--user-data",
-        "0102",
-        "--public-key",
-        f"@{pk}",
-        "-o",
-        str(out_file),
-        "--device",
-        "local",
-    )
+    code, _, err = run("attest", "--nonce", "abcd", "--user-data", "0102", "--public-key", f"@{pk}",
+                         "-o", str(out_file), "--device", "local")
     assert code == 0, err
     payload = cbor2.loads(cbor2.loads(out_file.read_bytes())[2])
     assert payload["nonce"] == b"\xab\xcd" and payload["user_data"] == b"\x01\x02"
     assert payload["public_key"] == b"\x30\x01key"
-    code, _, err = run(
-        "attest", "--public-key", f"@{tmp_path / 'nope'}", "-o", str(out_file), "--device", "local"
-    )
+    code, _, err = run("attest", "--public-key", f"@{tmp_path / 'nope'}", "-o", str(out_file),
+                       "--device", "local")
     assert code == 2 and "cannot read" in err
 
 

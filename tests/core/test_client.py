@@ -27,16 +27,13 @@ def test_client_round_trip(device: NsmDevice) -> None:
         assert nsm.attestation(nonce=b"n")[:1] == b"\x84"
 
 
-@pytest.mark.parametrize(
-    ("action", "code"),
-    [
-        (lambda n: n.describe_pcr(32), ErrorCode.InvalidIndex),
-        (lambda n: n.extend_pcr(0, b""), ErrorCode.ReadOnlyIndex),
-        (lambda n: n.lock_pcr(1), ErrorCode.ReadOnlyIndex),
-        (lambda n: n.lock_pcrs(33), ErrorCode.InvalidIndex),
-        (lambda n: n.attestation(public_key=b"k" * 5000), ErrorCode.InputTooLarge),
-    ],
-)
+@pytest.mark.parametrize(("action", "code"), [
+    (lambda n: n.describe_pcr(32), ErrorCode.InvalidIndex),
+    (lambda n: n.extend_pcr(0, b""), ErrorCode.ReadOnlyIndex),
+    (lambda n: n.lock_pcr(1), ErrorCode.ReadOnlyIndex),
+    (lambda n: n.lock_pcrs(33), ErrorCode.InvalidIndex),
+    (lambda n: n.attestation(public_key=b"k" * 5000), ErrorCode.InputTooLarge),
+])
 def test_errors_raise_nsm_error(device: NsmDevice, action, code: ErrorCode) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(NsmError) as info:
         action(Nsm.local(device))
@@ -65,11 +62,7 @@ class ScriptedTransport:
 
 
 def test_mismatched_or_malformed_answers_are_invalid_response() -> None:
-    for answer in (
-        p.encode_response(p.LockPCRResponse()),
-        b"\xa1",
-        p.encode_error(ErrorCode.InvalidIndex) + b"\0",
-    ):
+    for answer in (p.encode_response(p.LockPCRResponse()), b"\xa1", p.encode_error(ErrorCode.InvalidIndex) + b"\0"):
         nsm = Nsm(ScriptedTransport(answer))
         with pytest.raises(NsmError) as info:
             nsm.describe_pcr(3)
@@ -83,18 +76,13 @@ def test_ioctl_number_and_struct() -> None:
     assert c.NSM_IOCTL_RAW == 0xC0200A00
     assert c.NSM_RAW.size == 32
     raw = c.pack_nsm_raw(0x1122334455667788, 21, 0x99AABBCCDDEEFF00, 0x3000)
-    assert raw == (
-        bytes.fromhex("8877665544332211")
-        + (21).to_bytes(8, "little")
-        + bytes.fromhex("00ffeeddccbbaa99")
-        + (0x3000).to_bytes(8, "little")
-    )
+    assert raw == (bytes.fromhex("8877665544332211") + (21).to_bytes(8, "little")
+                   + bytes.fromhex("00ffeeddccbbaa99") + (0x3000).to_bytes(8, "little"))
     assert c.unpack_nsm_raw(raw) == (0x1122334455667788, 21, 0x99AABBCCDDEEFF00, 0x3000)
 
 
-def test_dev_nsm_transport_ioctl_arguments(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, device: NsmDevice
-) -> None:
+def test_dev_nsm_transport_ioctl_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                           device: NsmDevice) -> None:
     """Emulate nsm.ko's ioctl: read the request at its address, write the answer back."""
     node = tmp_path / "nsm"
     node.touch()

@@ -25,11 +25,9 @@ def err(code: ErrorCode) -> p.ErrorResponse:
 
 def test_extend_known_answer(device: NsmDevice) -> None:
     r = call(device, p.ExtendPCR(16, bytes.fromhex("0b00374863ff5c65")))
-    assert r == p.ExtendPCRResponse(
-        bytes.fromhex(
-            "b33da05a0fdb71627c8c68fc4232281fc440edd6f0ac7467fa497bbb907db32d957b5fd393845fa02c264ad5ea233888"
-        )
-    )
+    assert r == p.ExtendPCRResponse(bytes.fromhex(
+        "b33da05a0fdb71627c8c68fc4232281fc440edd6f0ac7467fa497bbb907db32d"
+        "957b5fd393845fa02c264ad5ea233888"))
 
 
 def test_extend_is_hash_of_old_and_data(device: NsmDevice) -> None:
@@ -42,9 +40,8 @@ def test_extend_is_hash_of_old_and_data(device: NsmDevice) -> None:
 
 def test_boot_state(device: NsmDevice) -> None:
     d = call(device, p.DescribeNSM())
-    assert d == p.DescribeNSMResponse(
-        1, 0, 0, "i-0123456789abcdef0-enc0123456789abcdef", 32, tuple(range(16)), "SHA384"
-    )
+    assert d == p.DescribeNSMResponse(1, 0, 0, "i-0123456789abcdef0-enc0123456789abcdef", 32,
+                                      tuple(range(16)), "SHA384")
     for i in range(32):
         r = call(device, p.DescribePCR(i))
         assert isinstance(r, p.DescribePCRResponse)
@@ -109,10 +106,8 @@ def test_large_fields_fit(device: NsmDevice) -> None:
     assert isinstance(r, p.AttestationResponse)
 
 
-@pytest.mark.parametrize(
-    ("digest", "size", "hashname"),
-    [("SHA256", 32, "sha256"), ("SHA384", 48, "sha384"), ("SHA512", 64, "sha512")],
-)
+@pytest.mark.parametrize(("digest", "size", "hashname"),
+                         [("SHA256", 32, "sha256"), ("SHA384", 48, "sha384"), ("SHA512", 64, "sha512")])
 def test_digests(digest: str, size: int, hashname: str) -> None:
     device = NsmDevice(digest=digest)
     d = call(device, p.DescribeNSM())
@@ -196,7 +191,6 @@ def test_random_source_failure_is_internal_error() -> None:
 
 # -- properties ---------------------------------------------------------------
 
-
 def _well_formed(response: bytes) -> p.Response:
     assert len(response) <= p.MAX_RESPONSE_SIZE
     return p.decode_response(response)  # raises unless the AWS client would accept it
@@ -215,50 +209,21 @@ def test_any_bytes_give_a_well_formed_answer(data: bytes) -> None:
 
 
 cbor_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**64), 2**64)
-    | st.binary(max_size=64)
-    | st.text(max_size=16)
-    | st.sampled_from(
-        [
-            "index",
-            "data",
-            "range",
-            "nonce",
-            "user_data",
-            "public_key",
-            "DescribePCR",
-            "ExtendPCR",
-            "LockPCR",
-            "LockPCRs",
-            "Attestation",
-            "GetRandom",
-            "DescribeNSM",
-        ]
-    ),
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(
-            st.sampled_from(["index", "data", "range", "nonce", "user_data", "public_key", "x"])
-            | st.text(max_size=8),
-            children,
-            max_size=4,
-        )
-    ),
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.binary(max_size=64)
+    | st.text(max_size=16) | st.sampled_from(["index", "data", "range", "nonce", "user_data",
+                                             "public_key", "DescribePCR", "ExtendPCR", "LockPCR",
+                                             "LockPCRs", "Attestation", "GetRandom", "DescribeNSM"]),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["index", "data", "range", "nonce", "user_data", "public_key", "x"])
+                      | st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
 request_like = st.one_of(
     cbor_values,
-    st.builds(
-        lambda name, inner: {name: inner},
-        st.sampled_from(["DescribePCR", "ExtendPCR", "LockPCR", "LockPCRs", "Attestation"]),
-        st.dictionaries(
-            st.sampled_from(["index", "data", "range", "nonce", "user_data", "public_key"]),
-            cbor_values,
-            max_size=4,
-        ),
-    ),
+    st.builds(lambda name, inner: {name: inner},
+              st.sampled_from(["DescribePCR", "ExtendPCR", "LockPCR", "LockPCRs", "Attestation"]),
+              st.dictionaries(st.sampled_from(["index", "data", "range", "nonce", "user_data", "public_key"]),
+                              cbor_values, max_size=4)),
 )
 
 

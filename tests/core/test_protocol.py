@@ -43,10 +43,8 @@ REQUESTS = [
     (p.DescribeNSM(), "DescribeNSM"),
     (p.GetRandom(), "GetRandom"),
     (p.Attestation(), {"Attestation": {"user_data": None, "nonce": None, "public_key": None}}),
-    (
-        p.Attestation(b"u", b"n" * 24, b"k" * 70000),
-        {"Attestation": {"user_data": b"u", "nonce": b"n" * 24, "public_key": b"k" * 70000}},
-    ),
+    (p.Attestation(b"u", b"n" * 24, b"k" * 70000),
+     {"Attestation": {"user_data": b"u", "nonce": b"n" * 24, "public_key": b"k" * 70000}}),
 ]
 
 
@@ -63,22 +61,10 @@ RESPONSES = [
     (p.ExtendPCRResponse(b"\x22" * 48), {"ExtendPCR": {"data": b"\x22" * 48}}),
     (p.LockPCRResponse(), "LockPCR"),
     (p.LockPCRsResponse(), "LockPCRs"),
-    (
-        p.DescribeNSMResponse(
-            1, 0, 0, "i-0123456789abcdef0-enc0123456789abcdef", 32, (0, 1, 15, 31), "SHA384"
-        ),
-        {
-            "DescribeNSM": {
-                "version_major": 1,
-                "version_minor": 0,
-                "version_patch": 0,
-                "module_id": "i-0123456789abcdef0-enc0123456789abcdef",
-                "max_pcrs": 32,
-                "locked_pcrs": [0, 1, 15, 31],
-                "digest": "SHA384",
-            }
-        },
-    ),
+    (p.DescribeNSMResponse(1, 0, 0, "i-0123456789abcdef0-enc0123456789abcdef", 32, (0, 1, 15, 31), "SHA384"),
+     {"DescribeNSM": {"version_major": 1, "version_minor": 0, "version_patch": 0,
+                      "module_id": "i-0123456789abcdef0-enc0123456789abcdef", "max_pcrs": 32,
+                      "locked_pcrs": [0, 1, 15, 31], "digest": "SHA384"}}),
     (p.AttestationResponse(b"d" * 5000), {"Attestation": {"document": b"d" * 5000}}),
     (p.GetRandomResponse(b"r" * 256), {"GetRandom": {"random": b"r" * 256}}),
 ] + [(p.ErrorResponse(code), {"Error": code.name}) for code in ErrorCode if code is not ErrorCode.Success]
@@ -93,21 +79,12 @@ def test_response_encoding_matches_serde_shape(response: p.Response, value: obje
 
 def test_error_codes_numbering() -> None:
     assert [c.name for c in ErrorCode] == [
-        "Success",
-        "InvalidArgument",
-        "InvalidIndex",
-        "InvalidResponse",
-        "ReadOnlyIndex",
-        "InvalidOperation",
-        "BufferTooSmall",
-        "InputTooLarge",
-        "InternalError",
-    ]
+        "Success", "InvalidArgument", "InvalidIndex", "InvalidResponse", "ReadOnlyIndex",
+        "InvalidOperation", "BufferTooSmall", "InputTooLarge", "InternalError"]
     assert [c.value for c in ErrorCode] == list(range(9))
 
 
 # -- request decoding rules ---------------------------------------------------
-
 
 def enc(value: object) -> bytes:
     return cbor2.dumps(value)
@@ -177,18 +154,14 @@ ACCEPTED = [
     (enc({"ExtendPCR": {"index": 17, "data": "héllo"}}), p.ExtendPCR(17, "héllo".encode())),
     (enc({"ExtendPCR": {"index": 17, "data": b""}}), p.ExtendPCR(17, b"")),
     (enc({"Attestation": {}}), p.Attestation()),
-    (
-        enc({"Attestation": {"nonce": None, "user_data": b"", "public_key": "pk"}}),
-        p.Attestation(user_data=b"", nonce=None, public_key=b"pk"),
-    ),
+    (enc({"Attestation": {"nonce": None, "user_data": b"", "public_key": "pk"}}),
+     p.Attestation(user_data=b"", nonce=None, public_key=b"pk")),
     (enc({"Attestation": {"nonce": b"n", "unknown": 5}}), p.Attestation(nonce=b"n")),
     (enc({"LockPCRs": {"range": 0}}), p.LockPCRs(0)),
 ]
 
 
-@pytest.mark.parametrize(
-    ("data", "expected"), ACCEPTED, ids=lambda v: v.hex()[:40] if isinstance(v, bytes) else ""
-)
+@pytest.mark.parametrize(("data", "expected"), ACCEPTED, ids=lambda v: v.hex()[:40] if isinstance(v, bytes) else "")
 def test_accepted(data: bytes, expected: p.Request) -> None:
     assert p.decode_request(data) == expected
 
@@ -215,7 +188,6 @@ def test_fast_path_agrees_with_general_decoder() -> None:
 
 # -- response decoding: the AWS client's rules ----------------------------------
 
-
 def test_response_any_field_order_and_unknown_fields() -> None:
     data = enc({"DescribePCR": {"data": b"\x00" * 48, "new": 1, "lock": False}})
     assert p.decode_response(data) == p.DescribePCRResponse(False, bytes(48))
@@ -226,34 +198,20 @@ def test_response_indefinite_inner_map() -> None:
     assert p.decode_response(data) == p.ExtendPCRResponse(b"\x01")
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"",
-        b"\xbf" + enc("LockPCR") + enc(None) + b"\xff",  # indefinite outer map
-        b"\xa2" + enc("Error") + enc("InvalidIndex") + enc("x") + enc(1),
-        enc({"Error": "InvalidIndex"}) + b"\x00",  # trailing byte
-        enc({"Error": "NoSuchError"}),
-        enc({"Error": "Success"}),
-        enc("Unknown"),
-        enc({"Teapot": {}}),
-        enc(
-            {
-                "DescribeNSM": {
-                    "version_major": 1,
-                    "version_minor": 0,
-                    "version_patch": 0,
-                    "module_id": "m",
-                    "max_pcrs": 32,
-                    "locked_pcrs": [],
-                    "digest": "MD5",
-                }
-            }
-        ),
-        enc({"DescribePCR": {"data": b""}}),
-        enc({"GetRandom": {"random": "text"}}),
-    ],
-)
+@pytest.mark.parametrize("data", [
+    b"",
+    b"\xbf" + enc("LockPCR") + enc(None) + b"\xff",  # indefinite outer map
+    b"\xa2" + enc("Error") + enc("InvalidIndex") + enc("x") + enc(1),
+    enc({"Error": "InvalidIndex"}) + b"\x00",  # trailing byte
+    enc({"Error": "NoSuchError"}),
+    enc({"Error": "Success"}),
+    enc("Unknown"),
+    enc({"Teapot": {}}),
+    enc({"DescribeNSM": {"version_major": 1, "version_minor": 0, "version_patch": 0, "module_id": "m",
+                         "max_pcrs": 32, "locked_pcrs": [], "digest": "MD5"}}),
+    enc({"DescribePCR": {"data": b""}}),
+    enc({"GetRandom": {"random": "text"}}),
+])
 def test_response_rejected(data: bytes) -> None:
     with pytest.raises(NsmError) as info:
         p.decode_response(data)

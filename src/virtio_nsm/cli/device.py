@@ -34,10 +34,7 @@ def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
 def device_options(f: Callable[P, T]) -> Callable[P, T]:
     f = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
     f = click.option(
-        "--device",
-        envvar=DEVICE_ENV,
-        default=DEFAULT_DEVICE,
-        show_default=True,
+        "--device", envvar=DEVICE_ENV, default=DEFAULT_DEVICE, show_default=True,
         help=f"/dev/nsm path, vhost-user:SOCKET or local (default from ${DEVICE_ENV}).",
     )(f)
     return f
@@ -54,7 +51,8 @@ def open_device(device: str) -> Iterator[Nsm]:
     try:
         yield nsm
     except NsmError as exc:
-        fail(f"device answered {exc.code.name}" + (f" ({exc.detail})" if exc.detail else ""), EXIT_NSM_ERROR)
+        fail(f"device answered {exc.code.name}" + (f" ({exc.detail})" if exc.detail else ""),
+             EXIT_NSM_ERROR)
     except TransportError as exc:
         fail(f"transport failed: {exc.strerror or exc}")
     finally:
@@ -104,24 +102,16 @@ def describe(nsm: Nsm, as_json: bool) -> None:
     d = nsm.describe_nsm()
     data = {
         "version": f"{d.version_major}.{d.version_minor}.{d.version_patch}",
-        "module_id": d.module_id,
-        "digest": d.digest,
-        "max_pcrs": d.max_pcrs,
+        "module_id": d.module_id, "digest": d.digest, "max_pcrs": d.max_pcrs,
         "locked_pcrs": list(d.locked_pcrs),
     }
-    emit(
-        as_json,
-        data,
-        "\n".join(
-            (
-                f"module_id:   {d.module_id}",
-                f"version:     {data['version']}",
-                f"digest:      {d.digest}",
-                f"max_pcrs:    {d.max_pcrs}",
-                f"locked_pcrs: {_ranges(d.locked_pcrs)}",
-            )
-        ),
-    )
+    emit(as_json, data, "\n".join((
+        f"module_id:   {d.module_id}",
+        f"version:     {data['version']}",
+        f"digest:      {d.digest}",
+        f"max_pcrs:    {d.max_pcrs}",
+        f"locked_pcrs: {_ranges(d.locked_pcrs)}",
+    )))
 
 
 def _ranges(indices: tuple[int, ...]) -> str:
@@ -149,24 +139,18 @@ def pcr() -> None:
 def pcr_get(nsm: Nsm, as_json: bool, index: int) -> None:
     """Show PCR INDEX and whether it is locked (DescribePCR)."""
     d = nsm.describe_pcr(index)
-    emit(
-        as_json,
-        {"index": index, "locked": d.lock, "data": d.data.hex()},
-        f"PCR{index} {'locked' if d.lock else 'unlocked'} {d.data.hex()}",
-    )
+    emit(as_json, {"index": index, "locked": d.lock, "data": d.data.hex()},
+         f"PCR{index} {'locked' if d.lock else 'unlocked'} {d.data.hex()}")
 
 
 @pcr.command("extend")
 @pcr_index
 @click.option("--data", "data_hex", metavar="HEX", help="Data to extend with, in hex.")
-@click.option(
-    "--file",
-    "data_file",
-    type=click.Path(dir_okay=False, allow_dash=True),
-    help="Extend with this file's bytes ('-' for standard input).",
-)
+@click.option("--file", "data_file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Extend with this file's bytes ('-' for standard input).")
 @_with_device
-def pcr_extend(nsm: Nsm, as_json: bool, index: int, data_hex: str | None, data_file: str | None) -> None:
+def pcr_extend(nsm: Nsm, as_json: bool, index: int, data_hex: str | None,
+               data_file: str | None) -> None:
     """Extend PCR INDEX: new = H(old || data) (ExtendPCR)."""
     if (data_hex is None) == (data_file is None):
         raise click.UsageError("give exactly one of --data HEX or --file F")
@@ -195,22 +179,13 @@ def pcr_lock(nsm: Nsm, as_json: bool, index: int) -> None:
 def pcr_lock_range(nsm: Nsm, as_json: bool, range_: int) -> None:
     """Lock PCRs 0 .. RANGE-1 (LockPCRs)."""
     nsm.lock_pcrs(range_)
-    emit(
-        as_json,
-        {"range": range_, "locked": list(range(range_))},
-        f"PCR0-{range_ - 1} locked" if range_ else "nothing to lock",
-    )
+    emit(as_json, {"range": range_, "locked": list(range(range_))},
+         f"PCR0-{range_ - 1} locked" if range_ else "nothing to lock")
 
 
 @main.command()
-@click.option(
-    "--bytes",
-    "count",
-    type=click.IntRange(1, 1 << 20),
-    default=256,
-    show_default=True,
-    help="How many random bytes (GetRandom gives 256 per request).",
-)
+@click.option("--bytes", "count", type=click.IntRange(1, 1 << 20), default=256, show_default=True,
+              help="How many random bytes (GetRandom gives 256 per request).")
 @_with_device
 def random(nsm: Nsm, as_json: bool, count: int) -> None:
     """Random bytes from the device (GetRandom), in hex."""
@@ -225,17 +200,11 @@ def random(nsm: Nsm, as_json: bool, count: int) -> None:
 @click.option("--nonce", metavar="HEX", help="Nonce, in hex.")
 @click.option("--user-data", metavar="HEX|@FILE", help="User data, in hex or @FILE.")
 @click.option("--public-key", metavar="@FILE|HEX", help="Public key bytes, @FILE or hex.")
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False, allow_dash=True),
-    help="Where to write the document (raw COSE_Sign1; '-' for standard output).",
-)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Where to write the document (raw COSE_Sign1; '-' for standard output).")
 @_with_device
-def attest(
-    nsm: Nsm, as_json: bool, nonce: str | None, user_data: str | None, public_key: str | None, output: str
-) -> None:
+def attest(nsm: Nsm, as_json: bool, nonce: str | None, user_data: str | None,
+           public_key: str | None, output: str) -> None:
     """Get a signed attestation document (Attestation)."""
     document = nsm.attestation(
         user_data=hex_or_file(user_data, "--user-data"),
@@ -248,11 +217,8 @@ def attest(
     except OSError as exc:
         fail(f"cannot write {output}: {exc.strerror}")
     if output != "-":
-        emit(
-            as_json,
-            {"document": output, "size": len(document)},
-            f"wrote {len(document)}-byte attestation document to {output}",
-        )
+        emit(as_json, {"document": output, "size": len(document)},
+             f"wrote {len(document)}-byte attestation document to {output}")
 
 
 @main.group()
@@ -262,11 +228,8 @@ def ca() -> None:
 
 def _ca_dir_option(f: Callable[P, T]) -> Callable[P, T]:
     return click.option(
-        "--dir",
-        "directory",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help=f"CA directory (default {default_ca_dir()}).",
+        "--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+        default=None, help=f"CA directory (default {default_ca_dir()}).",
     )(f)
 
 

@@ -20,17 +20,8 @@ from .pki import Signer
 
 _K: Final = {
     name: cbor.tstr(name)
-    for name in (
-        "module_id",
-        "digest",
-        "timestamp",
-        "pcrs",
-        "certificate",
-        "cabundle",
-        "public_key",
-        "user_data",
-        "nonce",
-    )
+    for name in ("module_id", "digest", "timestamp", "pcrs", "certificate", "cabundle",
+                 "public_key", "user_data", "nonce")
 }
 
 
@@ -46,46 +37,25 @@ def encode_pcrs(pcrs: Iterable[tuple[int, bytes]]) -> bytes:
 
 def encode_chain(signer: Signer) -> bytes:
     """The ``certificate`` and ``cabundle`` entries, keys included."""
-    return b"".join(
-        (
-            _K["certificate"],
-            cbor.bstr(signer.certificate),
-            _K["cabundle"],
-            cbor.array_head(len(signer.cabundle)),
-            *(cbor.bstr(c) for c in signer.cabundle),
-        )
-    )
+    return b"".join((
+        _K["certificate"], cbor.bstr(signer.certificate),
+        _K["cabundle"], cbor.array_head(len(signer.cabundle)),
+        *(cbor.bstr(c) for c in signer.cabundle),
+    ))
 
 
 def _prefix(module_id: str, digest: str) -> bytes:
     return cbor.map_head(9) + _K["module_id"] + cbor.tstr(module_id) + _K["digest"] + cbor.tstr(digest)
 
 
-def _assemble(
-    prefix: bytes,
-    timestamp_ms: int,
-    pcrs: bytes,
-    chain: bytes,
-    public_key: bytes | None,
-    user_data: bytes | None,
-    nonce: bytes | None,
-) -> bytes:
-    return b"".join(
-        (
-            prefix,
-            _K["timestamp"],
-            cbor.uint(timestamp_ms),
-            _K["pcrs"],
-            pcrs,
-            chain,
-            _K["public_key"],
-            _optional(public_key),
-            _K["user_data"],
-            _optional(user_data),
-            _K["nonce"],
-            _optional(nonce),
-        )
-    )
+def _assemble(prefix: bytes, timestamp_ms: int, pcrs: bytes, chain: bytes,
+              public_key: bytes | None, user_data: bytes | None, nonce: bytes | None) -> bytes:
+    return b"".join((
+        prefix, _K["timestamp"], cbor.uint(timestamp_ms), _K["pcrs"], pcrs, chain,
+        _K["public_key"], _optional(public_key),
+        _K["user_data"], _optional(user_data),
+        _K["nonce"], _optional(nonce),
+    ))
 
 
 class DocumentEncoder:
@@ -118,5 +88,6 @@ class DocumentEncoder:
             self._signer, self._chain = signer, encode_chain(signer)
         if pcrs_key is None or pcrs_key is not self._pcrs_key:
             self._pcrs, self._pcrs_key = encode_pcrs(pcrs), pcrs_key
-        payload = _assemble(self._prefix, timestamp_ms, self._pcrs, self._chain, public_key, user_data, nonce)
+        payload = _assemble(self._prefix, timestamp_ms, self._pcrs, self._chain,
+                            public_key, user_data, nonce)
         return cose.sign_es384(signer.key, payload)

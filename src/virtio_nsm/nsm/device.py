@@ -120,7 +120,9 @@ def _digest(value: Digest | str) -> Digest:
     try:
         return Digest(value.upper())
     except ValueError:
-        raise ConfigurationError(f"unknown digest {value!r} (choose SHA256, SHA384 or SHA512)") from None
+        raise ConfigurationError(
+            f"unknown digest {value!r} (choose SHA256, SHA384 or SHA512)"
+        ) from None
 
 
 # Room a document needs beyond the signing chain and the PCRs: the request's
@@ -171,11 +173,8 @@ class NsmDevice:
         self._documents = attestation.DocumentEncoder(state.module_id, state.pcrs.digest.value)
         signer = self._chain.signer(now)
         worst = (
-            len(signer.certificate)
-            + sum(len(c) for c in signer.cabundle)
-            + 8 * 6
-            + MAX_PCRS * (3 + state.pcrs.digest.size)
-            + len(state.module_id.encode())
+            len(signer.certificate) + sum(len(c) for c in signer.cabundle) + 8 * 6
+            + MAX_PCRS * (3 + state.pcrs.digest.size) + len(state.module_id.encode())
             + _DOCUMENT_OVERHEAD
         )
         if worst > MAX_RESPONSE_SIZE:
@@ -254,17 +253,11 @@ class NsmDevice:
                 return self._apply(DeviceState(state.module_id, new_bank, state.version), response)
             case DescribeNSM():
                 major, minor, patch = state.version
-                return protocol.encode_response(
-                    protocol.DescribeNSMResponse(
-                        version_major=major,
-                        version_minor=minor,
-                        version_patch=patch,
-                        module_id=state.module_id,
-                        max_pcrs=bank.max_pcrs,
-                        locked_pcrs=tuple(bank.locked_indices()),
-                        digest=bank.digest.value,
-                    )
-                )
+                return protocol.encode_response(protocol.DescribeNSMResponse(
+                    version_major=major, version_minor=minor, version_patch=patch,
+                    module_id=state.module_id, max_pcrs=bank.max_pcrs,
+                    locked_pcrs=tuple(bank.locked_indices()), digest=bank.digest.value,
+                ))
             case Attestation(user_data, nonce, public_key):
                 seconds = self._clock()
                 now = dt.datetime.fromtimestamp(seconds, dt.UTC)

@@ -114,9 +114,8 @@ class PcrBank:
 
     def _check_index(self, index: int) -> None:
         if index >= len(self.values):
-            raise _rejected(
-                ErrorCode.InvalidIndex, f"PCR{index} does not exist (the device has {len(self.values)})"
-            )
+            raise _rejected(ErrorCode.InvalidIndex, f"PCR{index} does not exist "
+                            f"(the device has {len(self.values)})")
 
     def describe(self, index: int) -> tuple[bool, bytes]:
         self._check_index(index)
@@ -139,8 +138,6 @@ class PcrBank:
     def lock_range(self, count: int) -> PcrBank:
         """Lock PCRs ``0 .. count-1``; PCRs already locked stay locked."""
         if count > len(self.values):
-            raise _rejected(
-                ErrorCode.InvalidIndex,
-                f"range {count} is more than the {len(self.values)} PCRs of the device",
-            )
+            raise _rejected(ErrorCode.InvalidIndex, f"range {count} is more than the "
+                            f"{len(self.values)} PCRs of the device")
         return PcrBank._derived(self.digest, self.values, self.locked | ((1 << count) - 1))

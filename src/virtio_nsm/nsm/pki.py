@@ -58,15 +58,9 @@ def _second(t: dt.datetime) -> dt.datetime:
 
 def _ca_key_usage() -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+        encipher_only=False, decipher_only=False,
     )
 
 
@@ -151,9 +145,8 @@ class CertificateAuthority:
             cert_pem = (d / ROOT_CERT_FILE).read_bytes()
             key_pem = (d / ROOT_KEY_FILE).read_bytes()
         except OSError as exc:
-            raise ConfigurationError(
-                f"cannot read CA directory {d}: {exc.strerror}: {exc.filename}"
-            ) from None
+            raise ConfigurationError(f"cannot read CA directory {d}: {exc.strerror}: "
+                                     f"{exc.filename}") from None
         return cls.from_pem(cert_pem, key_pem)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
@@ -189,7 +182,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         os.fchmod(fd, mode)  # not subject to the umask
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view) :]
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -313,15 +306,9 @@ class SigningChain:
                 x509.BasicConstraints(ca=False, path_length=None), critical=True
             ).add_extension(
                 x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=True,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
+                    digital_signature=True, content_commitment=True, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False,
                 ),
                 critical=False,
             )
@@ -331,7 +318,8 @@ class SigningChain:
                     x509.BasicConstraints(ca=True, path_length=level.path_length), critical=True
                 )
                 .add_extension(_ca_key_usage(), critical=True)
-                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                               critical=False)
                 .add_extension(
                     x509.AuthorityKeyIdentifier.from_issuer_public_key(parent_key.public_key()),
                     critical=False,

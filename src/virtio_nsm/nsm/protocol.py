@@ -180,7 +180,8 @@ def _reject_semantic_tag(decoder: Any) -> Any:
 
 # Tags that cbor2 would silently turn into plain ints; every other tag either
 # reaches the tag hook or yields a type no field accepts.
-_SEMANTIC_REJECTS: Final = {2: _reject_semantic_tag, 3: _reject_semantic_tag, 55799: _reject_semantic_tag}
+_SEMANTIC_REJECTS: Final = {2: _reject_semantic_tag, 3: _reject_semantic_tag,
+                            55799: _reject_semantic_tag}
 
 
 def load_exact(data: bytes) -> Any:
@@ -252,7 +253,7 @@ def decode_request(data: bytes) -> Request:
     # Fast path for the most frequent request in its canonical encoding. The
     # canonical bytes are unambiguous, so this is the same decision as below.
     if data.startswith(_DESCRIBE_PCR_PREFIX):
-        rest = data[len(_DESCRIBE_PCR_PREFIX) :]
+        rest = data[len(_DESCRIBE_PCR_PREFIX):]
         if len(rest) == 1 and rest[0] < 24:
             return DescribePCR(rest[0])
         if len(rest) == 2 and rest[0] == 0x18 and rest[1] >= 24:
@@ -312,33 +313,20 @@ def encode_request(request: Request) -> bytes:
         case DescribePCR(index):
             return _DESCRIBE_PCR_PREFIX + cbor.uint(index)
         case ExtendPCR(index, data):
-            return (
-                b"\xa1"
-                + cbor.tstr("ExtendPCR")
-                + b"\xa2"
-                + _K_INDEX
-                + cbor.uint(index)
-                + _K_DATA
-                + cbor.bstr(data)
-            )
+            return (b"\xa1" + cbor.tstr("ExtendPCR") + b"\xa2" + _K_INDEX + cbor.uint(index)
+                    + _K_DATA + cbor.bstr(data))
         case LockPCR(index):
             return b"\xa1" + cbor.tstr("LockPCR") + b"\xa1" + _K_INDEX + cbor.uint(index)
         case LockPCRs(range_):
-            return b"\xa1" + cbor.tstr("LockPCRs") + b"\xa1" + cbor.tstr("range") + cbor.uint(range_)
+            return (b"\xa1" + cbor.tstr("LockPCRs") + b"\xa1" + cbor.tstr("range")
+                    + cbor.uint(range_))
         case DescribeNSM():
             return cbor.tstr("DescribeNSM")
         case Attestation(user_data, nonce, public_key):
-            return (
-                b"\xa1"
-                + cbor.tstr("Attestation")
-                + b"\xa3"
-                + cbor.tstr("user_data")
-                + _opt(user_data)
-                + cbor.tstr("nonce")
-                + _opt(nonce)
-                + cbor.tstr("public_key")
-                + _opt(public_key)
-            )
+            return (b"\xa1" + cbor.tstr("Attestation") + b"\xa3"
+                    + cbor.tstr("user_data") + _opt(user_data)
+                    + cbor.tstr("nonce") + _opt(nonce)
+                    + cbor.tstr("public_key") + _opt(public_key))
         case GetRandom():
             return cbor.tstr("GetRandom")
     raise TypeError(f"not an NSM request: {request!r}")
@@ -361,15 +349,8 @@ _R_ERRORS: Final[dict[ErrorCode, bytes]] = {
 }
 _R_DESCRIBE_NSM_KEYS: Final = tuple(
     cbor.tstr(k)
-    for k in (
-        "version_major",
-        "version_minor",
-        "version_patch",
-        "module_id",
-        "max_pcrs",
-        "locked_pcrs",
-        "digest",
-    )
+    for k in ("version_major", "version_minor", "version_patch", "module_id", "max_pcrs",
+              "locked_pcrs", "digest")
 )
 
 
@@ -395,26 +376,15 @@ def encode_response(response: Response) -> bytes:
         case DescribeNSMResponse():
             k = _R_DESCRIBE_NSM_KEYS
             r = response
-            return (
-                b"\xa1"
-                + cbor.tstr("DescribeNSM")
-                + b"\xa7"
-                + k[0]
-                + cbor.uint(r.version_major)
-                + k[1]
-                + cbor.uint(r.version_minor)
-                + k[2]
-                + cbor.uint(r.version_patch)
-                + k[3]
-                + cbor.tstr(r.module_id)
-                + k[4]
-                + cbor.uint(r.max_pcrs)
-                + k[5]
-                + cbor.array_head(len(r.locked_pcrs))
-                + b"".join(cbor.uint(i) for i in r.locked_pcrs)
-                + k[6]
-                + cbor.tstr(r.digest)
-            )
+            return (b"\xa1" + cbor.tstr("DescribeNSM") + b"\xa7"
+                    + k[0] + cbor.uint(r.version_major)
+                    + k[1] + cbor.uint(r.version_minor)
+                    + k[2] + cbor.uint(r.version_patch)
+                    + k[3] + cbor.tstr(r.module_id)
+                    + k[4] + cbor.uint(r.max_pcrs)
+                    + k[5] + cbor.array_head(len(r.locked_pcrs))
+                    + b"".join(cbor.uint(i) for i in r.locked_pcrs)
+                    + k[6] + cbor.tstr(r.digest))
         case AttestationResponse(document):
             return _R_ATTESTATION + cbor.bstr(document)
         case GetRandomResponse(random):
@@ -479,7 +449,8 @@ def decode_response(data: bytes) -> Response:
     if not isinstance(value, dict):
         raise _bad(f"{name}: expected a map of fields")
     if name == "DescribePCR":
-        return DescribePCRResponse(_field(value, "lock", bool, name), _field(value, "data", bytes, name))
+        return DescribePCRResponse(_field(value, "lock", bool, name),
+                                   _field(value, "data", bytes, name))
     if name == "ExtendPCR":
         return ExtendPCRResponse(_field(value, "data", bytes, name))
     if name == "DescribeNSM":

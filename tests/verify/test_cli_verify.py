@@ -140,6 +140,8 @@ def test_stdin_raw_and_base64(local: tuple[Path, Path]) -> None:
         ["--pcr", "x=00"],
         ["--pcr", "1=zz"],
         ["--pcr", "1"],
+        ["--pcr", "\u00b2=00"],
+        ["--at", "\u0663\u0663"],
         ["--nonce", "xyz"],
         ["--max-age", "-1"],
         ["--root", "/nonexistent/root.pem"],

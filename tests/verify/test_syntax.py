@@ -207,3 +207,11 @@ def test_parse_unverified_never_raises_and_reports(pki: Pki) -> None:
     good = parse_unverified(signed(pki, nonce=b"abc"))
     assert good.problems == ()
     assert good.nonce == b"abc" and good.leaf is not None and len(good.bundle) == 4
+
+
+def test_verified_document_is_frozen(pki: Pki) -> None:
+    import dataclasses
+
+    result = verify_document(signed(pki), roots=[pki.root], at=T0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.nonce = b"x"  # type: ignore[misc]

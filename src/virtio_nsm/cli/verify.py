@@ -66,7 +66,7 @@ def parse_time(value: str) -> dt.datetime:
     """ISO 8601 (naive means UTC) or integer milliseconds since the epoch."""
     text = value.strip()
     try:
-        if re.fullmatch(r"\d+", text):
+        if re.fullmatch(r"[0-9]+", text):
             return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=int(text))
         parsed = dt.datetime.fromisoformat(text)
     except (ValueError, OverflowError) as exc:
@@ -86,7 +86,7 @@ def parse_pcrs(values: Sequence[str]) -> dict[int, bytes]:
     pcrs: dict[int, bytes] = {}
     for item in values:
         index_text, sep, hex_text = item.partition("=")
-        if not sep or not index_text.strip().isdigit():
+        if not sep or not re.fullmatch(r"\s*[0-9]+\s*", index_text):
             raise click.BadParameter(f"{item!r} is not N=HEX", param_hint="--pcr")
         index = int(index_text)
         if index >= 32:

@@ -67,7 +67,10 @@ def parse_time(value: str) -> dt.datetime:
     text = value.strip()
     try:
         if re.fullmatch(r"[0-9]+", text):
-            return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=int(text))
+            when = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=int(text))
+            if int(text) < 100_000_000_000:
+                click.echo(f"note: --at {text} is read as milliseconds: {_iso(when)}", err=True)
+            return when
         parsed = dt.datetime.fromisoformat(text)
     except (ValueError, OverflowError) as exc:
         raise click.BadParameter(f"{value!r} is not ISO 8601 or epoch milliseconds ({exc})") from None

@@ -8,6 +8,7 @@ with sampled positions inside large regions to keep the suite fast.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
 
 import pytest
@@ -119,3 +120,20 @@ def test_mutated_certificates_in_a_resigned_payload(pki: Pki) -> None:
             assert not any("internal error" in r for r in info.value.reasons), (slot, pos)
             count += 1
     assert count > 200
+
+
+@pytest.mark.skipif(
+    not os.environ.get("VERIFY_EXHAUSTIVE"), reason="set VERIFY_EXHAUSTIVE=1 (about a minute)"
+)
+@pytest.mark.parametrize("name", ["nitrite_production.b64", "evervault_debug.b64"])
+# Some mutated serial numbers are negative: cryptography warns, we reject.
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")
+def test_every_byte_of_real_documents(name: str) -> None:
+    doc = load_aws(name)
+    for pos in range(len(doc.raw)):
+        for mask in MASKS:
+            mutated = bytearray(doc.raw)
+            mutated[pos] ^= mask
+            with pytest.raises(VerificationError) as info:
+                verify_document(bytes(mutated), at=doc.at)
+            assert not any("internal error" in r for r in info.value.reasons), pos

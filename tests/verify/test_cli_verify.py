@@ -213,3 +213,13 @@ def test_inspect_json() -> None:
     assert code == 1
     data = json.loads(out)
     assert "cabundle is null" in data["problems"] and data["cabundle"] == []
+
+
+def test_nsm_attest_then_inspect_and_verify(tmp_path: Path) -> None:
+    out = tmp_path / "doc.cose"
+    code, _, err = run("attest", "--device", "local", "--nonce", "0a0b", "-o", str(out))
+    assert code == 0, err
+    code, text, _ = run("inspect", str(out))
+    assert code == 0 and "no syntax problems" in text
+    code, _, err = run("verify", str(out), "--nonce", "0a0b")
+    assert code == 1 and "neither a trusted root nor issued by one" in err

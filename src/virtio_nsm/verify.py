@@ -45,6 +45,13 @@ the verifier's clock (or a pinned ``at``) is wrong, or the document would stay
 taken as zero. The real leaf is issued seconds before the first document it
 signs, so a small skew only ever matters for clocks that disagree.
 
+What the signature does not cover
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The tag 18, the unprotected header (accepted if it is a map, then ignored) and
+the widths of the outer CBOR heads are not signed, so one attestation has many
+valid encodings. Identify a document by its signed contents (for replay
+protection: the nonce), never by a hash of its bytes.
+
 Time is a parameter (``at``); nothing here reads the clock except to default it.
 Nothing here raises anything but :class:`VerificationError` for bad document
 bytes; bad *arguments* (an empty root list, a PCR index of 40) are programming

@@ -215,3 +215,21 @@ def test_verified_document_is_frozen(pki: Pki) -> None:
     result = verify_document(signed(pki), roots=[pki.root], at=T0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.nonce = b"x"  # type: ignore[misc]
+
+
+def test_unsigned_framing_may_vary(pki: Pki) -> None:
+    # Documented: tag 18, unprotected contents and outer head widths are not signed.
+    payload = encode_payload(payload_fields(pki))
+    sign1 = cose.decode_sign1(sign(pki.leaf_key, payload))
+    wide = (
+        b"\x98\x04"  # array(4) with a 1-byte length
+        + b"\x58\x04"
+        + sign1.protected
+        + b"\xa0"
+        + b"\x5a"
+        + len(payload).to_bytes(4, "big")
+        + payload
+        + b"\x58\x60"
+        + sign1.signature
+    )
+    verify_document(wide, roots=[pki.root], at=T0)

@@ -7,7 +7,7 @@ import hashlib
 
 import cbor2
 import pytest
-from verify_support import AWS_DATA, Pki, aws_names, der, load_aws
+from verify_support import AWS_DATA, AwsDocument, Pki, aws_names, der, load_aws
 
 from virtio_nsm import cose
 from virtio_nsm.verify import (
@@ -69,13 +69,13 @@ def test_invalid_with_wrong_root(name: str, pki: Pki) -> None:
         assert any("neither a trusted root nor issued by one" in r for r in info.value.reasons)
 
 
-def test_aws_root_among_several_roots(production: object, pki: Pki) -> None:
-    doc = load_aws("nitrite_production.b64")
+def test_aws_root_among_several_roots(production: AwsDocument, pki: Pki) -> None:
+    doc = production
     verify_document(doc.raw, roots=[pki.root, aws_nitro_root()], at=doc.at)
 
 
-def test_contents_of_production_document() -> None:
-    doc = load_aws("nitrite_production.b64")
+def test_contents_of_production_document(production: AwsDocument) -> None:
+    doc = production
     result = verify_document(doc.raw, at=doc.at)
     assert result.timestamp == 1725719859545
     assert result.module_id == "i-0a22e5c5f24d22174-enc0191cceb4289903f"
@@ -103,21 +103,21 @@ def test_debug_document_has_zero_pcr0_to_2() -> None:
     assert result.pcrs[4] != bytes(48)
 
 
-def test_tagged_document_is_accepted() -> None:
-    doc = load_aws("nitrite_production.b64")
+def test_tagged_document_is_accepted(production: AwsDocument) -> None:
+    doc = production
     tagged = b"\xd2" + doc.raw
     assert cose.decode_sign1(tagged).tagged
     verify_document(tagged, at=doc.at)
 
 
-def test_other_tag_is_rejected() -> None:
-    doc = load_aws("nitrite_production.b64")
+def test_other_tag_is_rejected(production: AwsDocument) -> None:
+    doc = production
     with pytest.raises(VerificationError, match="unexpected CBOR tag 17"):
         verify_document(b"\xd1" + doc.raw, at=doc.at)
 
 
-def test_before_leaf_validity() -> None:
-    doc = load_aws("nitrite_production.b64")
+def test_before_leaf_validity(production: AwsDocument) -> None:
+    doc = production
     with pytest.raises(VerificationError) as info:
         verify_document(doc.raw, at=doc.at - dt.timedelta(minutes=5))
     assert any("leaf certificate is not valid before" in r for r in info.value.reasons)
@@ -139,10 +139,10 @@ def test_self_signed_document_lists_every_reason() -> None:
         assert str(info.value).count(";") == len(reasons) - 1
 
 
-def test_indefinite_payload_map_decodes_like_definite() -> None:
+def test_indefinite_payload_map_decodes_like_definite(production: AwsDocument) -> None:
     # Re-encode a real payload as an indefinite-length map: the syntax layer must
     # read the same fields (the signature then fails, since AWS signed the other bytes).
-    doc = load_aws("nitrite_production.b64")
+    doc = production
     sign1 = cose.decode_sign1(doc.raw)
     fields = cbor2.loads(sign1.payload)
     body = b"".join(cbor2.dumps(k) + cbor2.dumps(v) for k, v in reversed(fields.items()))

@@ -4,7 +4,7 @@ The backend is a real ``nsm serve --vhost-user`` process; this process is the
 frontend (our Python virtio driver), so every request crosses shared memory,
 an eventfd kick and an eventfd interrupt between two processes.
 
-    PYTHONPATH=src python bench/bench_vhost_user.py [--seconds 2] [--pcr 0]
+    PYTHONPATH=src python bench/bench_vhost_user.py [--seconds 0.5] [--rounds 5] [--pcr 0]
 
 Prints requests/s, wall microseconds per request, the backend process's CPU
 microseconds per request ("device time" as the frontend's peer spends it), and
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,8 @@ def measure(run_batch: Callable[[], int], seconds: float) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="per mode")
+    parser.add_argument("--seconds", type=float, default=0.5, help="per round and mode")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pcr", type=int, default=0)
     parser.add_argument("--queue-size", type=int, default=1024)
     args = parser.parse_args()
@@ -59,10 +61,6 @@ def main() -> None:
         for _ in range(100):
             device.handle(request)
         return 100
-
-    base_rate, _ = measure(handle_batch, args.seconds)
-    # (mode, requests/s, backend CPU per request in us or None)
-    rows: list[tuple[str, float, float | None]] = [("handle() in-process", base_rate, None)]
 
     with tempfile.TemporaryDirectory() as tmp:
         sock = Path(tmp) / "nsm.sock"
@@ -82,31 +80,38 @@ def main() -> None:
                         transport.exchange(request)
                     return 20
 
-                def run(name: str, batch: Callable[[], int]) -> None:
-                    cpu = cpu_seconds(server.pid)
-                    rate, done = measure(batch, args.seconds)
-                    device_us = (cpu_seconds(server.pid) - cpu) / done * 1e6
-                    rows.append((name, rate, device_us))
-
-                run("vhost-user, one request at a time", single)
+                modes: list[tuple[str, Callable[[], int]]] = [
+                    ("vhost-user, one request at a time", single)
+                ]
                 for size in (8, 64, args.queue_size // 2):
                     burst = [request] * size
 
                     def batched(burst: list[bytes] = burst) -> int:
                         return len(transport.exchange_many(burst))
 
-                    run(f"vhost-user, bursts of {size}", batched)
+                    modes.append((f"vhost-user, bursts of {size}", batched))
+
+                print(f"DescribePCR({args.pcr}): {len(request)}-byte request, "
+                      f"{len(expected)}-byte response; medians of {args.rounds} alternating rounds")
+                print("us/req = wall time per request; backend us/req = CPU time of the backend")
+                print("process per request (the device's handle() plus all vhost-user/virtqueue work)")
+                print(f"{'mode':<36} {'req/s':>9} {'us/req':>7} {'backend us/req':>15} "
+                      f"{'handle() req/s':>15} {'ratio':>7}")
+                for name, fn in modes:
+                    rates, bases, device_us = [], [], []
+                    for _ in range(args.rounds):
+                        cpu = cpu_seconds(server.pid)
+                        rate, done = measure(fn, args.seconds)
+                        device_us.append((cpu_seconds(server.pid) - cpu) / done * 1e6)
+                        rates.append(rate)
+                        bases.append(measure(handle_batch, args.seconds / 2)[0])
+                    r, b = statistics.median(rates), statistics.median(bases)
+                    print(f"{name:<36} {r:>9.0f} {1e6 / r:>7.1f} "
+                          f"{statistics.median(device_us):>15.1f} {b:>15.0f} {r / b:>7.1%}")
+                print(f"handle() alone: {1e6 / b:.2f} us/req")
         finally:
             server.terminate()
             server.wait(10)
-
-    print(f"DescribePCR({args.pcr}), {len(request)}-byte request, {len(expected)}-byte response")
-    print("us/req: wall time per request; backend us/req: CPU the backend process spent per")
-    print("request (device time incl. vhost-user/virtqueue work; ~includes warm-up, so approx.)")
-    print(f"{'mode':<36} {'req/s':>10} {'us/req':>9} {'backend us/req':>15} {'ratio':>7}")
-    for name, rate, device_us in rows:
-        backend = f"{device_us:.1f}" if device_us is not None else f"{1e6 / base_rate:.1f}"
-        print(f"{name:<36} {rate:>10.0f} {1e6 / rate:>9.1f} {backend:>15} {rate / base_rate:>7.2f}")
 
 
 if __name__ == "__main__":

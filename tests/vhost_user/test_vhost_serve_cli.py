@@ -36,7 +36,7 @@ def stop(proc: subprocess.Popen[str], sig: int) -> str:
 def test_serve_with_explicit_socket(tmp_path: Path) -> None:
     path = tmp_path / "nsm.sock"
     env = dict(os.environ)
-    proc, lines = start(["--vhost-user", str(path), "-v"], env)
+    proc, lines = start(["--vhost-user", str(path)], env)
     try:
         assert (path.stat().st_mode & 0o777) == 0o600
         assert f"path={path}" in lines[1]

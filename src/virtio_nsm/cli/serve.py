@@ -54,21 +54,26 @@ def qemu_options(path: Path, memory: str = "512M") -> str:
     help="Unix socket to listen on (created mode 0600). "
     "Default: $XDG_RUNTIME_DIR/virtio-nsm/nsm.sock, else a new temp dir.",
 )
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for every message).")
-def serve(socket_path: Path | None, verbose: int) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Log every vhost-user message.")
+@click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
+def serve(socket_path: Path | None, verbose: bool, quiet: bool) -> None:
     """Serve an NSM device over vhost-user until SIGTERM or SIGINT.
 
     The device (PCRs, locks) lives as long as this process: frontends may
     disconnect, reset and reconnect without losing it.
     """
     logging.basicConfig(
-        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="nsm serve: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
     cleanup: Path | None = None
     if socket_path is None:
-        socket_path, cleanup = default_socket_path()
+        try:
+            socket_path, cleanup = default_socket_path()
+        except OSError as exc:
+            click.echo(f"nsm: no place for a default socket ({exc}); use --vhost-user SOCK", err=True)
+            sys.exit(2)
     device = NsmDevice()
     daemon = VhostUserDaemon(socket_path, device.handle)
     try:

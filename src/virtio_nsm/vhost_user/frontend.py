@@ -14,8 +14,10 @@ Each request is then sent as Linux's ``nsm.ko`` sends it: the request in one
 device-readable descriptor of its real length (at most 0x1000 bytes), a separate
 device-writable chain of exactly 0x3000 bytes, one kick.  The used ring is
 validated: each request chain must come back with length 0 before its response
-chain, whose length must fit the buffer.  :meth:`exchange_many` queues a whole
-burst before a single kick (and asks, with EVENT_IDX, for a single interrupt).
+chain, whose length must fit the buffer.  :meth:`exchange_many` pipelines a
+burst: rounds of requests, each queued before one kick, several rounds in flight
+so that driver and device work at the same time (with EVENT_IDX the driver asks
+for one interrupt per round).
 
 While waiting, the call eventfd, the err eventfd and the socket are watched: an
 err signal (the backend found the ring broken) or the backend hanging up turns

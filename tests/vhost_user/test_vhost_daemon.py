@@ -26,7 +26,8 @@ from virtio_nsm.nsm.protocol import (
     encode_error,
     encode_request,
 )
-from virtio_nsm.vhost_user.daemon import VhostUserDaemon
+from virtio_nsm.vhost_user.backend import QueueWorker
+from virtio_nsm.vhost_user.daemon import NsmQueueWorker, VhostUserDaemon
 from virtio_nsm.vhost_user.frontend import (
     GUEST_BASE,
     VhostUserError,
@@ -43,7 +44,7 @@ from virtio_nsm.vhost_user.message import (
     VringFd,
 )
 from virtio_nsm.virtio import spec
-from virtio_nsm.virtio.queue import Segment
+from virtio_nsm.virtio.queue import DeviceQueue, Segment
 
 R = FrontendRequest
 BUF = GUEST_BASE + 0x4000  # inside the frontend's buffer area
@@ -419,3 +420,57 @@ def test_socket_mode_and_stale_socket(tmp_path: Path) -> None:
     path.write_text("not a socket")
     with pytest.raises(FileExistsError, match="not a socket"):
         VhostUserDaemon(path, NsmDevice().handle).bind()
+
+
+# -- the frontend validates what the device returns ---------------------------------------------
+
+
+class LyingWorker(NsmQueueWorker):
+    """Answers pairs in a way nsm.ko would reject (see ``mode``)."""
+
+    mode = "response-first"
+
+    def process(self) -> bool:
+        queue, answered = self.queue, False
+        while (req := queue.pop()) is not None:
+            resp = queue.pop()
+            assert resp is not None
+            if self.mode == "response-first":
+                queue.add_used(resp.head, 1)
+                queue.add_used(req.head, 0)
+            else:
+                queue.add_used(req.head, 0)  # no writable part: any length > 0 is a lie
+                queue.add_used(resp.head, 0)
+                queue.next_used_idx = (queue.next_used_idx - 2) & 0xFFFF
+                queue._in_flight[req.head] = 0x10  # let the queue write a bogus length
+                queue.add_used(req.head, 0x10)
+                queue._in_flight[resp.head] = 0
+                queue.add_used(resp.head, 0)
+            answered = True
+        queue.publish_used()
+        return answered
+
+
+@pytest.mark.parametrize(
+    ("mode", "match"),
+    [("response-first", "response chain before the request"),
+     ("request-length", "request chain returned with length 16|16 bytes written")],
+)
+def test_frontend_rejects_wrong_used_entries(tmp_path: Path, mode: str, match: str) -> None:
+    class Daemon(VhostUserDaemon):
+        def _make_worker(self, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
+            worker = LyingWorker(queue, self.handler, notify)
+            worker.mode = mode
+            return worker
+
+    daemon = Daemon(tmp_path / "s", NsmDevice().handle)
+    daemon.bind()
+    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with VhostUserTransport(daemon.path, timeout=10) as t, pytest.raises(VhostUserError, match=match):
+            t.exchange(encode_request(DescribePCR(0)))
+    finally:
+        daemon.stop()
+        thread.join(10)
+        daemon.close()

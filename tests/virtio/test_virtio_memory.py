@@ -141,3 +141,22 @@ def test_zero_length_access_needs_no_mapping() -> None:
     assert mem.read(0, 0) == b""
     mem.write(0xDEAD_0000, b"")
     mem.check(0, 0)
+
+
+def test_unsealed_memfd_is_mapped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    import fcntl
+
+    sealed = os.memfd_create("sealed", os.MFD_ALLOW_SEALING)
+    loose = os.memfd_create("loose")
+    try:
+        for fd in (sealed, loose):
+            os.ftruncate(fd, mmap.PAGESIZE)
+        fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        with caplog.at_level("WARNING", logger="virtio_nsm.virtio"):
+            MemoryRegion.from_fd(sealed, guest_addr=0, size=4096, user_addr=0, mmap_offset=0).close()
+            assert "SIGBUS" not in caplog.text
+            MemoryRegion.from_fd(loose, guest_addr=0, size=4096, user_addr=0, mmap_offset=0).close()
+            assert "without F_SEAL_SHRINK" in caplog.text
+    finally:
+        os.close(sealed)
+        os.close(loose)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
+import logging
 import mmap
 import os
 import struct
@@ -29,6 +31,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 __all__ = ["GuestMemory", "GuestMemoryError", "MemoryRegion", "VirtioError"]
+
+log = logging.getLogger("virtio_nsm.virtio")
 
 _U64_LIMIT = 1 << 64
 _PAGE = mmap.PAGESIZE
@@ -95,6 +99,7 @@ class MemoryRegion:
                 f"memory region {mmap_offset:#x}+{size:#x} extends past the end of its "
                 f"file ({st.st_size:#x} bytes)"
             )
+        _warn_if_shrinkable(fd)
         aligned = mmap_offset - mmap_offset % _PAGE
         skip = mmap_offset - aligned
         try:
@@ -128,6 +133,22 @@ class MemoryRegion:
             with contextlib.suppress(BufferError):
                 self._mapping.close()
             self._mapping = None
+
+
+def _warn_if_shrinkable(fd: int) -> None:
+    # A mapped file that the peer truncates turns our next access into SIGBUS, which
+    # Python cannot turn into an exception.  A sealed memfd (QEMU's memory-backend-memfd
+    # seals by default) cannot shrink; say so when one can.
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return  # not a memfd: nothing to tell
+    if not seals & fcntl.F_SEAL_SHRINK:
+        log.warning(
+            "guest memory fd %d is a memfd without F_SEAL_SHRINK: if the frontend shrinks it, "
+            "this process dies of SIGBUS",
+            fd,
+        )
 
 
 class GuestMemory:

@@ -474,3 +474,38 @@ def test_frontend_rejects_wrong_used_entries(tmp_path: Path, mode: str, match: s
         daemon.stop()
         thread.join(10)
         daemon.close()
+
+
+def test_internal_error_drops_the_frontend_and_keeps_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(NsmQueueWorker):
+        def process(self) -> bool:
+            raise RuntimeError("bug")
+
+    class Daemon(VhostUserDaemon):
+        broken = True
+
+        def _make_worker(self, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
+            cls = Broken if self.broken else NsmQueueWorker
+            return cls(queue, self.handler, notify)
+
+    device = NsmDevice()
+    daemon = Daemon(tmp_path / "s", device.handle)
+    daemon.bind()
+    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with (
+            caplog.at_level(logging.ERROR, logger="virtio_nsm.vhost_user"),
+            pytest.raises(VhostUserError),
+        ):
+            # The ring is first served while the frontend sets it up: setup fails.
+            VhostUserTransport(daemon.path, timeout=10)
+        assert "internal error while serving the frontend" in caplog.text
+        daemon.broken = False
+        assert describe_pcr0(daemon.path) == device.handle(encode_request(DescribePCR(0)))
+    finally:
+        daemon.stop()
+        thread.join(10)
+        daemon.close()

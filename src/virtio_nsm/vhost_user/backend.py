@@ -319,11 +319,13 @@ class VhostUserBackend:
             return None
         vring.worker = self._worker_factory(vring.queue, lambda: self._interrupt(vring))
         log.info(
-            "vring %d started: size %d, avail index %d, %s",
+            "vring %d started: size %d, avail index %d, desc %#x avail %#x used %#x",
             vring.index,
             vring.num,
             vring.base,
-            layout,
+            layout.desc,
+            layout.avail,
+            layout.used,
         )
         return vring.queue
 

@@ -246,15 +246,21 @@ class VhostUserDaemon:
                 if self._stopping:
                     break
                 tag = key.data
-                if tag == "listen":
-                    self._accept()
-                elif tag == "conn":
-                    self._on_message()
-                elif tag == "wake":
-                    with contextlib.suppress(OSError):
-                        os.read(self._wake_r, 64)
-                elif isinstance(tag, int):
-                    self._on_kick(key.fd, tag)
+                try:
+                    if tag == "listen":
+                        self._accept()
+                    elif tag == "conn":
+                        self._on_message()
+                    elif tag == "wake":
+                        with contextlib.suppress(OSError):
+                            os.read(self._wake_r, 64)
+                    elif isinstance(tag, int):
+                        self._on_kick(key.fd, tag)
+                except Exception:
+                    # A bug of ours must not take the device (PCRs, locks) down with it.
+                    log.exception("internal error while serving the frontend")
+                    self._drop_connection("internal error")
+                    break  # the selector's key set changed
         log.info("stopped")
 
     # -- events ----------------------------------------------------------------------

@@ -135,3 +135,13 @@ def test_cross_process_pipelined_stress(tmp_path: Path) -> None:
             assert last.endswith(nsm.describe_pcr(23).data)
     finally:
         stop(proc, signal.SIGTERM)
+
+
+def test_socket_path_alias_of_the_backend_conventions(tmp_path: Path) -> None:
+    path = tmp_path / "conv.sock"
+    proc, lines = start(["--socket-path", str(path), "-q"], dict(os.environ))
+    try:
+        assert lines[0].strip().endswith(str(path)) and path.exists()
+    finally:
+        err = stop(proc, signal.SIGTERM)
+    assert "INFO" not in err  # -q

@@ -48,6 +48,7 @@ def qemu_options(path: Path, memory: str = "512M") -> str:
 @main.command()
 @click.option(
     "--vhost-user",
+    "--socket-path",  # the name the vhost-user spec's backend conventions use
     "socket_path",
     metavar="SOCK",
     type=click.Path(dir_okay=False, path_type=Path),

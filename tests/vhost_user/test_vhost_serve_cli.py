@@ -145,3 +145,31 @@ def test_socket_path_alias_of_the_backend_conventions(tmp_path: Path) -> None:
     finally:
         err = stop(proc, signal.SIGTERM)
     assert "INFO" not in err  # -q
+
+
+def test_every_device_command_through_nsm_serve(tmp_path: Path) -> None:
+    path = tmp_path / "nsm.sock"
+    env = dict(os.environ)
+    proc, _ = start(["--vhost-user", str(path), "-q"], env)
+    device = f"vhost-user:{path}"
+
+    def nsm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "virtio_nsm", *args, "--device", device],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    try:
+        assert "max_pcrs:    32" in nsm("describe").stdout
+        assert nsm("pcr", "get", "0").stdout.startswith("PCR0 locked ")
+        extended = nsm("pcr", "extend", "16", "--data", "0b00374863ff5c65").stdout
+        assert "b33da05a0fdb71627c8c68fc4232281fc440edd6f0ac7467fa497bbb907db32d" in extended
+        assert nsm("pcr", "lock", "16").returncode == 0
+        refused = nsm("pcr", "extend", "16", "--data", "00")
+        assert refused.returncode == 1 and "ReadOnlyIndex" in refused.stderr
+        assert nsm("pcr", "lock-range", "20").returncode == 0
+        assert nsm("pcr", "get", "19").stdout.startswith("PCR19 locked ")
+        assert len(nsm("random", "--bytes", "32").stdout.strip()) == 64
+        doc = tmp_path / "doc.cose"
+        assert nsm("attest", "--nonce", "00ff", "-o", str(doc)).returncode == 0
+        assert doc.stat().st_size > 1000
+    finally:
+        stop(proc, signal.SIGTERM)

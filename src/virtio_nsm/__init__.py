@@ -8,6 +8,8 @@ The public API::
     CertificateAuthority   the local attestation root (generate, load, bring your own)
     Nsm              a client over a transport (in-process device, /dev/nsm, vhost-user)
     NsmError, ErrorCode    an error answer and its code
+    verify_document  verify an attestation document (AWS's or ours): VerifiedDocument
+                     or VerificationError listing every reason
 """
 
 from .client import Nsm, NsmDescription, PcrDescription
@@ -15,6 +17,7 @@ from .errors import ConfigurationError, DeviceNotFoundError, ErrorCode, NsmError
 from .nsm.device import DeviceState, NsmDevice
 from .nsm.pcr import Digest
 from .nsm.pki import CertificateAuthority
+from .verify import VerificationError, VerifiedDocument, verify_document
 
 __all__ = [
     "CertificateAuthority",
@@ -29,4 +32,7 @@ __all__ = [
     "NsmError",
     "PcrDescription",
     "TransportError",
+    "VerificationError",
+    "VerifiedDocument",
+    "verify_document",
 ]

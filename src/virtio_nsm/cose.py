@@ -8,10 +8,12 @@ converting signatures. Nothing here decides whether a document is trusted;
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import cbor2
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import (
@@ -97,11 +99,14 @@ class Sign1:
         return sig_structure(self.protected, self.payload)
 
 
-def decode_sign1(data: bytes) -> Sign1:
-    """Split a COSE_Sign1 (untagged or tag 18); raise :class:`CoseError` if malformed.
+def split_sign1(data: bytes) -> tuple[list[Any], bool]:
+    """Decode the outer structure of a COSE_Sign1 without checking its parts.
 
-    Trailing bytes after the structure are an error: a signed object has
-    exactly one encoding.
+    Returns the four elements, whatever their types, and whether tag 18 was
+    present; raises :class:`CoseError` when the bytes are not one CBOR item
+    (trailing bytes are an error: a signed object has exactly one encoding), carry
+    another tag, or are not a 4-element array. :func:`sign1_problems` then says
+    what is wrong with the elements, so a caller can report every problem at once.
     """
     stream = io.BytesIO(data)
     try:
@@ -117,15 +122,47 @@ def decode_sign1(data: bytes) -> Sign1:
             raise CoseError(f"unexpected CBOR tag {item.tag} (COSE_Sign1 is tag 18)")
         item = item.value
         tagged = True
-    if not isinstance(item, list) or len(item) != 4:
+    # cbor2 hands out a tagged array's contents as a tuple.
+    if not isinstance(item, list | tuple) or len(item) != 4:
         raise CoseError("a COSE_Sign1 is an array of 4 elements")
-    protected, unprotected, payload, signature = item
+    return list(item), tagged
+
+
+def sign1_problems(parts: list[Any]) -> list[str]:
+    """What is wrong with the types of the four elements from :func:`split_sign1`."""
+    protected, unprotected, payload, signature = parts
+    problems = []
     if not isinstance(protected, bytes):
-        raise CoseError("protected header is not a byte string")
-    if not isinstance(unprotected, dict):
-        raise CoseError("unprotected header is not a map")
+        problems.append("protected header is not a byte string")
+    if not isinstance(unprotected, Mapping):  # a FrozenDict inside a tag
+        problems.append("unprotected header is not a map")
     if not isinstance(payload, bytes):
-        raise CoseError("payload is not a byte string (detached payloads are not supported)")
+        problems.append("payload is not a byte string (detached payloads are not supported)")
     if not isinstance(signature, bytes):
-        raise CoseError("signature is not a byte string")
-    return Sign1(protected, unprotected, payload, signature, tagged)
+        problems.append("signature is not a byte string")
+    return problems
+
+
+def decode_sign1(data: bytes) -> Sign1:
+    """Split a COSE_Sign1 (untagged or tag 18); raise :class:`CoseError` if malformed."""
+    parts, tagged = split_sign1(data)
+    problems = sign1_problems(parts)
+    if problems:
+        raise CoseError("; ".join(problems))
+    protected, unprotected, payload, signature = parts
+    return Sign1(protected, dict(unprotected), payload, signature, tagged)
+
+
+def verify_es384(key: ec.EllipticCurvePublicKey, protected: bytes, payload: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` (raw ``r || s``) is a valid ES384 signature by ``key``.
+
+    Only the signature is checked: the caller decides whether ``protected`` is
+    acceptable and whether ``key`` is trusted.
+    """
+    if not isinstance(key.curve, ec.SECP384R1) or len(signature) != 2 * P384_COORDINATE_SIZE:
+        return False
+    try:
+        key.verify(raw_to_der(signature), sig_structure(protected, payload), ec.ECDSA(hashes.SHA384()))
+    except InvalidSignature:
+        return False
+    return True

@@ -51,7 +51,7 @@ RANDOM_SIZE: Final = 256
 
 Clock = Callable[[], float]
 RandomSource = Callable[[int], bytes]
-CommitHook = Callable[["DeviceState"], None]
+CommitHook = Callable[["Commit"], None]
 
 
 def generate_module_id() -> str:
@@ -96,6 +96,22 @@ class DeviceState:
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         return cls(module_id, bank)
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """A state change about to become current, with what caused it.
+
+    ``request`` and ``response`` are the exact bytes in and out; ``token`` is
+    whatever the transport passed to :meth:`NsmDevice.handle` to identify the
+    request (e.g. its virtqueue slot), so a store can recognise a request that
+    is submitted again after a crash and answer it from its record.
+    """
+
+    state: DeviceState
+    request: bytes
+    response: bytes
+    token: object = None
 
 
 def _digest(value: Digest | str) -> Digest:
@@ -148,10 +164,13 @@ class NsmDevice:
         self._random = random_bytes
         self._commit = commit
         self._lock = threading.Lock()
+        self._request: bytes = b""
+        self._token: object = None
         self._state = state
         now = self._now()
         self.ca = ca if ca is not None else CertificateAuthority.generate(now)
         self._chain = SigningChain(self.ca, state.module_id)
+        self._documents = attestation.DocumentEncoder(state.module_id, state.pcrs.digest.value)
         signer = self._chain.signer(now)
         worst = (
             len(signer.certificate) + sum(len(c) for c in signer.cabundle) + 8 * 6
@@ -179,20 +198,25 @@ class NsmDevice:
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self._clock(), dt.UTC)
 
-    def _apply(self, new: DeviceState) -> None:
+    def _apply(self, new: DeviceState, response: bytes) -> bytes:
         if self._commit is not None:
             try:
-                self._commit(new)
+                self._commit(Commit(new, self._request, response, self._token))
             except Exception as exc:
                 log.error("state change not committed, request refused: %s", exc)
                 raise RequestRejected(ErrorCode.InternalError, f"commit failed: {exc}") from exc
         self._state = new
+        return response
 
     # -- requests ------------------------------------------------------
 
-    def handle(self, request: bytes) -> bytes:
-        """Answer one request (CBOR bytes) with the response bytes. Never raises."""
+    def handle(self, request: bytes, token: object = None) -> bytes:
+        """Answer one request (CBOR bytes) with the response bytes. Never raises.
+
+        ``token`` is passed through to the commit hook (see :class:`Commit`).
+        """
         with self._lock:
+            self._request, self._token = request, token
             try:
                 response = self._dispatch(protocol.decode_request(request))
             except RequestRejected as exc:
@@ -214,16 +238,19 @@ class NsmDevice:
                 return protocol.encode_describe_pcr(lock, data)
             case ExtendPCR(index, data):
                 new_bank = bank.extend(index, data)
-                self._apply(DeviceState(state.module_id, new_bank, state.version))
-                return protocol.encode_response(protocol.ExtendPCRResponse(new_bank.values[index]))
+                return self._apply(
+                    DeviceState(state.module_id, new_bank, state.version),
+                    protocol.encode_response(protocol.ExtendPCRResponse(new_bank.values[index])),
+                )
             case LockPCR(index):
-                self._apply(DeviceState(state.module_id, bank.lock(index), state.version))
-                return protocol.encode_response(protocol.LockPCRResponse())
+                return self._apply(DeviceState(state.module_id, bank.lock(index), state.version),
+                                   protocol.encode_response(protocol.LockPCRResponse()))
             case LockPCRs(count):
                 new_bank = bank.lock_range(count)
-                if new_bank.locked != bank.locked:
-                    self._apply(DeviceState(state.module_id, new_bank, state.version))
-                return protocol.encode_response(protocol.LockPCRsResponse())
+                response = protocol.encode_response(protocol.LockPCRsResponse())
+                if new_bank.locked == bank.locked:
+                    return response
+                return self._apply(DeviceState(state.module_id, new_bank, state.version), response)
             case DescribeNSM():
                 major, minor, patch = state.version
                 return protocol.encode_response(protocol.DescribeNSMResponse(
@@ -234,12 +261,11 @@ class NsmDevice:
             case Attestation(user_data, nonce, public_key):
                 seconds = self._clock()
                 now = dt.datetime.fromtimestamp(seconds, dt.UTC)
-                document = attestation.sign_document(
+                document = self._documents.sign(
                     self._chain.signer(now),
-                    module_id=state.module_id,
-                    digest=bank.digest.value,
-                    timestamp_ms=int(seconds * 1000),
-                    pcrs=bank.locked_values(),
+                    int(seconds * 1000),
+                    bank.locked_values(),
+                    pcrs_key=bank,  # immutable: same bank, same encoded map
                     public_key=public_key,
                     user_data=user_data,
                     nonce=nonce,

@@ -89,6 +89,16 @@ class PcrBank:
         if not 0 <= self.locked < (1 << len(self.values)):
             raise ValueError("lock bits beyond the last PCR")
 
+    @classmethod
+    def _derived(cls, digest: Digest, values: tuple[bytes, ...], locked: int) -> PcrBank:
+        # For values derived from a valid bank by a valid operation: skips the
+        # checks of __post_init__, which dominate the cost of an extend.
+        bank = object.__new__(cls)
+        object.__setattr__(bank, "digest", digest)
+        object.__setattr__(bank, "values", values)
+        object.__setattr__(bank, "locked", locked)
+        return bank
+
     @property
     def max_pcrs(self) -> int:
         return len(self.values)
@@ -117,17 +127,17 @@ class PcrBank:
             raise _rejected(ErrorCode.ReadOnlyIndex, f"PCR{index} is locked")
         values = list(self.values)
         values[index] = self.digest.extend(values[index], data)
-        return PcrBank(self.digest, tuple(values), self.locked)
+        return PcrBank._derived(self.digest, tuple(values), self.locked)
 
     def lock(self, index: int) -> PcrBank:
         self._check_index(index)
         if self.locked >> index & 1:
             raise _rejected(ErrorCode.ReadOnlyIndex, f"PCR{index} is already locked")
-        return PcrBank(self.digest, self.values, self.locked | 1 << index)
+        return PcrBank._derived(self.digest, self.values, self.locked | 1 << index)
 
     def lock_range(self, count: int) -> PcrBank:
         """Lock PCRs ``0 .. count-1``; PCRs already locked stay locked."""
         if count > len(self.values):
             raise _rejected(ErrorCode.InvalidIndex, f"range {count} is more than the "
                             f"{len(self.values)} PCRs of the device")
-        return PcrBank(self.digest, self.values, self.locked | ((1 << count) - 1))
+        return PcrBank._derived(self.digest, self.values, self.locked | ((1 << count) - 1))

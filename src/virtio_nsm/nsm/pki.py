@@ -240,6 +240,7 @@ class SigningChain:
         self.region = region
         self._issued: list[_Issued] = []
         self._signer: Signer | None = None
+        self._usable_from = self._renew_at = dt.datetime.min.replace(tzinfo=dt.UTC)
 
     def _subject(self, depth: int) -> x509.Name:
         tag = secrets.token_hex(8)
@@ -329,16 +330,28 @@ class SigningChain:
 
     def signer(self, now: dt.datetime) -> Signer:
         """The leaf to sign a document dated ``now`` with, renewing what must be renewed."""
+        if self._signer is not None and self._usable_from <= now < self._renew_at:
+            return self._signer
         renewed = False
         for depth in range(len(_LEVELS)):
             if renewed or self._needs_renewal(depth, now):
                 del self._issued[depth:]
                 self._issued.append(self._issue(depth, now))
                 renewed = True
+        leaf = self._issued[-1]
         if renewed or self._signer is None:
-            leaf = self._issued[-1]
             bundle = (self.ca.certificate_der, *(i.der for i in self._issued[:-1]))
             self._signer = Signer(leaf.key, leaf.der, bundle)
+        # Until this instant nothing needs renewal (the earliest of every
+        # level's deadline); before _usable_from the clock went backwards.
+        self._usable_from = max(i.not_before for i in self._issued)
+        deadlines = [leaf.not_before + LEAF_REUSE, leaf.not_after]
+        for depth in range(len(_LEVELS) - 1):
+            cert = self._issued[depth]
+            child = _LEVELS[depth + 1].lifetime
+            if cert.not_after < self._parent_expiry(depth):
+                deadlines.append(cert.not_after - child)
+        self._renew_at = min(deadlines)
         return self._signer
 
     @property

@@ -1,0 +1,106 @@
+"""`nsm demo`: the whole stack end to end on an embedded device, no VM needed.
+
+An in-process NsmDevice is served by the vhost-user backend on a private
+socket; our Python virtio driver (the vhost-user frontend) sends every kind of
+request over a real split virtqueue in shared memory; the attestation
+document is then verified against the device's root with nonce and PCR
+policies.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import click
+from cryptography import x509
+
+from ..client import Nsm
+from ..errors import ErrorCode, NsmError
+from ..nsm.device import NsmDevice
+from ..verify import VerificationError, verify_document
+from ..vhost_user.daemon import VhostUserDaemon
+from ..vhost_user.frontend import VhostUserTransport
+from . import main
+
+
+class DemoFailed(Exception):
+    pass
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise DemoFailed(what)
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the attestation document here.")
+def demo(output: Path | None) -> None:
+    """Run every NSM request through vhost-user on an embedded device and verify a document."""
+    tmp = Path(tempfile.mkdtemp(prefix="nsm-demo-"))
+    socket_path = tmp / "nsm.sock"
+    device = NsmDevice()
+    daemon = VhostUserDaemon(socket_path, device.handle)
+    daemon.bind()
+    thread = threading.Thread(target=daemon.serve_forever, name="nsm-backend", daemon=True)
+    thread.start()
+    step = click.echo
+    try:
+        step(f"backend: vhost-user NSM device on {socket_path} (virtio id 33)")
+        with Nsm(VhostUserTransport(str(socket_path))) as nsm:
+            step("driver:  Python virtio driver connected (split ring in shared memfd memory)")
+            d = nsm.describe_nsm()
+            step(f"DescribeNSM   module_id={d.module_id} digest={d.digest} max_pcrs={d.max_pcrs} "
+                 f"locked={d.locked_pcrs[0]}-{d.locked_pcrs[-1]}")
+            _check(d.locked_pcrs == tuple(range(16)), "boot PCRs 0-15 should be locked")
+            pcr4 = nsm.describe_pcr(4)
+            step(f"DescribePCR   PCR4 locked={pcr4.lock} {pcr4.data.hex()[:32]}...")
+            measurement = b"demo application v1"
+            value = nsm.extend_pcr(16, measurement)
+            step(f"ExtendPCR     PCR16 <- H(PCR16 || {measurement!r}) = {value.hex()[:32]}...")
+            nsm.lock_pcr(16)
+            step("LockPCR       PCR16 locked")
+            try:
+                nsm.extend_pcr(16, b"tampering")
+                raise DemoFailed("a locked PCR accepted an extend")
+            except NsmError as exc:
+                _check(exc.code is ErrorCode.ReadOnlyIndex, f"expected ReadOnlyIndex, got {exc.code.name}")
+                step("ExtendPCR     PCR16 again -> ReadOnlyIndex (as the real device answers)")
+            nsm.lock_pcrs(17)
+            step("LockPCRs      PCR0-16 locked (already locked: not an error)")
+            random = nsm.get_random()
+            step(f"GetRandom     {len(random)} bytes {random.hex()[:32]}...")
+            nonce = secrets.token_bytes(32)
+            document = nsm.attestation(nonce=nonce, user_data=b"hello from the demo")
+            step(f"Attestation   {len(document)}-byte COSE_Sign1 document (ES384)")
+        root = x509.load_pem_x509_certificate(device.root_certificate_pem)
+        verified = verify_document(document, roots=[root], nonce=nonce,
+                                   expected_pcrs={16: value}, max_age=60)
+        step(f"verified:     chain of {len(verified.chain)} certificates to the device root, "
+             f"nonce and PCR16 match, {len(verified.pcrs)} PCRs attested")
+        try:
+            verify_document(document)
+            raise DemoFailed("our document verified against the AWS root")
+        except VerificationError:
+            step("verified:     the same document is rejected against the AWS Nitro root")
+        if output is not None:
+            output.write_bytes(document)
+            (output.with_suffix(output.suffix + ".root.pem")).write_bytes(device.root_certificate_pem)
+            step(f"wrote {output} and its root {output}.root.pem "
+                 f"(try: nsm verify {output} --root {output}.root.pem)")
+        step("demo passed")
+    except (DemoFailed, NsmError, VerificationError, OSError) as exc:
+        click.echo(f"nsm demo: FAILED: {exc}", err=True)
+        raise SystemExit(1) from None
+    finally:
+        daemon.stop()
+        thread.join(timeout=10)
+        daemon.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if socket_path.exists():
+            os.unlink(socket_path)

@@ -1,0 +1,101 @@
+"""``nsm serve``: run an NSM device as a vhost-user backend (virtio device 33)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from ..nsm.device import NsmDevice
+from ..vhost_user.daemon import VhostUserDaemon
+from . import main
+
+SOCKET_NAME = "nsm.sock"
+
+
+def default_socket_path() -> tuple[Path, Path | None]:
+    """``$XDG_RUNTIME_DIR/virtio-nsm/nsm.sock``, else a fresh private temp dir.
+
+    Returns the path and the directory to remove afterwards (if we created it).
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir():
+        directory = Path(runtime) / "virtio-nsm"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        return directory / SOCKET_NAME, None
+    directory = Path(tempfile.mkdtemp(prefix="virtio-nsm-"))
+    return directory / SOCKET_NAME, directory
+
+
+def qemu_options(path: Path, memory: str = "512M") -> str:
+    """The QEMU (>= 10.2) options that attach this backend as a PCI device."""
+    chardev_path = str(path).replace(",", ",,")  # QEMU's option escaping
+    return (
+        f"-object memory-backend-memfd,id=mem,size={memory},share=on "
+        "-machine memory-backend=mem "
+        f"-chardev socket,id=nsm0,path={chardev_path} "
+        "-device vhost-user-test-device-pci,chardev=nsm0,virtio-id=33,num_vqs=1"
+    )
+
+
+@main.command()
+@click.option(
+    "--vhost-user",
+    "--socket-path",  # the name the vhost-user spec's backend conventions use
+    "socket_path",
+    metavar="SOCK",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Unix socket to listen on (created mode 0600). "
+    "Default: $XDG_RUNTIME_DIR/virtio-nsm/nsm.sock, else a new temp dir.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log every vhost-user message.")
+@click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
+def serve(socket_path: Path | None, verbose: bool, quiet: bool) -> None:
+    """Serve an NSM device over vhost-user until SIGTERM or SIGINT.
+
+    The device (PCRs, locks) lives as long as this process: frontends may
+    disconnect, reset and reconnect without losing it.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+        format="nsm serve: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    cleanup: Path | None = None
+    if socket_path is None:
+        try:
+            socket_path, cleanup = default_socket_path()
+        except OSError as exc:
+            click.echo(f"nsm: no place for a default socket ({exc}); use --vhost-user SOCK", err=True)
+            sys.exit(2)
+    device = NsmDevice()
+    daemon = VhostUserDaemon(socket_path, device.handle)
+    try:
+        daemon.bind()
+    except OSError as exc:
+        daemon.close()
+        click.echo(f"nsm: cannot listen on {socket_path}: {exc}", err=True)
+        sys.exit(2)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        daemon.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    click.echo(f"vhost-user NSM backend listening on {socket_path}")
+    click.echo(f"QEMU options (size must match -m): {qemu_options(socket_path)}")
+    click.echo(f"Client without a VM: nsm describe --device vhost-user:{socket_path}")
+    sys.stdout.flush()
+    try:
+        daemon.serve_forever()
+    finally:
+        daemon.close()
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)

@@ -1,0 +1,69 @@
+"""`nsm state`: export and import a state directory's device state (for migration)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import click
+
+from .. import persist
+from . import main
+from .device import fail
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _state_dir_option(f: Callable[P, T]) -> Callable[P, T]:
+    return click.option(
+        "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help=f"State directory (default {persist.default_state_dir()}).",
+    )(f)
+
+
+@main.group()
+def state() -> None:
+    """Export or import the durable device state (PCRs, locks, identity)."""
+
+
+@state.command("export")
+@_state_dir_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              show_default=True, help="Where to write the snapshot.")
+def state_export(state_dir: Path | None, output: str) -> None:
+    """Write a checked, versioned snapshot of the device state."""
+    directory = state_dir or persist.default_state_dir()
+    try:
+        data = persist.export_state(directory)
+    except persist.StateError as exc:
+        fail(str(exc))
+    try:
+        with click.open_file(output, "wb", atomic=output != "-") as fh:
+            fh.write(data)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}")
+
+
+@state.command("import")
+@_state_dir_option
+@click.argument("snapshot", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--replace", is_flag=True, help="Overwrite an existing state.")
+def state_import(state_dir: Path | None, snapshot: str, replace: bool) -> None:
+    """Install SNAPSHOT (from `nsm state export`) into a state directory."""
+    directory = state_dir or persist.default_state_dir()
+    try:
+        with click.open_file(snapshot, "rb") as fh:
+            data = fh.read(persist.MAX_STATE_FILE + 1)
+    except OSError as exc:
+        fail(f"cannot read {snapshot}: {exc.strerror}")
+    had_ca = (Path(directory) / persist.CA_DIR).exists()
+    try:
+        snap = persist.import_state(directory, data, replace=replace)
+    except persist.StateError as exc:
+        fail(str(exc))
+    click.echo(f"imported state of {snap.state.module_id} into {directory}")
+    if not had_ca:
+        click.echo(f"note: {directory} had no CA; a new one was created, so documents will "
+                   "chain to a new root (copy the source's ca/ directory to keep the old root)")

@@ -1,0 +1,599 @@
+"""vhost-user backend state: feature negotiation, memory table, vrings, dispatch.
+
+Theory of operation
+-------------------
+:class:`VhostUserBackend` consumes parsed frontend messages (:meth:`handle`) and
+kick notifications (:meth:`kick`) and keeps everything a vhost-user device needs:
+negotiated features, protocol features, the mapped memory table, and per vring its
+size, addresses, base, kick/call/err descriptors and enabled/started state.  It is
+device-agnostic: what to do with the chains of a ready vring is delegated to a
+:class:`QueueWorker` made by the ``worker_factory`` from the queue and a callback
+that interrupts the driver mid-pass if it asked for it (for NSM see
+:mod:`virtio_nsm.vhost_user.daemon`).  It does no socket I/O (the event loop owns
+the socket), but it does map memory and write to call/err eventfds.
+
+Dispatch is a table from request code to method; payload syntax was already
+checked by :func:`~.message.parse_payload`.  A well-formed request that cannot be
+honoured raises :class:`BackendError`: with ``need_reply`` (REPLY_ACK) the frontend
+gets a non-zero ack and the connection stays up; otherwise the caller drops the
+connection, which is what the spec suggests for unrecoverable situations.
+
+A ring is *ready* once it has a size, addresses, memory to translate them, a kick
+descriptor (spec: the ring starts on the first kick; the descriptor arriving is
+when we start looking), and is enabled (rings start disabled when
+``VHOST_USER_F_PROTOCOL_FEATURES`` is negotiated).  Whenever a ring becomes ready
+we look at it at once, so kicks that arrived early are never lost.  A call fd that
+arrives late gets the interrupt that could not be delivered before.  A ring whose
+contents break the rules is marked broken, ``VIRTIO_CONFIG_S_NEEDS_RESET`` is set in
+the status, the err fd is signalled and the reason is logged; the ring stays dead
+until the frontend resets or reprograms it.
+
+The device object behind the workers is not owned here: :meth:`disconnect` and
+virtio resets drop transport state only, never device state (PCRs, locks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..virtio import spec
+from ..virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion, VirtioError
+from ..virtio.queue import DeviceQueue, RingLayout
+from .message import (
+    U64,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_REPLY_MASK,
+    VHOST_USER_VERSION,
+    FrontendRequest,
+    MemoryRegionDescription,
+    MemoryTable,
+    Message,
+    Payload,
+    ProtocolFeature,
+    SingleMemoryRegion,
+    VringAddr,
+    VringFd,
+    VringState,
+    parse_payload,
+)
+
+__all__ = [
+    "MAX_MEM_SLOTS",
+    "OFFERED_FEATURES",
+    "OFFERED_PROTOCOL_FEATURES",
+    "BackendError",
+    "QueueWorker",
+    "VhostUserBackend",
+    "Vring",
+]
+
+log = logging.getLogger("virtio_nsm.vhost_user")
+
+OFFERED_FEATURES = (
+    1 << spec.VIRTIO_F_VERSION_1
+    | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+    | 1 << spec.VIRTIO_RING_F_INDIRECT_DESC
+    | 1 << spec.VIRTIO_RING_F_EVENT_IDX
+)
+
+_PF = ProtocolFeature
+OFFERED_PROTOCOL_FEATURES = (
+    1 << _PF.VHOST_USER_PROTOCOL_F_MQ
+    | 1 << _PF.VHOST_USER_PROTOCOL_F_REPLY_ACK
+    | 1 << _PF.VHOST_USER_PROTOCOL_F_RESET_DEVICE
+    | 1 << _PF.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS
+    | 1 << _PF.VHOST_USER_PROTOCOL_F_STATUS
+)
+
+#: Memory slots we accept through ADD_MEM_REG (QEMU requires at least 8 if it asks).
+MAX_MEM_SLOTS = 32
+
+_EVENTFD_ONE = (1).to_bytes(8, "little")
+
+
+class BackendError(Exception):
+    """A well-formed request that this backend cannot honour in its current state."""
+
+
+class QueueWorker(Protocol):
+    """Device-specific processing of one started vring."""
+
+    def process(self) -> bool:
+        """Handle every available chain; return whether used entries were published."""
+        ...
+
+    def rewind(self) -> int:
+        """Give back any chain taken but not answered; return the next available index."""
+        ...
+
+
+@dataclass(eq=False)
+class Vring:
+    """Transport state of one virtqueue."""
+
+    index: int
+    num: int = 0
+    addr: VringAddr | None = None
+    base: int = 0
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    enabled: bool = False
+    started: bool = False
+    broken: str | None = None
+    signal_pending: bool = False
+    queue: DeviceQueue | None = None
+    worker: QueueWorker | None = None
+
+    def drop_queue(self) -> None:
+        """Forget the ring views (they are rebuilt on demand), keeping the position."""
+        if self.queue is not None:
+            if self.worker is not None:
+                self.base = self.worker.rewind()
+            self.queue.release()
+        self.queue = None
+        self.worker = None
+
+    def close_fds(self) -> None:
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                _close(fd)
+                setattr(self, name, None)
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+class VhostUserBackend:
+    """Protocol state of one vhost-user device, across connections."""
+
+    def __init__(
+        self,
+        worker_factory: Callable[[DeviceQueue, Callable[[], None]], QueueWorker],
+        *,
+        num_queues: int = 1,
+    ) -> None:
+        self._worker_factory = worker_factory
+        self.num_queues = num_queues
+        self.memory = GuestMemory()
+        self.vrings = [Vring(i) for i in range(num_queues)]
+        self.features = 0
+        self.protocol_features = 0
+        self.owner = False
+        self.status = 0
+        R = FrontendRequest
+        self._dispatch: dict[int, Callable[[Message, Payload], Payload | None]] = {
+            R.VHOST_USER_GET_FEATURES: self._get_features,
+            R.VHOST_USER_SET_FEATURES: self._set_features,
+            R.VHOST_USER_SET_OWNER: self._set_owner,
+            R.VHOST_USER_RESET_OWNER: self._reset_owner,
+            R.VHOST_USER_SET_MEM_TABLE: self._set_mem_table,
+            R.VHOST_USER_SET_VRING_NUM: self._set_vring_num,
+            R.VHOST_USER_SET_VRING_ADDR: self._set_vring_addr,
+            R.VHOST_USER_SET_VRING_BASE: self._set_vring_base,
+            R.VHOST_USER_GET_VRING_BASE: self._get_vring_base,
+            R.VHOST_USER_SET_VRING_KICK: self._set_vring_kick,
+            R.VHOST_USER_SET_VRING_CALL: self._set_vring_call,
+            R.VHOST_USER_SET_VRING_ERR: self._set_vring_err,
+            R.VHOST_USER_GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            R.VHOST_USER_SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            R.VHOST_USER_GET_QUEUE_NUM: self._get_queue_num,
+            R.VHOST_USER_SET_VRING_ENABLE: self._set_vring_enable,
+            R.VHOST_USER_RESET_DEVICE: self._reset_device,
+            R.VHOST_USER_GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            R.VHOST_USER_ADD_MEM_REG: self._add_mem_reg,
+            R.VHOST_USER_REM_MEM_REG: self._rem_mem_reg,
+            R.VHOST_USER_SET_STATUS: self._set_status,
+            R.VHOST_USER_GET_STATUS: self._get_status,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<VhostUserBackend features={self.features:#x} "
+            f"protocol={self.protocol_features:#x} status={self.status:#x} {self.memory!r}>"
+        )
+
+    # -- entry points -------------------------------------------------------------
+
+    def handle(self, message: Message) -> Message | None:
+        """Apply one frontend message; return the reply to send, if any.
+
+        Raises :class:`~.message.MessageError` (malformed) or :class:`BackendError`
+        (cannot honour, no way to say so): the caller should drop the connection.
+        The message's fds are consumed (kept or closed) in every case.
+        """
+        try:
+            payload = parse_payload(message)
+            method = self._dispatch[message.request]
+            log.debug("<- %s %s fds=%s", message.name, payload, message.fds)
+            try:
+                result = method(message, payload)
+            except BackendError as exc:
+                if message.need_reply and self._reply_ack and not _has_reply(message.request):
+                    log.error("%s refused: %s", message.name, exc)
+                    return self._reply(message, U64(1))
+                raise
+        finally:
+            # Handlers take ownership of the fds they keep by clearing the list.
+            for fd in message.fds:
+                _close(fd)
+            message.fds.clear()
+        if result is not None:
+            return self._reply(message, result)
+        if message.need_reply and self._reply_ack:
+            return self._reply(message, U64(0))
+        return None
+
+    def kick(self, index: int) -> None:
+        """The kick eventfd of vring ``index`` fired (already drained by the caller)."""
+        if 0 <= index < self.num_queues:
+            self.process(self.vrings[index])
+
+    def drop_kick(self, index: int) -> None:
+        """The kick fd of vring ``index`` is unusable: close it and stop the ring."""
+        vring = self.vrings[index]
+        if vring.kick_fd is not None:
+            _close(vring.kick_fd)
+            vring.kick_fd = None
+        vring.drop_queue()
+        vring.started = False
+
+    def kick_fds(self) -> dict[int, int]:
+        """Kick descriptors to watch, mapped to their vring index."""
+        return {v.kick_fd: v.index for v in self.vrings if v.kick_fd is not None}
+
+    def disconnect(self) -> None:
+        """The frontend went away: drop all transport state (not device state)."""
+        for vring in self.vrings:
+            vring.drop_queue()
+            vring.close_fds()
+        self.vrings = [Vring(i) for i in range(self.num_queues)]
+        self.memory.close()
+        self.memory = GuestMemory()
+        self.features = self.protocol_features = self.status = 0
+        self.owner = False
+
+    @property
+    def needs_reset(self) -> bool:
+        return bool(self.status & spec.VIRTIO_CONFIG_S_NEEDS_RESET)
+
+    # -- ring processing ----------------------------------------------------------
+
+    def process(self, vring: Vring) -> None:
+        """Serve a ring if it is ready; never raises for what the guest did."""
+        queue = self._ready_queue(vring)
+        if queue is None or vring.worker is None:
+            return
+        try:
+            published = False
+            while True:
+                published |= vring.worker.process()
+                queue.publish_avail_event()
+                # A chain made available while we published avail_event must not wait
+                # for a kick that the driver may have decided not to send.
+                if not queue.available():
+                    break
+            if published and queue.needs_notify():
+                self._signal(vring)
+        except VirtioError as exc:
+            self._break(vring, str(exc))
+
+    def _ready_queue(self, vring: Vring) -> DeviceQueue | None:
+        if vring.queue is not None:
+            return vring.queue
+        enabled = vring.enabled or not self.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        if (
+            vring.broken is not None
+            or not vring.started
+            or not enabled
+            or vring.num == 0
+            or vring.addr is None
+            or not len(self.memory)
+        ):
+            return None
+        addr = vring.addr
+        try:
+            layout = RingLayout(
+                vring.num,
+                self.memory.user_to_guest(addr.desc_user_addr, spec.desc_table_size(vring.num)),
+                self.memory.user_to_guest(addr.avail_user_addr, spec.avail_ring_size(vring.num)),
+                self.memory.user_to_guest(addr.used_user_addr, spec.used_ring_size(vring.num)),
+            )
+            vring.queue = DeviceQueue(
+                self.memory,
+                layout,
+                event_idx=bool(self.features & (1 << spec.VIRTIO_RING_F_EVENT_IDX)),
+                indirect=bool(self.features & (1 << spec.VIRTIO_RING_F_INDIRECT_DESC)),
+                last_avail_idx=vring.base,
+            )
+        except VirtioError as exc:
+            self._break(vring, f"cannot set up the rings: {exc}")
+            return None
+        vring.worker = self._worker_factory(vring.queue, lambda: self._interrupt(vring))
+        log.info(
+            "vring %d started: size %d, avail index %d, desc %#x avail %#x used %#x",
+            vring.index,
+            vring.num,
+            vring.base,
+            layout.desc,
+            layout.avail,
+            layout.used,
+        )
+        return vring.queue
+
+    def _interrupt(self, vring: Vring) -> None:
+        """Mid-pass: interrupt now if the driver asked to hear about what is published."""
+        if vring.queue is not None and vring.queue.needs_notify(barrier=False):
+            self._signal(vring)
+
+    def _signal(self, vring: Vring) -> None:
+        if vring.call_fd is None:
+            vring.signal_pending = True
+            return
+        vring.signal_pending = False
+        try:
+            os.write(vring.call_fd, _EVENTFD_ONE)
+        except OSError as exc:
+            log.warning("vring %d: cannot signal the call fd: %s", vring.index, exc)
+
+    def _break(self, vring: Vring, reason: str) -> None:
+        log.error(
+            "vring %d: %s; device needs reset (DEVICE_NEEDS_RESET set, ring stopped)",
+            vring.index,
+            reason,
+        )
+        vring.broken = reason
+        if vring.queue is not None:
+            vring.queue.release()
+        vring.queue = None
+        vring.worker = None
+        self.status |= spec.VIRTIO_CONFIG_S_NEEDS_RESET
+        if vring.err_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(vring.err_fd, _EVENTFD_ONE)
+
+    def _invalidate(self, vring: Vring) -> None:
+        vring.drop_queue()
+        vring.broken = None
+
+    def _reset_vrings(self) -> None:
+        for vring in self.vrings:
+            vring.drop_queue()
+            vring.close_fds()
+        self.vrings = [Vring(i) for i in range(self.num_queues)]
+        self.status &= ~spec.VIRTIO_CONFIG_S_NEEDS_RESET
+
+    # -- helpers --------------------------------------------------------------------
+
+    @property
+    def _reply_ack(self) -> bool:
+        return bool(self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_REPLY_ACK))
+
+    def _reply(self, message: Message, payload: Payload) -> Message:
+        return Message(message.request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, payload.encode())
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < self.num_queues:
+            raise BackendError(f"vring index {index} out of range (device has {self.num_queues})")
+        return self.vrings[index]
+
+    def _map(self, desc: MemoryRegionDescription, fd: int) -> MemoryRegion:
+        try:
+            return MemoryRegion.from_fd(
+                fd,
+                guest_addr=desc.guest_phys_addr,
+                size=desc.memory_size,
+                user_addr=desc.userspace_addr,
+                mmap_offset=desc.mmap_offset,
+            )
+        except GuestMemoryError as exc:
+            raise BackendError(str(exc)) from exc
+
+    def _drop_all_queues(self) -> None:
+        for vring in self.vrings:
+            vring.drop_queue()
+
+    def _process_all(self) -> None:
+        for vring in self.vrings:
+            self.process(vring)
+
+    # -- request handlers -------------------------------------------------------------
+
+    def _get_features(self, message: Message, payload: Payload) -> Payload:
+        return U64(OFFERED_FEATURES)
+
+    def _set_features(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, U64)
+        if payload.value & ~OFFERED_FEATURES:
+            raise BackendError(f"features {payload.value & ~OFFERED_FEATURES:#x} were not offered")
+        if not payload.value & (1 << spec.VIRTIO_F_VERSION_1):
+            log.warning("frontend did not accept VIRTIO_F_VERSION_1 (legacy is not supported)")
+        self.features = payload.value
+        self._drop_all_queues()
+        self._process_all()
+
+    def _set_owner(self, message: Message, payload: Payload) -> None:
+        self.owner = True
+
+    def _reset_owner(self, message: Message, payload: Payload) -> None:
+        # Deprecated; the spec recommends treating it as "disable all rings".
+        for vring in self.vrings:
+            vring.enabled = False
+            vring.drop_queue()
+
+    def _set_mem_table(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, MemoryTable)
+        regions: list[MemoryRegion] = []
+        try:
+            for desc, fd in zip(payload.regions, message.fds, strict=True):
+                regions.append(self._map(desc, fd))
+            memory = GuestMemory(regions)
+        except (BackendError, GuestMemoryError) as exc:
+            for region in regions:
+                region.close()
+            raise BackendError(f"memory table refused: {exc}") from exc
+        self._drop_all_queues()
+        self.memory.close()
+        self.memory = memory
+        log.info("memory table: %s", memory)
+        self._process_all()
+
+    def _add_mem_reg(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, SingleMemoryRegion)
+        if len(self.memory) >= MAX_MEM_SLOTS:
+            raise BackendError(f"all {MAX_MEM_SLOTS} memory slots are in use")
+        region = self._map(payload.region, message.fds[0])
+        try:
+            self.memory.add(region)
+        except GuestMemoryError as exc:
+            region.close()
+            raise BackendError(str(exc)) from exc
+        log.info("memory region added: %s", self.memory)
+        self._process_all()
+
+    def _rem_mem_reg(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, SingleMemoryRegion)
+        r = payload.region
+        self._drop_all_queues()
+        try:
+            region = self.memory.remove(r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        except GuestMemoryError as exc:
+            raise BackendError(str(exc)) from exc
+        region.close()
+        log.info("memory region removed: %s", self.memory)
+        self._process_all()
+
+    def _set_vring_num(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, VringState)
+        vring = self._vring(payload.index)
+        num = payload.num
+        if not 1 <= num <= spec.VIRTQ_MAX_SIZE or num & (num - 1):
+            raise BackendError(f"vring size {num} is not a power of two in 1..32768")
+        self._invalidate(vring)
+        vring.num = num
+
+    def _set_vring_addr(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, VringAddr)
+        vring = self._vring(payload.index)
+        self._invalidate(vring)
+        vring.addr = payload
+        self.process(vring)
+
+    def _set_vring_base(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, VringState)
+        vring = self._vring(payload.index)
+        if payload.num > 0xFFFF:
+            raise BackendError(f"vring base {payload.num} does not fit a split ring index")
+        self._invalidate(vring)
+        vring.base = payload.num
+
+    def _get_vring_base(self, message: Message, payload: Payload) -> Payload:
+        assert isinstance(payload, VringState)
+        vring = self._vring(payload.index)
+        vring.drop_queue()
+        vring.started = False
+        if vring.kick_fd is not None:
+            _close(vring.kick_fd)
+            vring.kick_fd = None
+        log.info("vring %d stopped at avail index %d", vring.index, vring.base)
+        return VringState(vring.index, vring.base)
+
+    def _set_vring_kick(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, VringFd)
+        vring = self._vring(payload.index)
+        if payload.nofd:
+            raise BackendError("polling (no kick fd) is not supported")
+        if vring.kick_fd is not None:
+            _close(vring.kick_fd)
+        vring.kick_fd = message.fds.pop()
+        vring.started = True
+        self.process(vring)
+
+    def _set_vring_call(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, VringFd)
+        vring = self._vring(payload.index)
+        if vring.call_fd is not None:
+            _close(vring.call_fd)
+        vring.call_fd = None if payload.nofd else message.fds.pop()
+        if vring.signal_pending and vring.call_fd is not None:
+            self._signal(vring)
+
+    def _set_vring_err(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, VringFd)
+        vring = self._vring(payload.index)
+        if vring.err_fd is not None:
+            _close(vring.err_fd)
+        vring.err_fd = None if payload.nofd else message.fds.pop()
+
+    def _get_protocol_features(self, message: Message, payload: Payload) -> Payload:
+        return U64(OFFERED_PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, U64)
+        if payload.value & ~OFFERED_PROTOCOL_FEATURES:
+            raise BackendError(
+                f"protocol features {payload.value & ~OFFERED_PROTOCOL_FEATURES:#x} were not offered"
+            )
+        self.protocol_features = payload.value
+
+    def _get_queue_num(self, message: Message, payload: Payload) -> Payload:
+        return U64(self.num_queues)
+
+    def _set_vring_enable(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, VringState)
+        vring = self._vring(payload.index)
+        if payload.num not in (0, 1):
+            raise BackendError(f"SET_VRING_ENABLE with {payload.num} (0 or 1 expected)")
+        vring.enabled = bool(payload.num)
+        if vring.enabled:
+            self.process(vring)
+        else:
+            vring.drop_queue()
+
+    def _reset_device(self, message: Message, payload: Payload) -> None:
+        self._reset_vrings()
+        self.features = 0
+        self.status = 0
+        log.info("device reset (transport state only; device state kept)")
+
+    def _get_max_mem_slots(self, message: Message, payload: Payload) -> Payload:
+        return U64(MAX_MEM_SLOTS)
+
+    def _set_status(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, U64)
+        if payload.value > 0xFF:
+            raise BackendError(f"device status {payload.value:#x} does not fit 8 bits")
+        if payload.value == 0:
+            self._reset_vrings()
+            self.status = 0
+            log.info("virtio reset through SET_STATUS (device state kept)")
+            return
+        self.status = payload.value | (self.status & spec.VIRTIO_CONFIG_S_NEEDS_RESET)
+        self._process_all()
+
+    def _get_status(self, message: Message, payload: Payload) -> Payload:
+        return U64(self.status)
+
+
+def _has_reply(request: int) -> bool:
+    return request in _REPLYING
+
+
+_REPLYING = frozenset(
+    {
+        FrontendRequest.VHOST_USER_GET_FEATURES,
+        FrontendRequest.VHOST_USER_GET_PROTOCOL_FEATURES,
+        FrontendRequest.VHOST_USER_GET_VRING_BASE,
+        FrontendRequest.VHOST_USER_GET_QUEUE_NUM,
+        FrontendRequest.VHOST_USER_GET_MAX_MEM_SLOTS,
+        FrontendRequest.VHOST_USER_GET_STATUS,
+    }
+)

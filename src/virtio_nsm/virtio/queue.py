@@ -1,0 +1,567 @@
+"""Split virtqueue (virtio 1.x, 2.7), for both the device and the driver role.
+
+Theory of operation
+-------------------
+A split virtqueue is three areas in guest memory: the descriptor table, the
+available ring (driver → device) and the used ring (device → driver).  The
+driver links descriptors into *chains*, puts each chain's head on the available
+ring and bumps ``avail->idx``; the device walks the chain, reads the readable
+part, fills the writable part and reports ``(head, bytes written)`` on the used
+ring.  With ``VIRTIO_RING_F_EVENT_IDX`` each side publishes, in the slot just past
+its ring, the index at which it wants the next notification; without it, one flag
+bit per ring suppresses notifications wholesale.  With
+``VIRTIO_RING_F_INDIRECT_DESC`` a chain's head may point at a separate table of
+descriptors instead.
+
+:class:`DeviceQueue` is the device role (our vhost-user backend);
+:class:`DriverQueue` is the driver role (our Python virtio driver).  Both work
+on a :class:`~virtio_nsm.virtio.memory.GuestMemory` and never do I/O; the caller
+signals the other side when ``publish``/``needs_notify`` say so.
+
+The other side is untrusted.  Ring areas must lie inside one memory region and be
+aligned; every descriptor buffer is bounds-checked before use; descriptor indices
+are range-checked; a chain visiting more descriptors than its table holds (a loop,
+or a chain longer than the queue) is refused; a readable descriptor after a
+writable one, a nested or misplaced indirect table, an available index that runs
+more than a queue ahead, a used entry naming a buffer that is not in flight: each
+raises :class:`VirtqueueError` with the reason.  After such an error the queue must
+be considered broken (the device sets ``DEVICE_NEEDS_RESET``).
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from . import spec
+from .memory import GuestMemory, GuestMemoryError, VirtioError
+
+__all__ = [
+    "Chain",
+    "DeviceQueue",
+    "DriverQueue",
+    "RingLayout",
+    "Segment",
+    "VirtqueueError",
+    "memory_barrier",
+]
+
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("virtio rings are little-endian and so must be the host")
+# Fields the other side reads concurrently (ring indices, flags, event indices) are
+# accessed through memoryviews cast to "H": CPython reads and writes such an item
+# with one whole-field copy.  struct.pack_into is not safe for them: it zero-fills
+# the field before writing it, and the little-endian formats go byte by byte, so
+# the peer can observe 0 or a half-written index.  Descriptors and ring entries
+# are only read after the index that publishes them, so struct is fine there.
+_DESC = struct.Struct("<QIHH")
+_USED_ELEM = struct.Struct("<II")
+_U32_LIMIT = 1 << 32
+_F_WRITE = spec.VIRTQ_DESC_F_WRITE
+_NEXT_OR_INDIRECT = spec.VIRTQ_DESC_F_NEXT | spec.VIRTQ_DESC_F_INDIRECT
+_FENCE = threading.Lock()
+
+
+def memory_barrier() -> None:
+    """A full memory barrier, for a store to a ring followed by a load of the other side's field.
+
+    Notification suppression is a Dekker-style handshake between two processes (we
+    publish an index, then read the index at which the peer wants to be told), so a
+    store must not be reordered after the following load.  Python has no fence;
+    taking and releasing an uncontended CPython lock performs an atomic
+    read-modify-write, which orders memory like a full barrier on x86 and arm64.
+    """
+    _FENCE.acquire()
+    _FENCE.release()
+
+
+class VirtqueueError(VirtioError):
+    """The ring contents violate the virtqueue rules (the other side is buggy or hostile)."""
+
+
+class Segment(NamedTuple):
+    """One descriptor's buffer: guest address, length, and whether the device may write it."""
+
+    addr: int
+    length: int
+    writable: bool = False
+
+
+class Chain:
+    """A descriptor chain popped by the device: the readable part, then the writable part."""
+
+    __slots__ = ("avail_index", "head", "readable", "readable_len", "writable", "writable_len")
+
+    def __init__(self, head: int, avail_index: int = 0) -> None:
+        self.head = head
+        self.avail_index = avail_index
+        self.readable: list[Segment] = []
+        self.writable: list[Segment] = []
+        self.readable_len = 0
+        self.writable_len = 0
+
+    def __repr__(self) -> str:
+        return f"<Chain head={self.head} readable={self.readable} writable={self.writable}>"
+
+    def read(self, memory: GuestMemory, limit: int) -> bytes:
+        """The first ``limit`` bytes of the readable part (less if it is shorter)."""
+        if len(self.readable) == 1:
+            seg = self.readable[0]
+            return memory.read(seg.addr, min(seg.length, limit))
+        parts: list[bytes] = []
+        left = limit
+        for seg in self.readable:
+            if left <= 0:
+                break
+            n = min(seg.length, left)
+            parts.append(memory.read(seg.addr, n))
+            left -= n
+        return b"".join(parts)
+
+    def write(self, memory: GuestMemory, data: bytes) -> int:
+        """Scatter ``data`` over the writable part; returns bytes written (all, or raises)."""
+        if len(data) > self.writable_len:
+            raise VirtqueueError(
+                f"{len(data)} bytes do not fit the {self.writable_len}-byte writable part "
+                f"of chain {self.head}"
+            )
+        if len(self.writable) == 1:
+            memory.write(self.writable[0].addr, data)
+            return len(data)
+        done = 0
+        for seg in self.writable:
+            if done == len(data):
+                break
+            n = min(seg.length, len(data) - done)
+            memory.write(seg.addr, data[done : done + n])
+            done += n
+        return done
+
+
+@dataclass(frozen=True, slots=True)
+class RingLayout:
+    """Queue size and the guest-physical addresses of the three ring areas."""
+
+    size: int
+    desc: int
+    avail: int
+    used: int
+
+    @classmethod
+    def contiguous(cls, size: int, base: int, *, align: int = 4096) -> RingLayout:
+        """The legacy-style layout: table, avail ring, used ring on the next ``align``."""
+        avail = base + spec.desc_table_size(size)
+        used_unaligned = avail + spec.avail_ring_size(size)
+        used = -(-used_unaligned // align) * align
+        return cls(size, base, avail, used)
+
+    @property
+    def end(self) -> int:
+        return self.used + spec.used_ring_size(self.size)
+
+
+class _SplitRing:
+    """What both roles share: validated layout and live views of the three areas."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        layout: RingLayout,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+    ) -> None:
+        size = layout.size
+        if not 1 <= size <= spec.VIRTQ_MAX_SIZE or size & (size - 1):
+            raise VirtqueueError(f"queue size {size} is not a power of two in 1..32768")
+        for name, addr, align in (
+            ("descriptor table", layout.desc, spec.VIRTQ_DESC_ALIGN),
+            ("available ring", layout.avail, spec.VIRTQ_AVAIL_ALIGN),
+            ("used ring", layout.used, spec.VIRTQ_USED_ALIGN),
+        ):
+            if addr % align:
+                raise VirtqueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
+        self.memory = memory
+        self.layout = layout
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        try:
+            self._desc = memory.view(layout.desc, spec.desc_table_size(size))
+            self._avail = memory.view(layout.avail, spec.avail_ring_size(size))
+            self._used = memory.view(layout.used, spec.used_ring_size(size))
+        except GuestMemoryError as exc:
+            raise VirtqueueError(f"virtqueue rings are not in guest memory: {exc}") from exc
+        self._avail16 = self._avail.cast("H")
+        self._used16 = self._used.cast("H")
+        # Positions, in 16-bit words, of avail->used_event and used->avail_event.
+        self._used_event = 2 + size
+        self._avail_event = 2 + 4 * size
+
+    def release(self) -> None:
+        """Drop the views into guest memory (call before unmapping it)."""
+        for view in (self._avail16, self._used16, self._desc, self._avail, self._used):
+            view.release()
+
+    # Raw ring fields, for tests and diagnostics.
+    @property
+    def avail_idx(self) -> int:
+        return int(self._avail16[1])
+
+    @property
+    def used_idx(self) -> int:
+        return int(self._used16[1])
+
+
+class DeviceQueue(_SplitRing):
+    """The device side: pop available chains, push used elements, decide on interrupts."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        layout: RingLayout,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        last_avail_idx: int = 0,
+        used_idx: int | None = None,
+    ) -> None:
+        super().__init__(memory, layout, event_idx=event_idx, indirect=indirect)
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        #: Our copy of ``used->idx`` (published by :meth:`publish_used`).
+        self.next_used_idx = self.used_idx if used_idx is None else used_idx & 0xFFFF
+        self._signalled_used: int | None = None
+        self._in_flight: dict[int, int] = {}  # head -> writable capacity
+        self._avail_seen = self.last_avail_idx  # avail->idx as last read
+
+    def __repr__(self) -> str:
+        return (
+            f"<DeviceQueue size={self.size} last_avail={self.last_avail_idx} "
+            f"used={self.next_used_idx} in_flight={len(self._in_flight)}>"
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def available(self) -> int:
+        """How many chains the driver has made available and we have not popped."""
+        avail_idx = self.avail_idx
+        memory_barrier()  # read the ring entries only after the index that covers them
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if pending > self.size:
+            raise VirtqueueError(
+                f"available index {self.avail_idx} is {pending} ahead of {self.last_avail_idx}, "
+                f"more than the queue size {self.size}"
+            )
+        self._avail_seen = avail_idx
+        return pending
+
+    def pop(self) -> Chain | None:
+        """Take the next available chain, fully validated, or ``None`` if there is none."""
+        # Re-read avail->idx only once everything seen so far has been taken.
+        if self._avail_seen == self.last_avail_idx and not self.available():
+            return None
+        last = self.last_avail_idx
+        head = int(self._avail16[2 + last % self.size])
+        in_flight = self._in_flight
+        if head in in_flight:
+            raise VirtqueueError(f"driver made chain {head} available again while in flight")
+        chain = Chain(head, last)
+        if head < self.size:
+            # Fast path for the common one-descriptor chain; anything else takes _walk.
+            addr, length, flags, _ = _DESC.unpack_from(self._desc, head << 4)
+            if not flags & _NEXT_OR_INDIRECT and length:
+                try:
+                    self.memory.check(addr, length)
+                except GuestMemoryError as exc:
+                    raise VirtqueueError(f"chain {head}: descriptor buffer: {exc}") from exc
+                if flags & _F_WRITE:
+                    chain.writable.append(Segment(addr, length, True))
+                    chain.writable_len = length
+                else:
+                    chain.readable.append(Segment(addr, length, False))
+                    chain.readable_len = length
+            else:
+                self._walk(chain)
+        else:
+            self._walk(chain)
+        self.last_avail_idx = (last + 1) & 0xFFFF
+        in_flight[head] = chain.writable_len
+        return chain
+
+    def _walk(self, chain: Chain) -> Chain:
+        head = chain.head
+        table, table_len, in_indirect = self._desc, self.size, False
+        index, visited, total = head, 0, 0
+        while True:
+            if index >= table_len:
+                where = "indirect table" if in_indirect else "descriptor table"
+                raise VirtqueueError(
+                    f"chain {head}: descriptor index {index} is outside the {where} of {table_len} entries"
+                )
+            addr, length, flags, nxt = _DESC.unpack_from(table, index * spec.VIRTQ_DESC_SIZE)
+            visited += 1
+            if visited > table_len:
+                raise VirtqueueError(
+                    f"chain {head}: more than {table_len} descriptors "
+                    "(a loop, or a chain longer than the queue)"
+                )
+            if flags & spec.VIRTQ_DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise VirtqueueError(
+                        f"chain {head}: indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC"
+                    )
+                if in_indirect:
+                    raise VirtqueueError(f"chain {head}: nested indirect table")
+                if visited != 1 or flags & spec.VIRTQ_DESC_F_NEXT:
+                    raise VirtqueueError(f"chain {head}: an indirect descriptor must be the whole chain")
+                if length == 0 or length % spec.VIRTQ_DESC_SIZE:
+                    raise VirtqueueError(
+                        f"chain {head}: indirect table length {length} is not a positive multiple of 16"
+                    )
+                count = length // spec.VIRTQ_DESC_SIZE
+                if count > self.size:
+                    raise VirtqueueError(
+                        f"chain {head}: indirect table of {count} descriptors is longer "
+                        f"than the queue ({self.size})"
+                    )
+                try:
+                    table = self.memory.view(addr, length)
+                except GuestMemoryError as exc:
+                    raise VirtqueueError(f"chain {head}: indirect table: {exc}") from exc
+                table_len, in_indirect, index, visited = count, True, 0, 0
+                continue
+            total += length
+            if total >= _U32_LIMIT:
+                raise VirtqueueError(f"chain {head}: total length exceeds 32 bits")
+            if length:
+                try:
+                    self.memory.check(addr, length)
+                except GuestMemoryError as exc:
+                    raise VirtqueueError(f"chain {head}: descriptor buffer: {exc}") from exc
+            if flags & spec.VIRTQ_DESC_F_WRITE:
+                chain.writable.append(Segment(addr, length, True))
+                chain.writable_len += length
+            elif chain.writable:
+                raise VirtqueueError(f"chain {head}: device-readable descriptor after a device-writable one")
+            else:
+                chain.readable.append(Segment(addr, length, False))
+                chain.readable_len += length
+            if not flags & spec.VIRTQ_DESC_F_NEXT:
+                return chain
+            index = nxt
+
+    def unpop(self, chain: Chain) -> None:
+        """Give back the most recently popped chain unanswered (it becomes available again)."""
+        if chain.head not in self._in_flight or (chain.avail_index + 1) & 0xFFFF != (self.last_avail_idx):
+            raise ValueError("only the most recently popped chain can be given back")
+        del self._in_flight[chain.head]
+        self.last_avail_idx = chain.avail_index
+        self._avail_seen = self.last_avail_idx
+
+    def add_used(self, head: int, length: int) -> None:
+        """Write one used element (not yet visible: see :meth:`publish_used`)."""
+        capacity = self._in_flight.pop(head, None)
+        if capacity is None:
+            raise ValueError(f"chain {head} is not in flight")
+        if not 0 <= length <= capacity:
+            raise ValueError(f"used length {length} exceeds chain {head}'s {capacity} bytes")
+        idx = self.next_used_idx
+        _USED_ELEM.pack_into(self._used, 4 + 8 * (idx % self.size), head, length)
+        self.next_used_idx = (idx + 1) & 0xFFFF
+
+    def publish_used(self) -> None:
+        """Make the used elements written so far visible to the driver."""
+        memory_barrier()  # the elements must be visible before the index that covers them
+        self._used16[1] = self.next_used_idx
+
+    def needs_notify(self, *, barrier: bool = True) -> bool:
+        """Whether the driver asked to be interrupted for what was published since last time.
+
+        Without ``barrier`` the answer may be a stale "no"; use that only for early
+        interrupts that are followed by a checked decision.
+        """
+        if barrier:
+            memory_barrier()
+        if not self.event_idx:
+            flags = self._avail16[0]
+            return not flags & spec.VIRTQ_AVAIL_F_NO_INTERRUPT
+        new, old = self.next_used_idx, self._signalled_used
+        self._signalled_used = new
+        if old is None:
+            return True
+        used_event = self._avail16[self._used_event]
+        return spec.vring_need_event(used_event, new, old)
+
+    def publish_avail_event(self) -> None:
+        """Ask for a kick as soon as anything new is made available (EVENT_IDX only)."""
+        if self.event_idx:
+            self._used16[self._avail_event] = self.last_avail_idx
+            memory_barrier()
+
+
+class DriverQueue(_SplitRing):
+    """The driver side: add chains, decide on kicks, collect and validate used elements."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        layout: RingLayout,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+    ) -> None:
+        super().__init__(memory, layout, event_idx=event_idx, indirect=indirect)
+        # The driver owns the rings: start from a clean state.
+        self._avail[:] = bytes(len(self._avail))
+        self._used[:] = bytes(len(self._used))
+        self._free: list[int] = list(range(self.size - 1, -1, -1))
+        self._shadow_avail = 0
+        self._published_avail = 0
+        self.last_used_idx = 0
+        self._in_flight: dict[int, tuple[list[int], int]] = {}  # head -> (descs, writable)
+
+    def __repr__(self) -> str:
+        return (
+            f"<DriverQueue size={self.size} avail={self._shadow_avail} "
+            f"last_used={self.last_used_idx} in_flight={len(self._in_flight)}>"
+        )
+
+    @property
+    def free_descriptors(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def add(self, segments: Sequence[Segment], *, indirect_table: int | None = None) -> int:
+        """Queue one chain (not yet visible: see :meth:`publish`); returns its head.
+
+        With ``indirect_table`` (a guest address with room for ``16 * len(segments)``
+        bytes) the chain takes one ring descriptor pointing at an indirect table.
+        """
+        if not segments:
+            raise ValueError("a chain needs at least one segment")
+        seen_writable = False
+        for seg in segments:
+            if seg.writable:
+                seen_writable = True
+            elif seen_writable:
+                raise ValueError("readable segments must come before writable ones")
+        writable = sum(s.length for s in segments if s.writable)
+        if indirect_table is not None:
+            if not self.indirect:
+                raise ValueError("VIRTIO_RING_F_INDIRECT_DESC was not negotiated")
+            table = bytearray()
+            for i, seg in enumerate(segments):
+                flags = spec.VIRTQ_DESC_F_WRITE if seg.writable else 0
+                if i + 1 < len(segments):
+                    flags |= spec.VIRTQ_DESC_F_NEXT
+                table += _DESC.pack(seg.addr, seg.length, flags, i + 1)
+            self.memory.write(indirect_table, table)
+            ring_descs = [(indirect_table, len(table), spec.VIRTQ_DESC_F_INDIRECT)]
+        else:
+            ring_descs = [(s.addr, s.length, spec.VIRTQ_DESC_F_WRITE if s.writable else 0) for s in segments]
+        if len(ring_descs) > len(self._free):
+            raise ValueError(f"no room: {len(ring_descs)} descriptors needed, {len(self._free)} free")
+        ids = [self._free.pop() for _ in ring_descs]
+        for i, (addr, length, flags) in enumerate(ring_descs):
+            nxt = 0
+            if i + 1 < len(ids):
+                flags |= spec.VIRTQ_DESC_F_NEXT
+                nxt = ids[i + 1]
+            _DESC.pack_into(self._desc, ids[i] * spec.VIRTQ_DESC_SIZE, addr, length, flags, nxt)
+        head = ids[0]
+        slot = self._shadow_avail % self.size
+        self._avail16[2 + slot] = head
+        self._shadow_avail = (self._shadow_avail + 1) & 0xFFFF
+        self._in_flight[head] = (ids, writable)
+        return head
+
+    def add_buffer(self, addr: int, length: int, writable: bool) -> int:
+        """Queue a one-descriptor chain (what Linux's nsm.ko does); returns its head."""
+        if not self._free:
+            raise ValueError("no room: 1 descriptor needed, 0 free")
+        head = self._free.pop()
+        _DESC.pack_into(
+            self._desc,
+            head * spec.VIRTQ_DESC_SIZE,
+            addr,
+            length,
+            spec.VIRTQ_DESC_F_WRITE if writable else 0,
+            0,
+        )
+        self._avail16[2 + self._shadow_avail % self.size] = head
+        self._shadow_avail = (self._shadow_avail + 1) & 0xFFFF
+        self._in_flight[head] = ([head], length if writable else 0)
+        return head
+
+    def publish(self) -> bool:
+        """Make added chains visible; returns whether the device wants a kick for them."""
+        old, new = self._published_avail, self._shadow_avail
+        memory_barrier()  # descriptors and ring entries before the index that covers them
+        self._avail16[1] = new
+        self._published_avail = new
+        if old == new:
+            return False
+        memory_barrier()
+        if self.event_idx:
+            avail_event = self._used16[self._avail_event]
+            return spec.vring_need_event(avail_event, new, old)
+        return not self._used16[0] & spec.VIRTQ_USED_F_NO_NOTIFY
+
+    def request_interrupt_after(self, count: int) -> None:
+        """Ask to be interrupted once ``count`` more used elements have been published."""
+        if self.event_idx:
+            self._avail16[self._used_event] = (self.last_used_idx + count - 1) & 0xFFFF
+        else:
+            self._avail16[0] = 0
+        memory_barrier()
+
+    def collect_used(self) -> list[tuple[int, int]]:
+        """Every newly used ``(head, length)``, validated against what is in flight."""
+        used_idx = self.used_idx
+        memory_barrier()  # read the elements only after the index that covers them
+        count = (used_idx - self.last_used_idx) & 0xFFFF
+        if count > len(self._in_flight):
+            raise VirtqueueError(
+                f"device advanced the used index by {count} with {len(self._in_flight)} buffers in flight"
+            )
+        done: list[tuple[int, int]] = []
+        for _ in range(count):
+            slot = self.last_used_idx % self.size
+            head, length = _USED_ELEM.unpack_from(self._used, 4 + spec.VIRTQ_USED_ELEM_SIZE * slot)
+            entry = self._in_flight.pop(head, None)
+            if entry is None:
+                raise VirtqueueError(f"device returned chain {head}, which is not in flight")
+            ids, writable = entry
+            if length > writable:
+                raise VirtqueueError(
+                    f"device reports {length} bytes written to chain {head}, "
+                    f"which has {writable} writable bytes"
+                )
+            self._free.extend(reversed(ids))
+            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+            done.append((head, length))
+        return done
+
+    def raw_descriptor(self, index: int, addr: int, length: int, flags: int, nxt: int) -> None:
+        """Overwrite one descriptor as-is (for fault injection in tests)."""
+        _DESC.pack_into(self._desc, index * spec.VIRTQ_DESC_SIZE, addr, length, flags, nxt)
+
+    def raw_avail(self, heads: Iterable[int], *, idx_delta: int | None = None) -> None:
+        """Put raw heads on the available ring and publish (for fault injection in tests)."""
+        heads = list(heads)
+        for head in heads:
+            self._avail16[2 + self._shadow_avail % self.size] = head & 0xFFFF
+            self._shadow_avail = (self._shadow_avail + 1) & 0xFFFF
+        if idx_delta is not None:
+            self._shadow_avail = (self._published_avail + idx_delta) & 0xFFFF
+        self._avail16[1] = self._shadow_avail
+        self._published_avail = self._shadow_avail

@@ -1,0 +1,299 @@
+"""The device's behaviour (facts §2), atomicity, and properties over arbitrary input."""
+
+from __future__ import annotations
+
+import hashlib
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from virtio_nsm import ConfigurationError, Digest, ErrorCode, NsmDevice
+from virtio_nsm.nsm import protocol as p
+from virtio_nsm.nsm.device import Commit
+
+
+def call(device: NsmDevice, request: p.Request) -> p.Response:
+    return p.decode_response(device.handle(p.encode_request(request)))
+
+
+def err(code: ErrorCode) -> p.ErrorResponse:
+    return p.ErrorResponse(code)
+
+
+def test_extend_known_answer(device: NsmDevice) -> None:
+    r = call(device, p.ExtendPCR(16, bytes.fromhex("0b00374863ff5c65")))
+    assert r == p.ExtendPCRResponse(bytes.fromhex(
+        "b33da05a0fdb71627c8c68fc4232281fc440edd6f0ac7467fa497bbb907db32d"
+        "957b5fd393845fa02c264ad5ea233888"))
+
+
+def test_extend_is_hash_of_old_and_data(device: NsmDevice) -> None:
+    value = bytes(48)
+    for data in (b"", b"a", b"\x00" * 3000):
+        value = hashlib.sha384(value + data).digest()
+        assert call(device, p.ExtendPCR(20, data)) == p.ExtendPCRResponse(value)
+    assert call(device, p.DescribePCR(20)) == p.DescribePCRResponse(False, value)
+
+
+def test_boot_state(device: NsmDevice) -> None:
+    d = call(device, p.DescribeNSM())
+    assert d == p.DescribeNSMResponse(1, 0, 0, "i-0123456789abcdef0-enc0123456789abcdef", 32,
+                                      tuple(range(16)), "SHA384")
+    for i in range(32):
+        r = call(device, p.DescribePCR(i))
+        assert isinstance(r, p.DescribePCRResponse)
+        assert r.lock == (i < 16)
+        assert len(r.data) == 48
+        if i in (0, 1, 2, 3) or i >= 5:
+            assert r.data == bytes(48), i  # debug-mode enclave: PCR0-2 zero
+    pcr4 = call(device, p.DescribePCR(4))
+    assert isinstance(pcr4, p.DescribePCRResponse) and pcr4.data != bytes(48)
+
+
+# (request, expected response) in order, on one fresh device
+SCENARIO: list[tuple[p.Request, p.Response]] = [
+    (p.DescribePCR(31), p.DescribePCRResponse(False, bytes(48))),
+    (p.DescribePCR(32), err(ErrorCode.InvalidIndex)),
+    (p.DescribePCR(50), err(ErrorCode.InvalidIndex)),
+    (p.DescribePCR(65535), err(ErrorCode.InvalidIndex)),
+    (p.ExtendPCR(0, b"x"), err(ErrorCode.ReadOnlyIndex)),
+    (p.ExtendPCR(15, b"x"), err(ErrorCode.ReadOnlyIndex)),
+    (p.ExtendPCR(50, b"x"), err(ErrorCode.InvalidIndex)),
+    (p.LockPCR(3), err(ErrorCode.ReadOnlyIndex)),
+    (p.LockPCR(32), err(ErrorCode.InvalidIndex)),
+    (p.LockPCR(16), p.LockPCRResponse()),
+    (p.LockPCR(16), err(ErrorCode.ReadOnlyIndex)),
+    (p.ExtendPCR(16, b"x"), err(ErrorCode.ReadOnlyIndex)),
+    (p.LockPCRs(33), err(ErrorCode.InvalidIndex)),
+    (p.LockPCRs(10), p.LockPCRsResponse()),  # all already locked: not an error
+    (p.LockPCRs(0), p.LockPCRsResponse()),
+    (p.ExtendPCR(31, b""), p.ExtendPCRResponse(hashlib.sha384(bytes(48)).digest())),
+    (p.LockPCRs(32), p.LockPCRsResponse()),
+    (p.ExtendPCR(31, b""), err(ErrorCode.ReadOnlyIndex)),
+    (p.LockPCR(20), err(ErrorCode.ReadOnlyIndex)),
+    (p.DescribePCR(31), p.DescribePCRResponse(True, hashlib.sha384(bytes(48)).digest())),
+]
+
+
+def test_behaviour_table(device: NsmDevice) -> None:
+    for request, expected in SCENARIO:
+        assert call(device, request) == expected, request
+    d = call(device, p.DescribeNSM())
+    assert isinstance(d, p.DescribeNSMResponse) and d.locked_pcrs == tuple(range(32))
+
+
+def test_get_random(device: NsmDevice) -> None:
+    a, b = device.handle(p.encode_request(p.GetRandom())), device.handle(b"\x69GetRandom")
+    prefix = bytes.fromhex("a16947657452616e646f6da16672616e646f6d590100")
+    assert a.startswith(prefix) and b.startswith(prefix)
+    assert len(a) == len(prefix) + 256
+    assert a != b
+
+
+def test_input_too_large(device: NsmDevice) -> None:
+    assert call(device, p.Attestation(public_key=b"k" * 4096)) == err(ErrorCode.InputTooLarge)
+    assert device.handle(b"\x00" * 0x1001) == p.encode_error(ErrorCode.InputTooLarge)
+
+
+def test_large_fields_fit(device: NsmDevice) -> None:
+    device.handle(p.encode_request(p.LockPCRs(32)))
+    r = call(device, p.Attestation(public_key=b"k" * 4050))
+    assert isinstance(r, p.AttestationResponse)
+    r = call(device, p.Attestation(user_data=b"u" * 1330, nonce=b"n" * 1330, public_key=b"k" * 1330))
+    assert isinstance(r, p.AttestationResponse)
+
+
+@pytest.mark.parametrize(("digest", "size", "hashname"),
+                         [("SHA256", 32, "sha256"), ("SHA384", 48, "sha384"), ("SHA512", 64, "sha512")])
+def test_digests(digest: str, size: int, hashname: str) -> None:
+    device = NsmDevice(digest=digest)
+    d = call(device, p.DescribeNSM())
+    assert isinstance(d, p.DescribeNSMResponse) and d.digest == digest
+    r = call(device, p.ExtendPCR(16, b"abc"))
+    assert r == p.ExtendPCRResponse(hashlib.new(hashname, bytes(size) + b"abc").digest())
+
+
+def test_boot_measurements_and_options() -> None:
+    m = {0: b"\x01" * 48, 8: b"\x08" * 48}
+    device = NsmDevice(module_id="i-1-enc2", boot_measurements=m)
+    assert call(device, p.DescribePCR(0)) == p.DescribePCRResponse(True, b"\x01" * 48)
+    assert call(device, p.DescribePCR(8)) == p.DescribePCRResponse(True, b"\x08" * 48)
+    assert call(device, p.DescribePCR(4)) == p.DescribePCRResponse(True, bytes(48))
+    with pytest.raises(ConfigurationError):
+        NsmDevice(boot_measurements={16: b"\x00" * 48})
+    with pytest.raises(ConfigurationError):
+        NsmDevice(boot_measurements={0: b"\x00" * 32})
+    with pytest.raises(ConfigurationError):
+        NsmDevice(digest="MD5")
+    with pytest.raises(ConfigurationError):
+        NsmDevice(module_id="")
+
+
+def test_generated_module_id_shape() -> None:
+    import re
+
+    ids = {NsmDevice().state.module_id for _ in range(3)}
+    assert len(ids) == 3
+    for module_id in ids:
+        assert re.fullmatch(r"i-[0-9a-f]{17}-enc[0-9a-f]{16}", module_id)
+
+
+def test_failed_commit_leaves_state_untouched(clock: object) -> None:
+    committed: list[Commit] = []
+    fail = True
+
+    def commit(change: Commit) -> None:
+        if fail:
+            raise OSError("disk full")
+        committed.append(change)
+
+    device = NsmDevice(commit=commit)
+    before = device.state
+    for request in (p.ExtendPCR(16, b"x"), p.LockPCR(16), p.LockPCRs(32)):
+        assert call(device, request) == err(ErrorCode.InternalError)
+        assert device.state == before
+    # reads still work
+    assert isinstance(call(device, p.DescribePCR(16)), p.DescribePCRResponse)
+    assert isinstance(call(device, p.Attestation()), p.AttestationResponse)
+    fail = False
+    request = p.encode_request(p.ExtendPCR(16, b"x"))
+    response = device.handle(request, token=("slot", 7))
+    assert isinstance(p.decode_response(response), p.ExtendPCRResponse)
+    assert committed == [Commit(device.state, request, response, ("slot", 7))]
+
+
+def test_reads_do_not_commit() -> None:
+    committed: list[Commit] = []
+    device = NsmDevice(commit=committed.append)
+    for request in (p.DescribePCR(1), p.DescribeNSM(), p.GetRandom(), p.Attestation(), p.LockPCRs(16)):
+        call(device, request)
+    assert committed == []
+
+
+def test_snapshot_restore(device: NsmDevice) -> None:
+    call(device, p.ExtendPCR(17, b"a"))
+    call(device, p.LockPCR(17))
+    snapshot = device.state
+    call(device, p.ExtendPCR(18, b"b"))
+    clone = NsmDevice(state=snapshot)
+    assert call(clone, p.DescribePCR(17)) == call(device, p.DescribePCR(17))
+    assert call(clone, p.DescribePCR(18)) == p.DescribePCRResponse(False, bytes(48))
+    assert call(clone, p.DescribeNSM()) == call(NsmDevice(state=snapshot), p.DescribeNSM())
+
+
+def test_random_source_failure_is_internal_error() -> None:
+    device = NsmDevice(random_bytes=lambda n: b"short")
+    assert call(device, p.GetRandom()) == err(ErrorCode.InternalError)
+
+
+# -- properties ---------------------------------------------------------------
+
+def _well_formed(response: bytes) -> p.Response:
+    assert len(response) <= p.MAX_RESPONSE_SIZE
+    return p.decode_response(response)  # raises unless the AWS client would accept it
+
+
+SHARED_DEVICE = NsmDevice()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=0x1100))
+def test_any_bytes_give_a_well_formed_answer(data: bytes) -> None:
+    before = SHARED_DEVICE.state
+    response = _well_formed(SHARED_DEVICE.handle(data))
+    if isinstance(response, p.ErrorResponse):
+        assert SHARED_DEVICE.state == before
+
+
+cbor_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.binary(max_size=64)
+    | st.text(max_size=16) | st.sampled_from(["index", "data", "range", "nonce", "user_data",
+                                             "public_key", "DescribePCR", "ExtendPCR", "LockPCR",
+                                             "LockPCRs", "Attestation", "GetRandom", "DescribeNSM"]),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["index", "data", "range", "nonce", "user_data", "public_key", "x"])
+                      | st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+request_like = st.one_of(
+    cbor_values,
+    st.builds(lambda name, inner: {name: inner},
+              st.sampled_from(["DescribePCR", "ExtendPCR", "LockPCR", "LockPCRs", "Attestation"]),
+              st.dictionaries(st.sampled_from(["index", "data", "range", "nonce", "user_data", "public_key"]),
+                              cbor_values, max_size=4)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(request_like)
+def test_structured_requests_answer_well_formed_and_atomically(value: object) -> None:
+    device = NsmDevice(module_id="i-1-enc1")
+    data = cbor2.dumps(value)
+    before = device.state
+    response = _well_formed(device.handle(data))
+    if isinstance(response, p.ErrorResponse):
+        assert device.state == before
+    else:
+        # only the expected fields changed: identity stays, locks only grow
+        assert device.state.module_id == before.module_id
+        assert device.state.pcrs.locked & before.pcrs.locked == before.pcrs.locked
+
+
+class DeviceModel(RuleBasedStateMachine):
+    """The device against a plain model of 32 PCRs; locks never go away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.device = NsmDevice(digest=Digest.SHA384)
+        self.values = [self.device.state.pcrs.values[i] for i in range(32)]
+        self.locked = set(range(16))
+
+    @rule(index=st.integers(0, 40), data=st.binary(max_size=40))
+    def extend(self, index: int, data: bytes) -> None:
+        r = call(self.device, p.ExtendPCR(index, data))
+        if index >= 32:
+            assert r == err(ErrorCode.InvalidIndex)
+        elif index in self.locked:
+            assert r == err(ErrorCode.ReadOnlyIndex)
+        else:
+            self.values[index] = hashlib.sha384(self.values[index] + data).digest()
+            assert r == p.ExtendPCRResponse(self.values[index])
+
+    @rule(index=st.integers(0, 40))
+    def lock(self, index: int) -> None:
+        r = call(self.device, p.LockPCR(index))
+        if index >= 32:
+            assert r == err(ErrorCode.InvalidIndex)
+        elif index in self.locked:
+            assert r == err(ErrorCode.ReadOnlyIndex)
+        else:
+            self.locked.add(index)
+            assert r == p.LockPCRResponse()
+
+    @rule(count=st.integers(0, 40))
+    def lock_range(self, count: int) -> None:
+        r = call(self.device, p.LockPCRs(count))
+        if count > 32:
+            assert r == err(ErrorCode.InvalidIndex)
+        else:
+            self.locked |= set(range(count))
+            assert r == p.LockPCRsResponse()
+
+    @precondition(lambda self: True)
+    @rule(data=st.binary(max_size=200))
+    def junk(self, data: bytes) -> None:
+        _well_formed(self.device.handle(data))
+
+    @invariant()
+    def matches_model(self) -> None:
+        d = call(self.device, p.DescribeNSM())
+        assert isinstance(d, p.DescribeNSMResponse)
+        assert set(d.locked_pcrs) == self.locked
+        assert list(self.device.state.pcrs.values) == self.values
+
+
+TestDeviceModel = DeviceModel.TestCase
+TestDeviceModel.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)

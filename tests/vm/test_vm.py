@@ -11,6 +11,7 @@ overrides the list.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,8 +48,9 @@ def toolchain() -> Toolchain:
     return load_or_setup()
 
 
-def nsm_vm_run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
+def nsm_vm_run(*args: str, timeout: float = 600,
+               env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, **(env_extra or {}))
     src = str(REPO / "src")
     env["PYTHONPATH"] = ":".join([src, *[p for p in env.get("PYTHONPATH", "").split(":") if p]])
     return subprocess.run([sys.executable, "-m", "virtio_nsm", "vm", "run", *args],
@@ -56,40 +58,66 @@ def nsm_vm_run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[
                           cwd=REPO)
 
 
-def test_run_plumbing_without_device(toolchain: Toolchain) -> None:
-    """Exit status, stdout+stderr relay, read-only host root, writable /tmp, same venv."""
+def test_run_plumbing_and_cli(toolchain: Toolchain) -> None:
+    """`nsm vm run` with `nsm serve` as backend: exit status, stdout+stderr relay,
+    read-only host root, writable /tmp, the same venv, and `nsm describe` in the guest."""
     script = (
         "echo out; echo err >&2; "
         "touch /nsm-vm-should-fail 2>/dev/null && echo ROOT-WRITABLE; "
         "touch /tmp/ok && echo tmp-ok; "
         f"{sys.executable} -c 'import virtio_nsm, cbor2; print(\"py-ok\")'; "
+        "nsm describe; "
         "exit 3"
     )
-    r = nsm_vm_run("--device", "none", "--timeout", "120", "--", "sh", "-c", script)
+    env = {k: v for k, v in os.environ.items() if k != "NSM_VM_BACKEND_CMD"}
+    r = subprocess.run(
+        [sys.executable, "-m", "virtio_nsm", "vm", "run", "--timeout", "120", "--",
+         "sh", "-c", script],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env=dict(env, PYTHONPATH=":".join([str(REPO / "src"), env.get("PYTHONPATH", "")])))
     assert r.returncode == 3, r.stderr
     assert "out\n" in r.stdout and "err\n" in r.stdout
     assert "ROOT-WRITABLE" not in r.stdout
     assert "tmp-ok" in r.stdout and "py-ok" in r.stdout
+    assert "max_pcrs:    32" in r.stdout and "locked_pcrs: 0-15" in r.stdout, r.stdout
     assert "console log:" in r.stderr  # printed because the status was non-zero
 
 
 @pytest.mark.parametrize("device", _devices())
 def test_guest_conformance(toolchain: Toolchain, device: str, tmp_path: Path) -> None:
-    if device == "ours" and not _serve_available():
-        pytest.fail("`nsm serve --vhost-user` is not available yet (vhost-user backend)")
+    """The guest suite through nsm.ko, then the guest's attestation document verified
+    here against the device's root with a nonce and PCR policy."""
+    from virtio_nsm.nsm.pki import CertificateAuthority
+    from virtio_nsm.verify import verify_document
+
+    env: dict[str, str] = {}
+    ca_dir = tmp_path / "ca"
+    ca = CertificateAuthority.generate()
+    ca.save(ca_dir)
+    if device == "ours" and not os.environ.get("NSM_VM_BACKEND_CMD"):
+        # nsm serve's device with a CA we know (see backend_with_ca.py)
+        env["NSM_VM_BACKEND_CMD"] = f"{sys.executable} {Path(__file__).parent / 'backend_with_ca.py'}"
+        env["NSM_VM_TEST_CA"] = str(ca_dir)
     out = tmp_path / "out"
     out.mkdir()
     r = nsm_vm_run(
         "--device", device, "--share", str(out), "--env", f"NSM_VM_OUT={out}",
         "--timeout", "400", "--",
         sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-ra", "--color=no",
-        "--rootdir", str(REPO), str(GUEST_TESTS),
+        "--rootdir", str(REPO), str(GUEST_TESTS), env_extra=env,
     )
     print(r.stdout)
     print(r.stderr, file=sys.stderr)
     assert r.returncode == 0, f"guest suite failed on device {device}:\n{r.stdout}\n{r.stderr}"
-    assert " passed" in r.stdout and " skipped" not in r.stdout.splitlines()[-1]
-    doc = out / "attestation.cbor"
-    assert doc.exists() and doc.stat().st_size > 1000
-    # TODO(issue 5): verify `doc` on the host against the device's root with a nonce
-    # policy once the verifier lands on main (the guest wrote the nonce in attestation.json).
+    summary = r.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary
+    doc = (out / "attestation.cbor").read_bytes()
+    meta = json.loads((out / "attestation.json").read_text())
+    if "NSM_VM_TEST_CA" not in env:
+        pytest.skip("backend CA unknown (NSM_VM_BACKEND_CMD given): document not verified")
+    verified = verify_document(
+        doc, roots=[ca.certificate], nonce=bytes.fromhex(meta["nonce"]),
+        expected_pcrs={int(k): bytes.fromhex(v) for k, v in meta["pcrs"].items()},
+        max_age=600)
+    assert verified.user_data == bytes.fromhex(meta["user_data"])
+    assert sorted(verified.pcrs) == [*range(16), 17]

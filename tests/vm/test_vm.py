@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,43 @@ def test_guest_conformance(toolchain: Toolchain, device: str, tmp_path: Path) ->
         max_age=600)
     assert verified.user_data == bytes.fromhex(meta["user_data"])
     assert sorted(verified.pcrs) == [*range(16), 17]
+
+
+def test_running_backend_outlives_guests(toolchain: Toolchain, tmp_path: Path) -> None:
+    """`--device vhost-user:SOCK` with a long-running `nsm serve`: a 4 GiB guest (guest RAM
+    in two regions, the ring above 4 GiB) changes PCRs and then crashes with requests in
+    flight; the next guest reconnects and sees the same PCRs and locks."""
+    sock = tmp_path / "nsm.sock"
+    env = dict(os.environ, PYTHONPATH=":".join([str(REPO / "src"),
+                                                os.environ.get("PYTHONPATH", "")]))
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    serve = subprocess.Popen([sys.executable, "-m", "virtio_nsm", "serve", "--vhost-user",
+                              str(sock)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        for _ in range(300):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        first = nsm_vm_run(
+            "--device", f"vhost-user:{sock}", "--memory", "4096", "--timeout", "120", "--",
+            "sh", "-c",
+            "nsm pcr extend 16 --data 0b00374863ff5c65 && nsm pcr lock 17 && "
+            "(cat /dev/hwrng > /dev/null &) && sleep 0.5 && echo c > /proc/sysrq-trigger")
+        assert "b33da05a0fdb7162" in first.stdout, first.stdout + first.stderr
+        assert first.returncode != 0  # the guest panicked: no status
+        second = nsm_vm_run(
+            "--device", f"vhost-user:{sock}", "--timeout", "120", "--",
+            "sh", "-c", "nsm pcr get 16 && nsm pcr get 17 && "
+                        "nsm pcr extend 17 --data 00; echo extend17=$?")
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "PCR16 unlocked b33da05a0fdb7162" in second.stdout, second.stdout
+        assert "PCR17 locked" in second.stdout, second.stdout
+        assert "ReadOnlyIndex" in second.stdout + second.stderr
+        assert "extend17=1" in second.stdout
+        assert serve.poll() is None, "nsm serve exited"
+    finally:
+        serve.terminate()
+        serve.wait(10)
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "0x100000000" in text and "connection 2" in text, text

@@ -316,6 +316,10 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
             relay_thread.start()
             try:
                 qemu_rc = proc.wait(opts.timeout)
+            except KeyboardInterrupt:
+                proc.kill()  # QEMU runs in its own session: Ctrl-C does not reach it
+                proc.wait()
+                raise
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

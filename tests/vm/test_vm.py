@@ -121,7 +121,7 @@ def test_guest_conformance(toolchain: Toolchain, device: str, tmp_path: Path) ->
         expected_pcrs={int(k): bytes.fromhex(v) for k, v in meta["pcrs"].items()},
         max_age=600)
     assert verified.user_data == bytes.fromhex(meta["user_data"])
-    assert sorted(verified.pcrs) == [*range(16), 17]
+    assert sorted(verified.pcrs) == [*range(16), 17]  # locked when the guest attested
 
 
 def test_running_backend_outlives_guests(toolchain: Toolchain, tmp_path: Path) -> None:

@@ -357,6 +357,31 @@ def test_project_cli_describe_over_dev_nsm() -> None:
     assert info["max_pcrs"] == 32 or info.get("DescribeNSM", {}).get("max_pcrs") == 32
 
 
+def test_project_cli_commands_over_dev_nsm(tmp_path: Path) -> None:
+    def nsm_cli(*args: str) -> Any:
+        out = subprocess.run([sys.executable, "-m", "virtio_nsm", *args, "--json"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (args, out.stderr)
+        return json.loads(out.stdout)
+
+    raw = RawNsm()
+    try:
+        before = describe_pcr(raw, 23)["data"]
+        nsm_cli("pcr", "extend", "23", "--data", "c0ffee")
+        after = describe_pcr(raw, 23)
+        assert after == {"lock": False, "data": hashlib.sha384(before + b"\xc0\xff\xee").digest()}
+        nsm_cli("pcr", "lock", "23")
+        assert describe_pcr(raw, 23)["lock"] is True
+        doc_path = tmp_path / "doc.cbor"
+        nsm_cli("attest", "--nonce", "abcdef", "-o", str(doc_path))
+        payload = _payload(doc_path.read_bytes())
+        assert payload["nonce"] == bytes.fromhex("abcdef") and 23 in payload["pcrs"]
+        rnd = nsm_cli("random", "--bytes", "64")
+        assert len(bytes.fromhex(rnd["random"])) == 64
+    finally:
+        raw.close()
+
+
 # --------------------------------------------------------------------------- virtio reset
 
 

@@ -77,7 +77,7 @@ def run_cmd(cache_dir: Path | None, kernel: str | None, timeout: float, device: 
 
     Example: nsm vm run -- nsm describe
     """
-    from ..vm.run import RunOptions, run
+    from ..vm.run import RunOptions, VmError, run
     from ..vm.setup import SetupError, load_or_setup, stderr_progress
 
     extra_env: dict[str, str] = {}
@@ -95,7 +95,11 @@ def run_cmd(cache_dir: Path | None, kernel: str | None, timeout: float, device: 
     opts = RunOptions(command=list(command), kernel=kernel, timeout=timeout, device=device,
                       shares=list(shares), env=extra_env, memory_mb=memory_mb, keep=keep,
                       backend_args=list(backend_args), kernel_args=kernel_args, quiet=quiet)
-    result = run(tc, opts)
+    try:
+        result = run(tc, opts)
+    except VmError as exc:
+        click.echo(f"nsm vm run: {exc}", err=True)
+        sys.exit(125)
     if keep and not quiet:
         click.echo(f"[nsm vm] run directory: {result.run_dir}", err=True)
     sys.exit(result.status)

@@ -231,6 +231,11 @@ def _check_socket(path: str) -> None:
         raise VmError(f"no vhost-user socket at {path} (is `nsm serve --vhost-user` running?)")
 
 
+def _opt(value: object) -> str:
+    """A value inside a QEMU ``key=value,...`` option: commas are doubled."""
+    return str(value).replace(",", ",,")
+
+
 def qemu_argv(tc: Toolchain, opts: RunOptions, run_dir: Path, sock: str | None,
               kernel_path: str, initrd: Path) -> list[str]:
     mem = opts.memory_mb
@@ -248,18 +253,18 @@ def qemu_argv(tc: Toolchain, opts: RunOptions, run_dir: Path, sock: str | None,
         "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on",
         "-machine", "memory-backend=mem",
         "-kernel", kernel_path, "-initrd", str(initrd), "-append", cmdline.strip(),
-        "-serial", f"file:{run_dir / 'console.log'}",
+        "-serial", f"file:{run_dir / 'console.log'}",  # (no option list: no escaping)
         "-chardev", "stdio,id=out,signal=off", "-serial", "chardev:out",
         "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on",
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
-        "-fsdev", f"local,id=nsmrun,path={run_dir},security_model=none",
+        "-fsdev", f"local,id=nsmrun,path={_opt(run_dir)},security_model=none",
         "-device", "virtio-9p-pci,fsdev=nsmrun,mount_tag=nsmrun",
     ]
     for i, share in enumerate(opts.shares):
-        argv += ["-fsdev", f"local,id=share{i},path={share},security_model=none",
+        argv += ["-fsdev", f"local,id=share{i},path={_opt(share)},security_model=none",
                  "-device", f"virtio-9p-pci,fsdev=share{i},mount_tag=nsmshare{i}"]
     if sock is not None:
-        argv += ["-chardev", f"socket,id=nsm0,path={sock}",
+        argv += ["-chardev", f"socket,id=nsm0,path={_opt(sock)}",
                  "-device", "vhost-user-test-device-pci,chardev=nsm0,virtio-id=33,num_vqs=1"]
     elif opts.device == "qemu":
         argv += ["-device", "virtio-nsm-pci"]
@@ -272,6 +277,9 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
     t0 = time.monotonic()
     kernel = tc.kernel(opts.kernel)
     initrd = tc.initramfs(kernel)
+    if re.search(r"\s", tc.cache_dir):
+        raise VmError(f"the cache directory {tc.cache_dir!r} has whitespace in its path; "
+                      "the guest gets it on the kernel command line (use --cache-dir)")
     run_dir = _new_run_dir(Path(tc.cache_dir))
     console = run_dir / "console.log"
     if opts.shares:

@@ -84,8 +84,16 @@ def test_run_plumbing_and_cli(toolchain: Toolchain) -> None:
     assert "console log:" in r.stderr  # printed because the status was non-zero
 
 
+def _kernels() -> list[str]:
+    """Kernels to run the suite on: ``NSM_VM_KERNELS`` (comma list of Debian packages, e.g.
+    ``linux-image-amd64,linux-image-amd64/trixie-backports``), default trixie's 6.12."""
+    return [k for k in os.environ.get("NSM_VM_KERNELS", "linux-image-amd64").split(",") if k]
+
+
+@pytest.mark.parametrize("kernel", _kernels())
 @pytest.mark.parametrize("device", _devices())
-def test_guest_conformance(toolchain: Toolchain, device: str, tmp_path: Path) -> None:
+def test_guest_conformance(toolchain: Toolchain, device: str, kernel: str,
+                           tmp_path: Path) -> None:
     """The guest suite through nsm.ko, then the guest's attestation document verified
     here against the device's root with a nonce and PCR policy."""
     from virtio_nsm.nsm.pki import CertificateAuthority
@@ -102,7 +110,8 @@ def test_guest_conformance(toolchain: Toolchain, device: str, tmp_path: Path) ->
     out = tmp_path / "out"
     out.mkdir()
     r = nsm_vm_run(
-        "--device", device, "--share", str(out), "--env", f"NSM_VM_OUT={out}",
+        "--device", device, "--kernel", kernel, "--share", str(out),
+        "--env", f"NSM_VM_OUT={out}",
         "--timeout", "400", "--",
         sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-ra", "--color=no",
         "--rootdir", str(REPO), str(GUEST_TESTS), env_extra=env,

@@ -319,7 +319,8 @@ class _Apt:
         images = [d for d in self.depends(package) if d.startswith("linux-image-") and d != name]
         real = images[0] if images else name
         spec = f"{real}/{release}" if release else real
-        extra = [d for d in self.depends(spec) if d.startswith("linux-modules-")]
+        # newer packagings split the image: vmlinuz in linux-binary-*, modules in linux-modules-*
+        extra = [d for d in self.depends(spec) if d.startswith(("linux-modules-", "linux-binary-"))]
         return [spec] + [f"{e}/{release}" if release else e for e in extra]
 
     def download(self, package: str, dest: Path, progress: Progress) -> Path:
@@ -525,15 +526,17 @@ def _stage_kernel(cache_dir: Path, apt: _Apt, package: str, progress: Progress) 
     found: set[str] = set()
     by_suffix = {v: k for k, v in _MODULE_PATHS.items()}
 
+    vmlinuz_re = re.compile(r"boot/vmlinuz-(.+)|(?:usr/)?lib/modules/([^/]+)/vmlinuz")
+
     def wanted(name: str) -> bool:
-        return bool(re.match(r"boot/vmlinuz-", name)) or (
+        return bool(vmlinuz_re.fullmatch(name)) or (
             "/modules/" in name and re.sub(r"^(usr/)?lib/modules/[^/]+/", "",
                                            re.sub(r"\.(xz|zst|gz)$", "", name)) in by_suffix)
 
     members = (m for d in debs for m in _deb_members(d, wanted))
     for name, data in members:
-        if name.startswith("boot/vmlinuz-"):
-            version = name.removeprefix("boot/vmlinuz-")
+        if m := vmlinuz_re.fullmatch(name):
+            version = m.group(1) or m.group(2)
             (tmp / "vmlinuz").write_bytes(data)
             continue
         rel = re.sub(r"^(usr/)?lib/modules/[^/]+/", "", name)

@@ -4,7 +4,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import FakeClock
+from support import FakeClock, shared_data_missing
 
 from virtio_nsm import NsmDevice
 
@@ -26,7 +26,7 @@ def device(clock: FakeClock) -> NsmDevice:
 @pytest.fixture
 def aws_testdata() -> Path:
     if not AWS_TESTDATA.is_dir():
-        pytest.skip(f"shared AWS test data not found at {AWS_TESTDATA}")
+        shared_data_missing(AWS_TESTDATA)
     return AWS_TESTDATA
 
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+from support import shared_data_missing
 
 from virtio_nsm import cbor, cose
 
@@ -273,7 +273,7 @@ AWS_EXPECTED = {
 def load_aws(name: str) -> AwsDocument:
     path = AWS_DATA / name
     if not path.exists():
-        pytest.skip(f"shared AWS test data not found at {path}")
+        shared_data_missing(path)
     at, valid = AWS_EXPECTED[name]
     return AwsDocument(name, base64.b64decode(path.read_bytes()), at, valid)
 

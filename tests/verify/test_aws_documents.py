@@ -7,6 +7,7 @@ import hashlib
 
 import cbor2
 import pytest
+from support import shared_data_missing
 from verify_support import AWS_DATA, AwsDocument, Pki, aws_names, der, load_aws
 
 from virtio_nsm import cose
@@ -21,7 +22,7 @@ from virtio_nsm.verify import (
 
 def test_every_shared_document_has_an_expected_verdict() -> None:
     if not AWS_DATA.is_dir():
-        pytest.skip(f"shared AWS test data not found at {AWS_DATA}")
+        shared_data_missing(AWS_DATA)
     assert sorted(p.name for p in AWS_DATA.glob("*.b64")) == aws_names()
 
 

@@ -162,6 +162,10 @@ def test_describe_pcr_boot_state(nsm: RawNsm) -> None:
         assert list(d) == ["lock", "data"] and d["lock"] is True and len(d["data"]) == 48
     for i in range(16, 32):
         assert describe_pcr(nsm, i) == {"lock": False, "data": ZERO48}
+    # Boot measurements: PCR4 (parent instance) is always set; only 0-4 and 8 may be.
+    assert describe_pcr(nsm, 4)["data"] != ZERO48
+    for i in set(range(16)) - {0, 1, 2, 3, 4, 8}:
+        assert describe_pcr(nsm, i)["data"] == ZERO48, i
 
 
 def test_extend_pcr_vector(nsm: RawNsm) -> None:
@@ -204,6 +208,7 @@ def test_lock_pcrs_over_locked_range_is_fine(nsm: RawNsm) -> None:
 @pytest.mark.parametrize("request_", [
     {"DescribePCR": {"index": 50}},
     {"DescribePCR": {"index": 32}},
+    {"DescribePCR": {"index": 65535}},  # fits the u16, out of range
     {"ExtendPCR": {"index": 50, "data": b"x"}},
     {"LockPCR": {"index": 50}},
     {"LockPCRs": {"range": 33}},
@@ -226,6 +231,8 @@ INVALID_OPERATION: list[bytes] = [
     cbor2.dumps({"ExtendPCR": {"index": 16, "data": None}}),  # null data
     cbor2.dumps({"DescribePCR": {"index": -1}}),
     cbor2.dumps({"DescribePCR": {"index": 2**32}}),
+    cbor2.dumps({"DescribePCR": {"index": 65536}}),  # does not fit the u16
+    cbor2.dumps({"ExtendPCR": {"index": 70000, "data": b"x"}}),
     cbor2.dumps({"LockPCRs": {"range": -1}}),
     cbor2.dumps({"Attestation": {"user_data": 5}}),  # int field
     cbor2.dumps({"Attestation": {"nonce": [1]}}),

@@ -19,7 +19,17 @@ def _cache_option(f: click.decorators.FC) -> click.decorators.FC:
 
 @main.group()
 def vm() -> None:
-    """Boot Linux guests (QEMU TCG) with the NSM device; the real-kernel tier."""
+    """Boot Linux guests (QEMU TCG) with the NSM device; the real-kernel tier.
+
+    \b
+    Quick start (as root; the first set-up downloads ~250 MB from Debian):
+      nsm vm setup                     # cached in ~/.cache/virtio-nsm/vm
+      nsm vm run -- nsm describe       # Linux's nsm.ko talks to `nsm serve`
+      nsm vm run -- sh -c 'cat /sys/class/misc/hw_random/rng_current'
+
+    The guest runs COMMAND chrooted into this machine's root (read-only over 9p,
+    /tmp writable), so the same programs, venv and PYTHONPATH work inside it.
+    """
 
 
 @vm.command("setup")

@@ -148,6 +148,8 @@ class Toolchain:
             for k in tc.kernels.values()
         ):
             return None
+        if not all(Path(a).exists() for a in tc.qemu if a.startswith("/") and ":" not in a):
+            return None  # the root (QEMU) went away: set up again
         if tc.builtin_qemu and not Path(tc.builtin_qemu[3]).exists():
             tc.builtin_qemu = []
         return tc

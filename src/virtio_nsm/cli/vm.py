@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 import click
 
@@ -46,6 +48,10 @@ def setup_cmd(cache_dir: Path | None, kernel_package: str, root_qemu: bool,
     """Fetch and cache QEMU, the kernel (nsm.ko, 9p) and the initramfs. Idempotent."""
     from ..vm.setup import SetupError, setup
 
+    def terminated(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)  # unwinds: the running step is stopped, not orphaned
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         tc = setup(cache_dir, kernel_package=kernel_package, force_root_qemu=root_qemu,
                    with_builtin_nsm=with_builtin_nsm)

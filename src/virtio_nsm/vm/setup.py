@@ -253,12 +253,21 @@ def _run(argv: Sequence[str], progress: Progress, what: str, *,
     )
     assert proc.stdout is not None
     lines: list[str] = []
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        lines.append(line)
-        if show is None or show(line):
-            progress(f"  {line}")
-    rc = proc.wait()
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            if show is None or show(line):
+                progress(f"  {line}")
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted: do not leave debootstrap/apt running
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     out = "\n".join(lines)
     if rc != 0:
         tail = "\n".join(lines[-25:])

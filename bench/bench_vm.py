@@ -11,6 +11,8 @@ times; the run with the median p50 is reported.
 
     PYTHONPATH=src python bench/bench_vm.py -n 2000 --device ours --device qemu
 
+``--idle-seconds 10`` adds the backend's CPU use while the guest idles (issue 7).
+
 ``--device``: ``ours`` (``nsm serve --vhost-user`` started for the run),
 ``vhost-user:SOCK`` (a running backend) or ``qemu`` (QEMU's built-in C device,
 when ``nsm vm setup --with-builtin-nsm`` built one). ``--json FILE`` saves results.
@@ -149,6 +151,17 @@ def host_main(args: argparse.Namespace) -> int:
                 data["backend_cpu_us_per_request"] = (cpu - idle_cpu) / requests * 1e6
                 cpu_line = (f"; backend CPU {cpu:.2f} s vs {idle_cpu:.2f} s for an idle boot"
                             f" = ~{data['backend_cpu_us_per_request']:.0f} us/request")
+        if cpu is not None and args.idle_seconds > 0:
+            # idle backend: a guest that only sleeps, minus one that exits at once
+            _s, _o, _w, sleep_cpu = _boot(device, ["sleep", str(args.idle_seconds)],
+                                          args.timeout)
+            _s, _o, _w, true_cpu = _boot(device, ["true"], args.timeout)
+            if sleep_cpu is not None and true_cpu is not None:
+                idle = max(0.0, sleep_cpu - true_cpu)
+                data["backend_idle_cpu_s"] = idle
+                data["backend_idle_cpu_percent"] = 100 * idle / args.idle_seconds
+                cpu_line += (f"; idle backend: {idle * 1000:.0f} ms CPU over "
+                             f"{args.idle_seconds:g} s ({data['backend_idle_cpu_percent']:.2f} %)")
         report["devices"][device] = data
         floor = data["results"]["floor"]["p50_us"]
         print(f"\n== device {device}  (kernel {data['kernel']}, rng {data['rng_current']}, "
@@ -177,6 +190,8 @@ def main() -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-cpu", dest="cpu", action="store_false",
                     help="skip the idle boot that measures backend CPU per request")
+    ap.add_argument("--idle-seconds", type=float, default=0,
+                    help="also measure the backend's CPU over this many idle guest seconds")
     args = ap.parse_args()
     bad = [op for op in args.ops if op not in REQUESTS]
     if bad:

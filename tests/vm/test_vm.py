@@ -169,4 +169,4 @@ def test_running_backend_outlives_guests(toolchain: Toolchain, tmp_path: Path) -
         serve.terminate()
         serve.wait(10)
         log.close()
-    print((tmp_path / "serve.log").read_text())  # shown on failure
+        print((tmp_path / "serve.log").read_text())  # pytest shows it on failure

@@ -87,7 +87,10 @@ def guest_environment(opts: RunOptions, run_dir: Path) -> dict[str, str]:
     env.update({k: v for k, v in os.environ.items()
                 if k.startswith(("NSM_", "LC_")) and k not in DROP_ENV})
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    env["PATH"] = f"{run_dir / 'bin'}:{env['PATH']}"
+    # our `nsm` wrapper first, then the interpreter's bin (the venv `nsm vm run` runs from)
+    pybin = str(Path(sys.executable).parent)
+    rest = [p for p in env["PATH"].split(":") if p and p != pybin]
+    env["PATH"] = ":".join([str(run_dir / "bin"), pybin, *rest])
     pkg = _package_parent()
     paths = [p for p in env.get("PYTHONPATH", "").split(":") if p]
     if pkg not in paths and "site-packages" not in pkg:

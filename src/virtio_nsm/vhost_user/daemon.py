@@ -17,7 +17,9 @@ Crash recovery: when the ring has inflight tracking (see :mod:`.inflight`), ever
 chain taken is marked in the shared region and cleared once its used entry is
 published; chains a previous backend left unanswered are served first, and each
 request goes to the handler with a token, ``(head, counter)`` of its request
-chain, that is the same when a restarted backend serves it again.  A handler that
+chain, that is the same when a restarted backend serves it again.  With tracking,
+each answer is published as soon as it is written, so at most one request at a
+time has been applied without its answer being visible.  A handler that
 records its last state change with that token (:class:`virtio_nsm.durable.DurableNsm`)
 answers the repeated request from the record instead of applying it twice.  The
 handler returns only once a state change is durable, and only then is the answer
@@ -108,6 +110,7 @@ class NsmQueueWorker:
                 # Left unanswered by a previous backend: serve them first, in the order taken.
                 if self._take(queue.resubmit(self.resubmit[0]), fresh=False):
                     answered += 1
+                    self._publish()
                 self.resubmit.popleft()
             while (chain := queue.pop()) is not None:
                 if self._take(chain):
@@ -115,6 +118,10 @@ class NsmQueueWorker:
                     if self.notify is not None and answered % self.NOTIFY_EVERY == 0:
                         self._publish()
                         self.notify()
+                    elif self.tracker is not None:
+                        # At most one applied-but-unpublished request at any time: the
+                        # durable record holds only the last change (see DurableNsm).
+                        self._publish()
         finally:
             # Publish what was answered even if a later chain broke the rules.
             if answered:

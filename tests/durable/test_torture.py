@@ -1,7 +1,7 @@
 """Torture: SIGKILL a real ``nsm serve --state-dir`` over and over while our frontend streams PCR changes.
 
-The driver sends ExtendPCR / LockPCR requests one at a time (as Linux's nsm.ko
-does) through :meth:`VhostUserFrontend.exchange_surviving`, which reconnects to
+The driver sends ExtendPCR / LockPCR requests, mostly one at a time (as Linux's
+nsm.ko does), sometimes in pipelined bursts of up to 8, through :meth:`VhostUserFrontend.exchange_surviving`, which reconnects to
 each restarted backend with the same guest memory, ring and inflight region.  A
 killer thread SIGKILLs the backend a random time after it starts listening and
 starts the next one on the same state directory.
@@ -91,20 +91,27 @@ def test_sigkill_torture(tmp_path: Path) -> None:
     try:
         assert frontend.inflight
         while not killer.done.is_set():
-            index = rng.randint(model.FIRST, model.LAST)
-            if rng.random() < 0.005:
-                what = f"LockPCR({index})"
-                request, expected = model.lock(index)
-            else:
-                data = rng.randbytes(rng.randint(0, 64))
-                what = f"ExtendPCR({index}, {data.hex()})"
-                request, expected = model.extend(index, data)
-            (answer,) = frontend.exchange_surviving([request], reconnect_timeout=30)
-            sent += 1
-            assert answer == expected, (
-                f"request {sent} {what}: answer {show(answer)}, the acknowledged chain says "
-                f"{show(expected)} (after {frontend.reconnects} reconnects)"
-            )
+            # Mostly one request at a time (nsm.ko), sometimes a pipelined burst.
+            burst = 1 if rng.random() < 0.8 else rng.randint(2, 8)
+            whats, requests, expectations = [], [], []
+            for _ in range(burst):
+                index = rng.randint(model.FIRST, model.LAST)
+                if rng.random() < 0.005:
+                    whats.append(f"LockPCR({index})")
+                    request, expected = model.lock(index)
+                else:
+                    data = rng.randbytes(rng.randint(0, 64))
+                    whats.append(f"ExtendPCR({index}, {data.hex()})")
+                    request, expected = model.extend(index, data)
+                requests.append(request)
+                expectations.append(expected)
+            answers = frontend.exchange_surviving(requests, reconnect_timeout=30)
+            for what, answer, expected in zip(whats, answers, expectations, strict=True):
+                sent += 1
+                assert answer == expected, (
+                    f"request {sent} {what}: answer {show(answer)}, the acknowledged chain says "
+                    f"{show(expected)} (after {frontend.reconnects} reconnects)"
+                )
             if frontend.reconnects != restarts_seen:
                 restarts_seen = frontend.reconnects
                 check_all_pcrs(frontend, model, f"after request {sent} and reconnect {restarts_seen}")

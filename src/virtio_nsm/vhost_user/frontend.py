@@ -135,7 +135,13 @@ class _Pair:
 
 
 class VhostUserFrontend:
-    """Drive a vhost-user NSM backend through a real split virtqueue."""
+    """Drive a vhost-user NSM backend through a real split virtqueue.
+
+    ``inflight=True`` asks for the backend's inflight region and keeps it, so that
+    :meth:`reconnect` can hand a restarted backend the requests still in flight;
+    ``start=False`` sets everything up but the ring (see :meth:`start_ring`), as a
+    migration destination does before :meth:`load_device_state`.
+    """
 
     def __init__(
         self,

@@ -14,7 +14,13 @@ from virtio_nsm.nsm.protocol import DescribeNSM, encode_request
 from virtio_nsm.vhost_user.daemon import VhostUserDaemon
 from virtio_nsm.vhost_user.frontend import VhostUserError, VhostUserFrontend
 from virtio_nsm.vhost_user.inflight import InflightRegion
-from virtio_nsm.vhost_user.message import FrontendRequest, Inflight, Message
+from virtio_nsm.vhost_user.message import (
+    VHOST_USER_NEED_REPLY_MASK,
+    VHOST_USER_VERSION,
+    FrontendRequest,
+    Inflight,
+    Message,
+)
 from virtio_nsm.virtio import spec
 
 
@@ -37,7 +43,9 @@ def test_region_for_another_queue_size_breaks_the_ring(sock: Path) -> None:
         foreign = InflightRegion.create(1, 32)
         try:
             payload = Inflight(foreign.mmap_size, 0, 1, 32).encode()
+            # Acknowledged (REPLY_ACK), so it is applied before the next kick.
             frontend.request(Message(FrontendRequest.VHOST_USER_SET_INFLIGHT_FD,
+                                     VHOST_USER_VERSION | VHOST_USER_NEED_REPLY_MASK,
                                      payload=payload, fds=[os.dup(foreign.fd)]))
         finally:
             foreign.close()

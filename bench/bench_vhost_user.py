@@ -65,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sock = Path(tmp) / "nsm.sock"
         server = subprocess.Popen(
-            [sys.executable, "-m", "virtio_nsm", "serve", "-q", "--vhost-user", str(sock)],
+            [sys.executable, "-m", "virtio_nsm", "serve", "-q", "--ephemeral", "--vhost-user", str(sock)],
             stdout=subprocess.PIPE, stderr=None, text=True, env=dict(os.environ),
         )
         try:

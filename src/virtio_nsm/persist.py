@@ -272,6 +272,15 @@ class StateStore:
         write_atomic(self.directory / STATE_FILE, encode_snapshot(snapshot), durable=self.durable)
         self.snapshot = snapshot
 
+    def install(self, snapshot: Snapshot) -> None:
+        """Make ``snapshot`` the directory's state (a migrated-in state); durable on return.
+
+        Its sequence number moves past both the current and the incoming one.
+        """
+        new = Snapshot(snapshot.state, max(self.snapshot.seq, snapshot.seq) + 1, snapshot.last)
+        write_atomic(self.directory / STATE_FILE, encode_snapshot(new), durable=self.durable)
+        self.snapshot = new
+
     def replay(self, request: bytes, token: Token) -> bytes | None:
         """The recorded answer if (token, request) is the last applied change, else None."""
         last = self.snapshot.last

@@ -17,7 +17,7 @@ from virtio_nsm.vhost_user.frontend import VhostUserTransport
 
 def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "virtio_nsm", "serve", *args],
+        [sys.executable, "-m", "virtio_nsm", "serve", "--ephemeral", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     assert proc.stdout is not None
@@ -91,7 +91,7 @@ def test_serve_refuses_a_socket_in_use(tmp_path: Path) -> None:
     proc, _ = start(["--vhost-user", str(path)], dict(os.environ))
     try:
         second = subprocess.run(
-            [sys.executable, "-m", "virtio_nsm", "serve", "--vhost-user", str(path)],
+            [sys.executable, "-m", "virtio_nsm", "serve", "--ephemeral", "--vhost-user", str(path)],
             capture_output=True, text=True, timeout=60,
         )
         assert second.returncode == 2 and "in use" in second.stderr

@@ -13,7 +13,9 @@ from types import FrameType
 
 import click
 
-from ..nsm.device import NsmDevice
+from .. import persist
+from ..durable import DurableNsm
+from ..nsm.pki import ROOT_CERT_FILE
 from ..vhost_user.daemon import VhostUserDaemon
 from . import main
 
@@ -55,13 +57,33 @@ def qemu_options(path: Path, memory: str = "512M") -> str:
     help="Unix socket to listen on (created mode 0600). "
     "Default: $XDG_RUNTIME_DIR/virtio-nsm/nsm.sock, else a new temp dir.",
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help=f"Directory holding the device state and CA (default {persist.default_state_dir()}); "
+    "created if new, refused if corrupt or in use by another backend.",
+)
+@click.option(
+    "--ephemeral",
+    is_flag=True,
+    help="Keep the device state in memory only (fresh PCRs and CA every start; "
+    "a crash loses it).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every vhost-user message.")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
-def serve(socket_path: Path | None, verbose: bool, quiet: bool) -> None:
+def serve(
+    socket_path: Path | None, state_dir: Path | None, ephemeral: bool, verbose: bool, quiet: bool
+) -> None:
     """Serve an NSM device over vhost-user until SIGTERM or SIGINT.
 
-    The device (PCRs, locks) lives as long as this process: frontends may
-    disconnect, reset and reconnect without losing it.
+    The device state (identity, PCRs, locks) and the attestation CA live in a
+    state directory: every state change is on disk before it is answered, and a
+    backend restarted on the same directory carries on where the last one
+    stopped, even after SIGKILL.  A frontend that keeps the vhost-user inflight
+    region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) gets a request that was in
+    flight during a crash answered exactly once.  Frontends may also disconnect,
+    reset and reconnect without touching the state.
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
@@ -75,12 +97,24 @@ def serve(socket_path: Path | None, verbose: bool, quiet: bool) -> None:
         except OSError as exc:
             click.echo(f"nsm: no place for a default socket ({exc}); use --vhost-user SOCK", err=True)
             sys.exit(2)
-    device = NsmDevice()
-    daemon = VhostUserDaemon(socket_path, device.handle)
+    if ephemeral and state_dir is not None:
+        click.echo("nsm: --ephemeral and --state-dir exclude each other", err=True)
+        sys.exit(2)
+    if ephemeral:
+        nsm = DurableNsm.ephemeral()
+    else:
+        directory = state_dir if state_dir is not None else persist.default_state_dir()
+        try:
+            nsm = DurableNsm.open(directory)
+        except persist.StateError as exc:
+            click.echo(f"nsm: {exc}", err=True)
+            sys.exit(1)
+    daemon = VhostUserDaemon(socket_path, nsm.handle, device_state=nsm)
     try:
         daemon.bind()
     except OSError as exc:
         daemon.close()
+        nsm.close()
         click.echo(f"nsm: cannot listen on {socket_path}: {exc}", err=True)
         sys.exit(2)
 
@@ -92,10 +126,17 @@ def serve(socket_path: Path | None, verbose: bool, quiet: bool) -> None:
     click.echo(f"vhost-user NSM backend listening on {socket_path}")
     click.echo(f"QEMU options (size must match -m): {qemu_options(socket_path)}")
     click.echo(f"Client without a VM: nsm describe --device vhost-user:{socket_path}")
+    if nsm.store is not None:
+        root = nsm.store.directory / persist.CA_DIR / ROOT_CERT_FILE
+        click.echo(f"Device state in {nsm.store.directory}; documents chain to {root} "
+                   f"(nsm verify --root {root})")
+    else:
+        click.echo("Device state in memory only (--ephemeral): lost when this process ends")
     sys.stdout.flush()
     try:
         daemon.serve_forever()
     finally:
         daemon.close()
+        nsm.close()
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)

@@ -30,6 +30,21 @@ until the frontend resets or reprograms it.
 
 The device object behind the workers is not owned here: :meth:`disconnect` and
 virtio resets drop transport state only, never device state (PCRs, locks).
+
+Crash recovery and migration
+----------------------------
+With ``VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`` the backend hands out a shared
+inflight region (``GET_INFLIGHT_FD``) that the frontend keeps and gives back to a
+restarted backend (``SET_INFLIGHT_FD``); see :mod:`.inflight`.  When a ring starts
+with a region, the heads the previous backend took but never returned are
+handed to the worker for resubmission, and the ring continues at ``used->idx``
+plus their number (whatever ``SET_VRING_BASE`` said, as libvhost-user does).
+
+With a ``device_state`` object the backend also offers
+``VHOST_USER_PROTOCOL_F_DEVICE_STATE``: ``SET_DEVICE_STATE_FD`` (only while every
+ring is stopped, phase "stopped") writes the saved state into the given fd, or
+remembers the fd to load from; ``CHECK_DEVICE_STATE`` reads a load to its end,
+applies it and reports whether all went well.
 """
 
 from __future__ import annotations
@@ -37,6 +52,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -44,12 +61,19 @@ from typing import Protocol
 from ..virtio import spec
 from ..virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion, VirtioError
 from ..virtio.queue import DeviceQueue, RingLayout
+from .inflight import InflightError, InflightQueue, InflightRegion
 from .message import (
     U64,
+    VHOST_TRANSFER_STATE_DIRECTION_LOAD,
+    VHOST_TRANSFER_STATE_DIRECTION_SAVE,
+    VHOST_TRANSFER_STATE_PHASE_STOPPED,
+    VHOST_USER_DEVICE_STATE_NOFD,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_REPLY_MASK,
     VHOST_USER_VERSION,
+    DeviceStateTransfer,
     FrontendRequest,
+    Inflight,
     MemoryRegionDescription,
     MemoryTable,
     Message,
@@ -67,6 +91,7 @@ __all__ = [
     "OFFERED_FEATURES",
     "OFFERED_PROTOCOL_FEATURES",
     "BackendError",
+    "DeviceStateHandler",
     "QueueWorker",
     "VhostUserBackend",
     "Vring",
@@ -88,12 +113,17 @@ OFFERED_PROTOCOL_FEATURES = (
     | 1 << _PF.VHOST_USER_PROTOCOL_F_RESET_DEVICE
     | 1 << _PF.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS
     | 1 << _PF.VHOST_USER_PROTOCOL_F_STATUS
+    | 1 << _PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
 )
 
 #: Memory slots we accept through ADD_MEM_REG (QEMU requires at least 8 if it asks).
 MAX_MEM_SLOTS = 32
 
 _EVENTFD_ONE = (1).to_bytes(8, "little")
+#: How long CHECK_DEVICE_STATE waits for the frontend's end of a load to close.
+STATE_LOAD_TIMEOUT = 5.0
+#: A device state larger than this is refused on load.
+MAX_DEVICE_STATE = 1 << 20
 
 
 class BackendError(Exception):
@@ -109,6 +139,22 @@ class QueueWorker(Protocol):
 
     def rewind(self) -> int:
         """Give back any chain taken but not answered; return the next available index."""
+        ...
+
+    def track_inflight(self, tracker: InflightQueue, resubmit: list[int]) -> None:
+        """Record taken/returned chains in ``tracker``; first serve the heads in ``resubmit``."""
+        ...
+
+
+class DeviceStateHandler(Protocol):
+    """The device's side of VHOST_USER_PROTOCOL_F_DEVICE_STATE."""
+
+    def save_state(self) -> bytes:
+        """The device state to migrate (raise to report a failed save)."""
+        ...
+
+    def load_state(self, data: bytes) -> None:
+        """Adopt a state produced by :meth:`save_state` (raise to refuse it)."""
         ...
 
 
@@ -160,9 +206,18 @@ class VhostUserBackend:
         worker_factory: Callable[[DeviceQueue, Callable[[], None]], QueueWorker],
         *,
         num_queues: int = 1,
+        device_state: DeviceStateHandler | None = None,
     ) -> None:
         self._worker_factory = worker_factory
         self.num_queues = num_queues
+        self.device_state = device_state
+        self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
+        if device_state is not None:
+            self.offered_protocol_features |= 1 << _PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE
+        self.inflight: InflightRegion | None = None
+        self._reply_fds: list[int] = []
+        self._state_load_fd: int | None = None
+        self._state_error: str | None = None
         self.memory = GuestMemory()
         self.vrings = [Vring(i) for i in range(num_queues)]
         self.features = 0
@@ -193,6 +248,10 @@ class VhostUserBackend:
             R.VHOST_USER_REM_MEM_REG: self._rem_mem_reg,
             R.VHOST_USER_SET_STATUS: self._set_status,
             R.VHOST_USER_GET_STATUS: self._get_status,
+            R.VHOST_USER_GET_INFLIGHT_FD: self._get_inflight_fd,
+            R.VHOST_USER_SET_INFLIGHT_FD: self._set_inflight_fd,
+            R.VHOST_USER_SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            R.VHOST_USER_CHECK_DEVICE_STATE: self._check_device_state,
         }
 
     def __repr__(self) -> str:
@@ -227,7 +286,9 @@ class VhostUserBackend:
                 _close(fd)
             message.fds.clear()
         if result is not None:
-            return self._reply(message, result)
+            reply = self._reply(message, result)
+            reply.fds, self._reply_fds = self._reply_fds, []  # still ours: not closed by sending
+            return reply
         if message.need_reply and self._reply_ack:
             return self._reply(message, U64(0))
         return None
@@ -260,6 +321,8 @@ class VhostUserBackend:
         self.memory = GuestMemory()
         self.features = self.protocol_features = self.status = 0
         self.owner = False
+        self._drop_inflight()
+        self._end_state_transfer()
 
     @property
     def needs_reset(self) -> bool:
@@ -317,7 +380,11 @@ class VhostUserBackend:
         except VirtioError as exc:
             self._break(vring, f"cannot set up the rings: {exc}")
             return None
-        vring.worker = self._worker_factory(vring.queue, lambda: self._interrupt(vring))
+        if self.inflight is not None and vring.index < self.inflight.num_queues:
+            if not self._track(vring, layout):
+                return None
+        else:
+            vring.worker = self._worker_factory(vring.queue, lambda: self._interrupt(vring))
         log.info(
             "vring %d started: size %d, avail index %d, desc %#x avail %#x used %#x",
             vring.index,
@@ -328,6 +395,42 @@ class VhostUserBackend:
             layout.used,
         )
         return vring.queue
+
+    def _track(self, vring: Vring, layout: RingLayout) -> bool:
+        """Attach inflight tracking to a ring being started; resume where the last backend was."""
+        assert self.inflight is not None and vring.queue is not None
+        queue = vring.queue
+        try:
+            if vring.num != self.inflight.queue_size:
+                raise InflightError(
+                    f"inflight region is for queue size {self.inflight.queue_size}, ring has {vring.num}"
+                )
+            tracker = self.inflight.queue(vring.index)
+            resubmit = tracker.recover(queue.used_idx)
+        except InflightError as exc:
+            self._break(vring, str(exc))
+            return False
+        base = (queue.used_idx + len(resubmit)) & 0xFFFF
+        if base != queue.last_avail_idx:
+            log.info(
+                "vring %d: inflight region says avail index %d (frontend said %d)",
+                vring.index,
+                base,
+                queue.last_avail_idx,
+            )
+            queue.release()
+            queue = vring.queue = DeviceQueue(
+                self.memory,
+                layout,
+                event_idx=queue.event_idx,
+                indirect=queue.indirect,
+                last_avail_idx=base,
+            )
+        if resubmit:
+            log.warning("vring %d: resubmitting inflight chains %s", vring.index, resubmit)
+        vring.worker = self._worker_factory(queue, lambda: self._interrupt(vring))
+        vring.worker.track_inflight(tracker, resubmit)
+        return True
 
     def _interrupt(self, vring: Vring) -> None:
         """Mid-pass: interrupt now if the driver asked to hear about what is published."""
@@ -370,6 +473,20 @@ class VhostUserBackend:
             vring.close_fds()
         self.vrings = [Vring(i) for i in range(self.num_queues)]
         self.status &= ~spec.VIRTIO_CONFIG_S_NEEDS_RESET
+        # What was in flight belongs to the rings just reset: the frontend brings
+        # a new (or reset) region with SET_INFLIGHT_FD before starting them again.
+        self._drop_inflight()
+
+    def _drop_inflight(self) -> None:
+        if self.inflight is not None:
+            self._drop_all_queues()
+            self.inflight.close()
+            self.inflight = None
+
+    def _end_state_transfer(self) -> None:
+        if self._state_load_fd is not None:
+            _close(self._state_load_fd)
+            self._state_load_fd = None
 
     # -- helpers --------------------------------------------------------------------
 
@@ -534,13 +651,13 @@ class VhostUserBackend:
         vring.err_fd = None if payload.nofd else message.fds.pop()
 
     def _get_protocol_features(self, message: Message, payload: Payload) -> Payload:
-        return U64(OFFERED_PROTOCOL_FEATURES)
+        return U64(self.offered_protocol_features)
 
     def _set_protocol_features(self, message: Message, payload: Payload) -> None:
         assert isinstance(payload, U64)
-        if payload.value & ~OFFERED_PROTOCOL_FEATURES:
+        if payload.value & ~self.offered_protocol_features:
             raise BackendError(
-                f"protocol features {payload.value & ~OFFERED_PROTOCOL_FEATURES:#x} were not offered"
+                f"protocol features {payload.value & ~self.offered_protocol_features:#x} were not offered"
             )
         self.protocol_features = payload.value
 
@@ -582,6 +699,126 @@ class VhostUserBackend:
     def _get_status(self, message: Message, payload: Payload) -> Payload:
         return U64(self.status)
 
+    def _require(self, feature: ProtocolFeature, message: Message) -> None:
+        if not self.protocol_features & (1 << feature):
+            raise BackendError(f"{message.name} without {feature.name}")
+
+    def _get_inflight_fd(self, message: Message, payload: Payload) -> Payload:
+        assert isinstance(payload, Inflight)
+        self._require(_PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, message)
+        try:
+            region = InflightRegion.create(payload.num_queues, payload.queue_size)
+        except (InflightError, OSError) as exc:
+            raise BackendError(f"cannot create an inflight region: {exc}") from exc
+        self._drop_inflight()
+        self.inflight = region
+        self._reply_fds = [region.fd]
+        log.info("inflight region created: %r", region)
+        return Inflight(region.mmap_size, 0, region.num_queues, region.queue_size)
+
+    def _set_inflight_fd(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, Inflight)
+        self._require(_PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, message)
+        fd = message.fds.pop()
+        try:
+            region = InflightRegion.from_fd(
+                fd, payload.mmap_size, payload.mmap_offset, payload.num_queues, payload.queue_size
+            )
+        except InflightError as exc:
+            raise BackendError(f"inflight region refused: {exc}") from exc
+        self._drop_inflight()
+        self.inflight = region
+        log.info("inflight region set: %r", region)
+        self._process_all()
+
+    def _set_device_state_fd(self, message: Message, payload: Payload) -> Payload:
+        assert isinstance(payload, DeviceStateTransfer)
+        self._require(_PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE, message)
+        assert self.device_state is not None
+        self._end_state_transfer()
+        fd = message.fds.pop()
+        self._state_error = None
+        try:
+            if payload.phase != VHOST_TRANSFER_STATE_PHASE_STOPPED:
+                raise BackendError(f"migration phase {payload.phase} is not supported")
+            if any(v.started for v in self.vrings):
+                raise BackendError("device state transfer while a ring is started (device not suspended)")
+            if payload.direction == VHOST_TRANSFER_STATE_DIRECTION_SAVE:
+                self._save_state(fd)
+            elif payload.direction == VHOST_TRANSFER_STATE_DIRECTION_LOAD:
+                self._state_load_fd, fd = fd, -1
+                self._state_error = "no CHECK_DEVICE_STATE yet"
+            else:
+                raise BackendError(f"transfer direction {payload.direction} is unknown")
+        except BackendError as exc:
+            log.error("SET_DEVICE_STATE_FD refused: %s", exc)
+            return U64(VHOST_USER_DEVICE_STATE_NOFD | 1)
+        finally:
+            if fd >= 0:
+                _close(fd)
+        return U64(VHOST_USER_DEVICE_STATE_NOFD)
+
+    def _save_state(self, fd: int) -> None:
+        assert self.device_state is not None
+        try:
+            data = self.device_state.save_state()
+        except Exception as exc:
+            self._state_error = f"saving the device state failed: {exc}"
+            log.error("%s", self._state_error)
+            return  # closing the fd ends the (empty) transfer; CHECK reports the failure
+        # The frontend reads only after our reply: the state must fit in the channel
+        # now (a pipe holds 64 KiB; ours is a few KiB), the event loop cannot wait.
+        try:
+            os.set_blocking(fd, False)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            self._state_error = f"writing the device state failed: {exc}"
+            log.error("%s", self._state_error)
+        else:
+            log.info("device state saved (%d bytes)", len(data))
+
+    def _check_device_state(self, message: Message, payload: Payload) -> Payload:
+        self._require(_PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE, message)
+        if self._state_load_fd is not None:
+            self._state_error = self._load_state(self._state_load_fd)
+            self._end_state_transfer()
+        error, self._state_error = self._state_error, None
+        if error is not None:
+            log.error("device state transfer failed: %s", error)
+            return U64(1)
+        return U64(0)
+
+    def _load_state(self, fd: int) -> str | None:
+        """Read a state to its end and apply it; the reason it failed, or None."""
+        assert self.device_state is not None
+        chunks: list[bytes] = []
+        total = 0
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + STATE_LOAD_TIMEOUT
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not poller.poll(left * 1000):
+                    return f"the frontend did not finish sending the state within {STATE_LOAD_TIMEOUT} s"
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > MAX_DEVICE_STATE:
+                    return f"device state larger than {MAX_DEVICE_STATE} bytes"
+                chunks.append(chunk)
+        except OSError as exc:
+            return f"reading the device state failed: {exc}"
+        try:
+            self.device_state.load_state(b"".join(chunks))
+        except Exception as exc:
+            return f"device state refused: {exc}"
+        log.info("device state loaded (%d bytes)", total)
+        return None
+
 
 def _has_reply(request: int) -> bool:
     return request in _REPLYING
@@ -595,5 +832,8 @@ _REPLYING = frozenset(
         FrontendRequest.VHOST_USER_GET_QUEUE_NUM,
         FrontendRequest.VHOST_USER_GET_MAX_MEM_SLOTS,
         FrontendRequest.VHOST_USER_GET_STATUS,
+        FrontendRequest.VHOST_USER_GET_INFLIGHT_FD,
+        FrontendRequest.VHOST_USER_SET_DEVICE_STATE_FD,
+        FrontendRequest.VHOST_USER_CHECK_DEVICE_STATE,
     }
 )

@@ -13,6 +13,18 @@ available yet is held until it is (and given back if the ring is stopped first).
 A writable chain with no request before it, or a readable chain where a response
 chain is due, breaks the rules: the ring is stopped with ``DEVICE_NEEDS_RESET``.
 
+Crash recovery: when the ring has inflight tracking (see :mod:`.inflight`), every
+chain taken is marked in the shared region and cleared once its used entry is
+published; chains a previous backend left unanswered are served first, and each
+request goes to the handler with a token, ``(head, counter)`` of its request
+chain, that is the same when a restarted backend serves it again.  With tracking,
+each answer is published as soon as it is written, so at most one request at a
+time has been applied without its answer being visible.  A handler that
+records its last state change with that token (:class:`virtio_nsm.durable.DurableNsm`)
+answers the repeated request from the record instead of applying it twice.  The
+handler returns only once a state change is durable, and only then is the answer
+put on the used ring.
+
 Requests longer than ``MAX_REQUEST_SIZE`` are passed on truncated to one byte more
 than the limit, so the device answers ``InputTooLarge`` without us copying
 arbitrary amounts of guest memory.  A response chain too small for the answer
@@ -36,14 +48,16 @@ import os
 import selectors
 import socket
 import stat
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ErrorCode
 from ..nsm.protocol import MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE, encode_error
 from ..virtio.queue import Chain, DeviceQueue, VirtqueueError
-from .backend import BackendError, QueueWorker, VhostUserBackend
+from .backend import BackendError, DeviceStateHandler, QueueWorker, VhostUserBackend
 from .connection import Connection, ConnectionClosed
+from .inflight import InflightQueue
 from .message import MessageError
 
 __all__ = [
@@ -56,7 +70,9 @@ __all__ = [
 
 log = logging.getLogger("virtio_nsm.vhost_user")
 
-Handler = Callable[[bytes], bytes]
+#: ``handler(request) -> response``; on a ring with inflight tracking it is called
+#: as ``handler(request, token)`` (``NsmDevice.handle`` takes both forms).
+Handler = Callable[..., bytes]
 
 INTERNAL_ERROR = encode_error(ErrorCode.InternalError)
 BUFFER_TOO_SMALL = encode_error(ErrorCode.BufferTooSmall)
@@ -76,6 +92,12 @@ class NsmQueueWorker:
         self.handler = handler
         self.notify = notify
         self.pending: Chain | None = None
+        self.tracker: InflightQueue | None = None
+        self.resubmit: deque[int] = deque()
+
+    def track_inflight(self, tracker: InflightQueue, resubmit: list[int]) -> None:
+        self.tracker = tracker
+        self.resubmit = deque(resubmit)
 
     def __repr__(self) -> str:
         return f"<NsmQueueWorker {self.queue!r} pending={self.pending and self.pending.head}>"
@@ -84,25 +106,47 @@ class NsmQueueWorker:
         queue = self.queue
         answered = 0
         try:
+            while self.resubmit:
+                # Left unanswered by a previous backend: serve them first, in the order taken.
+                if self._take(queue.resubmit(self.resubmit[0]), fresh=False):
+                    answered += 1
+                    self._publish()
+                self.resubmit.popleft()
             while (chain := queue.pop()) is not None:
                 if self._take(chain):
                     answered += 1
                     if self.notify is not None and answered % self.NOTIFY_EVERY == 0:
-                        queue.publish_used()
+                        self._publish()
                         self.notify()
+                    elif self.tracker is not None:
+                        # At most one applied-but-unpublished request at any time: the
+                        # durable record holds only the last change (see DurableNsm).
+                        self._publish()
         finally:
             # Publish what was answered even if a later chain broke the rules.
             if answered:
-                queue.publish_used()
+                self._publish()
         return answered > 0
 
-    def _take(self, chain: Chain) -> int:
-        queue, memory = self.queue, self.queue.memory
+    def _publish(self) -> None:
+        self.queue.publish_used()
+        if self.tracker is not None:
+            self.tracker.published(self.queue.next_used_idx)
+
+    def _used(self, head: int, length: int) -> None:
+        self.queue.add_used(head, length)
+        if self.tracker is not None:
+            self.tracker.returned(head)
+
+    def _take(self, chain: Chain, fresh: bool = True) -> int:
+        memory = self.queue.memory
+        if fresh and self.tracker is not None:
+            self.tracker.taken(chain.head)
         request = self.pending
         if request is None:
             if chain.readable and chain.writable:
                 response = self._serve(chain, chain.writable_len)
-                queue.add_used(chain.head, chain.write(memory, response))
+                self._used(chain.head, chain.write(memory, response))
                 return 1
             if chain.readable:
                 self.pending = chain
@@ -115,20 +159,25 @@ class NsmQueueWorker:
             )
         self.pending = None
         written = chain.write(memory, self._serve(request, chain.writable_len))
-        queue.add_used(request.head, 0)
-        queue.add_used(chain.head, written)
+        self._used(request.head, 0)
+        self._used(chain.head, written)
         return 1
 
     def rewind(self) -> int:
         if self.pending is not None:
-            self.queue.unpop(self.pending)
+            if self.tracker is None:
+                self.queue.unpop(self.pending)
+            # else it stays marked inflight and is resubmitted when the ring restarts
             self.pending = None
         return self.queue.last_avail_idx
 
     def _serve(self, request_chain: Chain, capacity: int) -> bytes:
         request = request_chain.read(self.queue.memory, MAX_REQUEST_SIZE + 1)
         try:
-            response = self.handler(request)
+            if self.tracker is None:
+                response = self.handler(request)
+            else:
+                response = self.handler(request, self.tracker.token(request_chain.head))
         except Exception:
             log.exception("NSM handler failed on a %d-byte request", len(request))
             response = INTERNAL_ERROR
@@ -155,11 +204,12 @@ class VhostUserDaemon:
         handler: Handler,
         *,
         message_timeout: float = 5.0,
+        device_state: DeviceStateHandler | None = None,
     ) -> None:
         self.path = Path(path)
         self.handler = handler
         self.message_timeout = message_timeout
-        self.backend = VhostUserBackend(self._make_worker)
+        self.backend = VhostUserBackend(self._make_worker, device_state=device_state)
         self.connections_served = 0
         self._listener: socket.socket | None = None
         self._conn: Connection | None = None

@@ -21,7 +21,21 @@ for one interrupt per round).
 
 While waiting, the call eventfd, the err eventfd and the socket are watched: an
 err signal (the backend found the ring broken) or the backend hanging up turns
-into :class:`VhostUserError` instead of a hang.
+into :class:`VhostUserError` (:class:`BackendDisconnected` for a hang-up) instead
+of a hang.
+
+Surviving a backend crash (``inflight=True``): like QEMU with a reconnecting
+chardev, the frontend asks the backend for an inflight region
+(``VHOST_USER_GET_INFLIGHT_FD``), keeps it, and hands it to every backend it
+connects to (``SET_INFLIGHT_FD``).  :meth:`reconnect` connects again (waiting for
+a restarted backend to listen), negotiates again and programs the *same* guest
+memory, rings and eventfds, so requests in flight stay in flight: the new backend
+finds them in the inflight region, serves them, and :meth:`exchange_many` (or
+:meth:`exchange_surviving`) collects their answers as if nothing had happened.
+
+Migration (``VHOST_USER_PROTOCOL_F_DEVICE_STATE``): :meth:`save_device_state`
+and :meth:`load_device_state` move the backend's state through a pipe while the
+ring is stopped (:meth:`get_vring_base`; :meth:`start_ring` starts it again).
 
 "Guest physical" and "user" addresses are deliberately different here
 (:data:`GUEST_BASE`, :data:`USER_BASE`) so that a backend that confuses them fails.
@@ -35,6 +49,7 @@ import fcntl
 import os
 import select
 import socket
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,11 +62,17 @@ from ..virtio.queue import DriverQueue, RingLayout
 from .connection import Connection, ConnectionClosed
 from .message import (
     U64,
+    VHOST_TRANSFER_STATE_DIRECTION_LOAD,
+    VHOST_TRANSFER_STATE_DIRECTION_SAVE,
+    VHOST_TRANSFER_STATE_PHASE_STOPPED,
+    VHOST_USER_DEVICE_STATE_NOFD,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_REPLY_MASK,
     VHOST_USER_VERSION,
+    DeviceStateTransfer,
     FrontendRequest,
+    Inflight,
     MemoryRegionDescription,
     MemoryTable,
     Message,
@@ -67,6 +88,7 @@ __all__ = [
     "MAX_REQUEST_SIZE",
     "RESPONSE_BUFFER_SIZE",
     "USER_BASE",
+    "BackendDisconnected",
     "VhostUserError",
     "VhostUserFrontend",
     "VhostUserTransport",
@@ -100,6 +122,10 @@ class VhostUserError(TransportError):
     """The backend failed, hung up, or broke the protocol or the ring rules."""
 
 
+class BackendDisconnected(VhostUserError):
+    """The backend closed the connection (or died): :meth:`VhostUserFrontend.reconnect` may help."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Pair:
     req_head: int
@@ -109,7 +135,13 @@ class _Pair:
 
 
 class VhostUserFrontend:
-    """Drive a vhost-user NSM backend through a real split virtqueue."""
+    """Drive a vhost-user NSM backend through a real split virtqueue.
+
+    ``inflight=True`` asks for the backend's inflight region and keeps it, so that
+    :meth:`reconnect` can hand a restarted backend the requests still in flight;
+    ``start=False`` sets everything up but the ring (see :meth:`start_ring`), as a
+    migration destination does before :meth:`load_device_state`.
+    """
 
     def __init__(
         self,
@@ -120,13 +152,29 @@ class VhostUserFrontend:
         event_idx: bool = True,
         indirect: bool = True,
         status: bool = True,
+        inflight: bool = False,
+        start: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         self.timeout = timeout
         self.queue_size = queue_size
+        self._options = {"event_idx": event_idx, "indirect": indirect, "status": status}
+        self._want_inflight = inflight
+        #: The inflight region (fd, size) the backend gave us, kept across reconnects.
+        self.inflight_fd: int | None = None
+        self._inflight_size = 0
+        self.reconnects = 0
         self._fds: list[int] = []
         self._memory: GuestMemory | None = None
         self._conn: Connection | None = None
+        self._conn = self._connect()
+        try:
+            self._setup(start=start)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self) -> Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(self.path)
@@ -140,12 +188,7 @@ class VhostUserFrontend:
         except OSError as exc:
             sock.close()
             raise VhostUserError(f"cannot connect to {self.path}: {exc}") from exc
-        self._conn = Connection(sock, timeout=timeout)
-        try:
-            self._setup(event_idx=event_idx, indirect=indirect, status=status)
-        except BaseException:
-            self.close()
-            raise
+        return Connection(sock, timeout=self.timeout)
 
     def __repr__(self) -> str:
         return f"<VhostUserFrontend {self.path!r} {'open' if self._conn else 'closed'}>"
@@ -168,9 +211,13 @@ class VhostUserFrontend:
                 return None
             reply = conn.recv_message()
         except (OSError, MessageError, ConnectionClosed) as exc:
-            raise VhostUserError(f"{message.name}: backend connection failed: {exc}") from exc
+            raise BackendDisconnected(f"{message.name}: backend connection failed: {exc}") from exc
         for fd in reply.fds:
-            os.close(fd)
+            if message.request == _R.VHOST_USER_GET_INFLIGHT_FD and self.inflight_fd is None:
+                self.inflight_fd = fd  # the one descriptor we keep (see _set_inflight)
+                self._fds.append(fd)
+            else:
+                os.close(fd)
         if reply.request != message.request or reply.flags != (VHOST_USER_VERSION | VHOST_USER_REPLY_MASK):
             raise VhostUserError(
                 f"{message.name}: unexpected reply (request {reply.request}, flags {reply.flags:#x})"
@@ -193,7 +240,15 @@ class VhostUserFrontend:
         flags = VHOST_USER_VERSION | (VHOST_USER_NEED_REPLY_MASK if self.reply_ack else 0)
         self.request(Message(request, flags, payload, list(fds)))
 
-    def _setup(self, *, event_idx: bool, indirect: bool, status: bool) -> None:
+    def _setup(self, *, start: bool) -> None:
+        self._negotiate()
+        self._create_memory()
+        if start:
+            self.start_ring()
+
+    def _negotiate(self) -> int:
+        """Features, protocol features, owner, inflight region; returns the acked features."""
+        event_idx, indirect, status = (self._options[k] for k in ("event_idx", "indirect", "status"))
         self.reply_ack = False
         features = self._get_u64(_R.VHOST_USER_GET_FEATURES)
         if not features & (1 << spec.VIRTIO_F_VERSION_1):
@@ -201,7 +256,10 @@ class VhostUserFrontend:
         self.protocol_features = 0
         if features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             offered = self._get_u64(_R.VHOST_USER_GET_PROTOCOL_FEATURES)
-            self.protocol_features = offered & _WANTED_PROTOCOL
+            wanted = _WANTED_PROTOCOL | 1 << _PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE
+            if self._want_inflight:
+                wanted |= 1 << _PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
+            self.protocol_features = offered & wanted
             if not status:
                 self.protocol_features &= ~(1 << _PF.VHOST_USER_PROTOCOL_F_STATUS)
             self.request(
@@ -224,7 +282,36 @@ class VhostUserFrontend:
         )
         self.features = acked
         self._set(_R.VHOST_USER_SET_FEATURES, U64(acked).encode())
+        if self._want_inflight:
+            self._set_inflight()
+        return features
 
+    @property
+    def inflight(self) -> bool:
+        """Whether the backend tracks inflight chains in a region we keep."""
+        return bool(self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD))
+
+    def _set_inflight(self) -> None:
+        if not self.inflight:
+            raise VhostUserError("the backend does not offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD")
+        if self.inflight_fd is None:
+            # First connection: the backend makes the region, we keep it for its successors.
+            reply = self.request(
+                Message(_R.VHOST_USER_GET_INFLIGHT_FD, payload=Inflight(0, 0, 1, self.queue_size).encode())
+            )
+            assert reply is not None
+            try:
+                region = Inflight.decode(reply.payload)
+            except MessageError as exc:
+                raise VhostUserError(f"GET_INFLIGHT_FD: {exc}") from exc
+            if self.inflight_fd is None or region.mmap_size == 0:
+                raise VhostUserError("GET_INFLIGHT_FD: the backend returned no region")
+            self._inflight_size = region.mmap_size
+        payload = Inflight(self._inflight_size, 0, 1, self.queue_size).encode()
+        self._set(_R.VHOST_USER_SET_INFLIGHT_FD, payload, [self.inflight_fd])
+
+    def _create_memory(self) -> None:
+        acked = self.features
         # Guest RAM: one sealed memfd holding the rings and one buffer pair per request.
         slots = self.queue_size // 2
         layout = RingLayout.contiguous(self.queue_size, GUEST_BASE)
@@ -238,8 +325,9 @@ class VhostUserFrontend:
             memfd, guest_addr=GUEST_BASE, size=size, user_addr=USER_BASE, mmap_offset=0
         )
         self._memory = GuestMemory([region])
-        table = MemoryTable((MemoryRegionDescription(GUEST_BASE, size, USER_BASE, 0),))
-        self._set(_R.VHOST_USER_SET_MEM_TABLE, table.encode(), [memfd])
+        self._memfd, self._memsize = memfd, size
+        self._send_mem_table()
+        self._layout = layout
 
         self.queue = DriverQueue(
             self._memory,
@@ -250,30 +338,157 @@ class VhostUserFrontend:
         self._free_slots = list(range(slots - 1, -1, -1))
         self._done: dict[int, tuple[int, int]] = {}  # head -> (arrival order, used length)
         self._seq = 0
+        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.err_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fds += [self.call_fd, self.err_fd, self.kick_fd]
+        self._poller = select.poll()
+        for fd in (self.call_fd, self.err_fd, self._connection().sock.fileno()):
+            self._poller.register(fd, select.POLLIN)
+
+    def _send_mem_table(self) -> None:
+        table = MemoryTable((MemoryRegionDescription(GUEST_BASE, self._memsize, USER_BASE, 0),))
+        self._set(_R.VHOST_USER_SET_MEM_TABLE, table.encode(), [self._memfd])
+
+    def start_ring(self) -> None:
+        """Program and start vring 0 (again, after :meth:`get_vring_base` or a reconnect).
+
+        The ring resumes where the driver sees it: at ``used->idx``, so whatever the
+        backend took and never returned is made available to it again (with an
+        inflight region, the backend knows better and resubmits it from there).
+        """
+        layout = self._layout
 
         def uva(gpa: int) -> int:
             return gpa - GUEST_BASE + USER_BASE
 
         self._set(_R.VHOST_USER_SET_VRING_NUM, VringState(0, self.queue_size).encode())
-        self._set(_R.VHOST_USER_SET_VRING_BASE, VringState(0, 0).encode())
+        self._set(_R.VHOST_USER_SET_VRING_BASE, VringState(0, self.queue.used_idx).encode())
         self._set(
             _R.VHOST_USER_SET_VRING_ADDR,
             VringAddr(0, 0, uva(layout.desc), uva(layout.used), uva(layout.avail), 0).encode(),
         )
-        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.err_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._fds += [self.call_fd, self.err_fd, self.kick_fd]
         self._set(_R.VHOST_USER_SET_VRING_CALL, VringFd(0, False).encode(), [self.call_fd])
         self._set(_R.VHOST_USER_SET_VRING_ERR, VringFd(0, False).encode(), [self.err_fd])
         self._set(_R.VHOST_USER_SET_VRING_KICK, VringFd(0, False).encode(), [self.kick_fd])
-        self._poller = select.poll()
-        for fd in (self.call_fd, self.err_fd, self._connection().sock.fileno()):
-            self._poller.register(fd, select.POLLIN)
-        if features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
+        if self.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             self._set(_R.VHOST_USER_SET_VRING_ENABLE, VringState(0, 1).encode())
         if self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_STATUS):
             self._set(_R.VHOST_USER_SET_STATUS, U64(_DRIVER_OK).encode())
+
+    def reconnect(self, timeout: float = 30.0) -> None:
+        """Connect to a (restarted) backend and hand it the same memory, ring and region.
+
+        Waits up to ``timeout`` seconds for a backend to listen and complete the set-up
+        (a backend that dies during it is waited for again).  Requests in flight stay
+        in flight; collect them as usual.
+        """
+        deadline = time.monotonic() + timeout
+        self._hang_up()
+        while True:
+            try:
+                self._conn = self._connect()
+                self._poller.register(self._conn.sock.fileno(), select.POLLIN)
+                self._negotiate()
+                self._send_mem_table()
+                self.start_ring()
+            except (DeviceNotFoundError, VhostUserError) as exc:
+                self._hang_up()
+                if time.monotonic() > deadline:
+                    raise VhostUserError(f"no backend to reconnect to at {self.path}: {exc}") from exc
+                time.sleep(0.01)
+                continue
+            self.reconnects += 1
+            self.kick()
+            return
+
+    def _hang_up(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._poller.unregister(self._conn.sock.fileno())
+            self._conn.close()
+            self._conn = None
+
+    # -- migration --------------------------------------------------------------------
+
+    def _device_state_fd(self, direction: int, fd: int) -> int | None:
+        if not self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE):
+            raise VhostUserError("the backend does not offer VHOST_USER_PROTOCOL_F_DEVICE_STATE")
+        conn = self._connection()
+        payload = DeviceStateTransfer(direction, VHOST_TRANSFER_STATE_PHASE_STOPPED).encode()
+        message = Message(_R.VHOST_USER_SET_DEVICE_STATE_FD, payload=payload, fds=[fd])
+        try:
+            conn.send_message(message)
+            reply = conn.recv_message()
+        except (OSError, MessageError, ConnectionClosed) as exc:
+            raise BackendDisconnected(f"SET_DEVICE_STATE_FD: backend connection failed: {exc}") from exc
+        if reply.request != message.request or len(reply.payload) != 8:
+            for extra in reply.fds:
+                os.close(extra)
+            raise VhostUserError("SET_DEVICE_STATE_FD: malformed reply")
+        value = U64.decode(reply.payload).value
+        if value & 0xFF:
+            for extra in reply.fds:
+                os.close(extra)
+            raise VhostUserError(f"SET_DEVICE_STATE_FD refused by the backend (error {value & 0xFF})")
+        if value & VHOST_USER_DEVICE_STATE_NOFD:
+            for extra in reply.fds:
+                os.close(extra)
+            return None
+        if len(reply.fds) != 1:
+            raise VhostUserError("SET_DEVICE_STATE_FD: backend channel announced but not sent")
+        return reply.fds[0]
+
+    def _check_device_state(self) -> None:
+        if self._get_u64(_R.VHOST_USER_CHECK_DEVICE_STATE) != 0:
+            raise VhostUserError("CHECK_DEVICE_STATE: the backend reports a failed transfer")
+
+    def save_device_state(self) -> bytes:
+        """The backend's device state (the ring must be stopped: :meth:`get_vring_base`)."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            theirs = self._device_state_fd(VHOST_TRANSFER_STATE_DIRECTION_SAVE, w)
+            os.close(w)
+            w = -1
+            if theirs is not None:
+                os.close(r)
+                r = theirs
+            chunks = []
+            while True:
+                if not select.select([r], [], [], self.timeout)[0]:
+                    raise VhostUserError(f"device state not sent within {self.timeout} s")
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            for fd in (r, w):
+                if fd >= 0:
+                    os.close(fd)
+        self._check_device_state()
+        return b"".join(chunks)
+
+    def load_device_state(self, data: bytes) -> None:
+        """Give the backend a saved state (the ring must be stopped, or not yet started)."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            # The backend reads only when asked to check, after we closed our end.
+            if len(data) > 65536:
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, len(data))
+            theirs = self._device_state_fd(VHOST_TRANSFER_STATE_DIRECTION_LOAD, r)
+            os.close(r)
+            r = -1
+            if theirs is not None:
+                os.close(w)
+                w = theirs
+            view = memoryview(data)
+            while view:
+                view = view[os.write(w, view) :]
+        finally:
+            for fd in (r, w):
+                if fd >= 0:
+                    os.close(fd)
+        self._check_device_state()
 
     def get_status(self) -> int:
         """The backend's device status (needs the STATUS protocol feature)."""
@@ -346,6 +561,31 @@ class VhostUserFrontend:
             responses += self._complete(in_flight.popleft())
         return responses
 
+    def exchange_surviving(
+        self, requests: Sequence[bytes], *, reconnect_timeout: float = 30.0
+    ) -> list[bytes]:
+        """Send requests (at most one ring's worth) and get every answer, even across crashes.
+
+        Whenever the backend hangs up before all answers are in, :meth:`reconnect`
+        to its successor and keep waiting: with an inflight region the successor
+        serves what was in flight, each request exactly once if its device keeps a
+        durable record (``nsm serve --state-dir``).
+        """
+        if len(requests) > len(self._free_slots):
+            raise ValueError(f"{len(requests)} requests, room for {len(self._free_slots)}")
+        for request in requests:
+            if len(request) > MAX_REQUEST_SIZE:
+                raise NsmError(
+                    ErrorCode.InputTooLarge,
+                    f"request of {len(request)} bytes exceeds {MAX_REQUEST_SIZE:#x} bytes",
+                )
+        pairs = self._submit(requests)  # memory and an eventfd: no backend needed
+        while True:
+            try:
+                return self._complete(pairs)
+            except BackendDisconnected:
+                self.reconnect(reconnect_timeout)
+
     def _submit(self, requests: Sequence[bytes]) -> list[_Pair]:
         pairs: list[_Pair] = []
         for request in requests:
@@ -406,7 +646,7 @@ class VhostUserFrontend:
             if fd == self.err_fd:
                 raise VhostUserError("the backend reported a vring error (device needs reset)")
             if fd == self._connection().sock.fileno():
-                raise VhostUserError("the backend closed the connection")
+                raise BackendDisconnected("the backend closed the connection")
             if fd == self.call_fd:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self.call_fd)
@@ -442,5 +682,8 @@ _EXPLICIT_REPLY = frozenset(
         _R.VHOST_USER_GET_QUEUE_NUM,
         _R.VHOST_USER_GET_MAX_MEM_SLOTS,
         _R.VHOST_USER_GET_STATUS,
+        _R.VHOST_USER_GET_INFLIGHT_FD,
+        _R.VHOST_USER_SET_DEVICE_STATE_FD,
+        _R.VHOST_USER_CHECK_DEVICE_STATE,
     }
 )

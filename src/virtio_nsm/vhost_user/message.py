@@ -10,7 +10,7 @@ This module knows, for each frontend request, what the payload must look like an
 how many file descriptors may accompany it (:data:`REQUEST_SPECS`), and turns a raw
 message into a typed payload (:func:`parse_payload`).  It checks *syntax* only:
 sizes, counts, reserved bits.  What a request means is the backend's business.
-Adding a request (e.g. ``VHOST_USER_GET_INFLIGHT_FD`` for a later issue) means one
+Adding a request means one
 entry in :data:`REQUEST_SPECS`, a payload class if it has a new layout, and a
 handler in the backend's dispatch table.
 
@@ -32,6 +32,10 @@ __all__ = [
     "REQUEST_SPECS",
     "U64",
     "VHOST_MEMORY_BASELINE_NREGIONS",
+    "VHOST_TRANSFER_STATE_DIRECTION_LOAD",
+    "VHOST_TRANSFER_STATE_DIRECTION_SAVE",
+    "VHOST_TRANSFER_STATE_PHASE_STOPPED",
+    "VHOST_USER_DEVICE_STATE_NOFD",
     "VHOST_USER_F_PROTOCOL_FEATURES",
     "VHOST_USER_NEED_REPLY_MASK",
     "VHOST_USER_REPLY_MASK",
@@ -39,7 +43,9 @@ __all__ = [
     "VHOST_USER_VERSION_MASK",
     "VHOST_USER_VRING_IDX_MASK",
     "VHOST_USER_VRING_NOFD_MASK",
+    "DeviceStateTransfer",
     "FrontendRequest",
+    "Inflight",
     "MemoryRegionDescription",
     "MemoryTable",
     "Message",
@@ -340,6 +346,56 @@ class SingleMemoryRegion:
 
 
 @dataclass(frozen=True, slots=True)
+class Inflight:
+    """``VhostUserInflight``: the shared region that tracks inflight descriptors.
+
+    The C structure is naturally aligned, so it travels as 24 bytes (4 of padding).
+    """
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<QQHH4x")
+
+    @classmethod
+    def decode(cls, data: bytes) -> Inflight:
+        if len(data) == cls.LAYOUT.size - 4:  # a packed sender; same fields
+            data = data + bytes(4)
+        if len(data) != cls.LAYOUT.size:
+            raise MessageError(f"inflight description of {len(data)} bytes (24 expected)")
+        return cls(*cls.LAYOUT.unpack(data))
+
+    def encode(self) -> bytes:
+        return self.LAYOUT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
+
+
+#: ``transfer direction`` of SET_DEVICE_STATE_FD.
+VHOST_TRANSFER_STATE_DIRECTION_SAVE: Final = 0
+VHOST_TRANSFER_STATE_DIRECTION_LOAD: Final = 1
+#: ``migration phase`` of SET_DEVICE_STATE_FD (the only one defined).
+VHOST_TRANSFER_STATE_PHASE_STOPPED: Final = 0
+#: Reply bits of SET_DEVICE_STATE_FD: bits 0-7 are an error code, bit 8 "no fd returned".
+VHOST_USER_DEVICE_STATE_NOFD: Final = 0x1 << 8
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStateTransfer:
+    """Device state transfer parameters: direction (save/load) and migration phase."""
+
+    direction: int
+    phase: int
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("<II")
+
+    @classmethod
+    def decode(cls, data: bytes) -> DeviceStateTransfer:
+        return cls(*cls.LAYOUT.unpack(data))
+
+    def encode(self) -> bytes:
+        return self.LAYOUT.pack(self.direction, self.phase)
+
+
+@dataclass(frozen=True, slots=True)
 class Empty:
     @classmethod
     def decode(cls, data: bytes) -> Empty:
@@ -392,6 +448,12 @@ REQUEST_SPECS: Final[dict[int, RequestSpec]] = {
     _R.VHOST_USER_REM_MEM_REG: RequestSpec(SingleMemoryRegion.decode, 40, 0, 1),
     _R.VHOST_USER_SET_STATUS: _U64_SPEC,
     _R.VHOST_USER_GET_STATUS: _EMPTY_SPEC,
+    _R.VHOST_USER_GET_INFLIGHT_FD: RequestSpec(Inflight.decode, None),
+    _R.VHOST_USER_SET_INFLIGHT_FD: RequestSpec(Inflight.decode, None, 1, 1),
+    _R.VHOST_USER_SET_DEVICE_STATE_FD: RequestSpec(
+        DeviceStateTransfer.decode, DeviceStateTransfer.LAYOUT.size, 1, 1
+    ),
+    _R.VHOST_USER_CHECK_DEVICE_STATE: _EMPTY_SPEC,
 }
 
 

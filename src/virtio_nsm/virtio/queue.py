@@ -356,6 +356,23 @@ class DeviceQueue(_SplitRing):
                 return chain
             index = nxt
 
+    def resubmit(self, head: int) -> Chain:
+        """Take the chain at ``head`` again, without the available ring.
+
+        For inflight I/O tracking: after a backend restart, the chains that the
+        previous backend took but never returned are known only by their heads
+        (the available ring may have moved on).  The chain is validated like a
+        popped one and becomes in flight; ``avail_index`` is meaningless for it,
+        so it cannot be given back with :meth:`unpop`.
+        """
+        if not 0 <= head < self.size:
+            raise VirtqueueError(f"resubmitted head {head} is outside the queue of {self.size}")
+        if head in self._in_flight:
+            raise VirtqueueError(f"resubmitted chain {head} is already in flight")
+        chain = self._walk(Chain(head, -1))
+        self._in_flight[head] = chain.writable_len
+        return chain
+
     def unpop(self, chain: Chain) -> None:
         """Give back the most recently popped chain unanswered (it becomes available again)."""
         if chain.head not in self._in_flight or (chain.avail_index + 1) & 0xFFFF != (self.last_avail_idx):

@@ -1,0 +1,274 @@
+"""Inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), split virtqueues.
+
+Theory of operation
+-------------------
+A backend that dies loses track of the chains it had taken from the available
+ring and not yet returned.  The vhost-user answer is a shared memory region that
+the *backend* creates (``VHOST_USER_GET_INFLIGHT_FD``), the *frontend* keeps, and
+hands to every later backend (``VHOST_USER_SET_INFLIGHT_FD``).  Per queue it holds
+a 16-byte header and one 16-byte entry per descriptor (the spec's
+``QueueRegionSplit`` / ``DescStateSplit``)::
+
+    header: u64 features | u16 version | u16 desc_num | u16 last_batch_head | u16 used_idx
+    entry:  u8 inflight | 5 bytes padding | u16 next | u64 counter
+
+Every queue region is rounded up to 64 bytes, as libvhost-user and DPDK do.
+
+* When a chain is taken, its head's entry gets the next value of a counter and
+  ``inflight = 1``.
+* When chains are returned, each returned head is linked into a "last batch"
+  list (``next``, ``last_batch_head``) *before* ``used->idx`` is published; after
+  publishing, their ``inflight`` flags are cleared and ``used_idx`` records the
+  published index.
+* A new backend first repairs a batch that was published but not yet cleared
+  (``used_idx`` differs from ``used->idx``: clear the flags along the list), then
+  resubmits the heads still marked inflight in counter order, and continues on
+  the available ring at ``used->idx`` plus their number.
+
+The counter is what makes a request recognisable across a crash: the pair
+``(head, counter)`` names one submission, and survives the backend.  Counters
+start at a random 62-bit value in every new region (the spec leaves the start
+open; it only orders entries), so two regions -- e.g. before and after a VM
+reset, which gets a new region -- never produce the same pair, and a durable
+record of "the last request I applied" (:mod:`virtio_nsm.persist`) can tell a
+resubmission from a new request that happens to use the same head.
+
+The region comes from the frontend, so everything read from it is checked: a
+nonsensical batch list or a version we do not know breaks the ring instead of
+being trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+import struct
+from typing import Final
+
+from ..virtio.memory import VirtioError
+
+__all__ = [
+    "INFLIGHT_VERSION",
+    "InflightError",
+    "InflightQueue",
+    "InflightRegion",
+    "queue_region_size",
+]
+
+INFLIGHT_VERSION: Final = 1
+_ALIGN: Final = 64
+_HEADER = struct.Struct("<QHHHH")
+_ENTRY = struct.Struct("<B5xHQ")
+_COUNTER_OFFSET = 8  # of the u64 counter inside an entry
+_NEXT_OFFSET = 6
+#: Largest queue region we map: 32768 descriptors.
+_MAX_QUEUE_SIZE = 32768
+
+
+class InflightError(VirtioError):
+    """The inflight region is unusable (wrong size, unknown version, corrupt batch list)."""
+
+
+def queue_region_size(queue_size: int) -> int:
+    """Bytes of one queue's region (header + entries, 64-byte aligned)."""
+    raw = _HEADER.size + _ENTRY.size * queue_size
+    return -(-raw // _ALIGN) * _ALIGN
+
+
+class InflightQueue:
+    """The tracking state of one split virtqueue inside an :class:`InflightRegion`."""
+
+    def __init__(self, view: memoryview, queue_size: int) -> None:
+        self._view = view
+        self.size = queue_size
+        # Every entry's ``inflight`` byte, as one strided view.
+        self._flags = view[_HEADER.size : _HEADER.size + _ENTRY.size * queue_size : _ENTRY.size]
+        self._batch: list[int] = []
+        _features, version, desc_num, _, _ = _HEADER.unpack_from(view)
+        if version == 0:
+            self._initialise()
+        elif version != INFLIGHT_VERSION:
+            raise InflightError(f"inflight region version {version} (this backend knows {INFLIGHT_VERSION})")
+        elif desc_num != queue_size:
+            raise InflightError(f"inflight region for {desc_num} descriptors, queue has {queue_size}")
+        self.counter = max(self.counter_of(i) for i in range(queue_size)) + 1
+
+    def __repr__(self) -> str:
+        return f"<InflightQueue size={self.size} inflight={self.inflight_count} counter={self.counter}>"
+
+    def _initialise(self) -> None:
+        base = secrets.randbits(62)
+        self._view[: queue_region_size(self.size)] = bytes(queue_region_size(self.size))
+        for i in range(self.size):
+            _ENTRY.pack_into(self._view, _HEADER.size + i * _ENTRY.size, 0, 0, base)
+        _HEADER.pack_into(self._view, 0, 0, INFLIGHT_VERSION, self.size, 0, 0)
+
+    def release(self) -> None:
+        self._flags.release()
+        self._view.release()
+
+    # -- fields ------------------------------------------------------------------
+
+    def _entry(self, head: int) -> int:
+        return _HEADER.size + head * _ENTRY.size
+
+    def counter_of(self, head: int) -> int:
+        (value,) = struct.unpack_from("<Q", self._view, self._entry(head) + _COUNTER_OFFSET)
+        return int(value)
+
+    def is_inflight(self, head: int) -> bool:
+        return bool(self._flags[head])
+
+    @property
+    def inflight_count(self) -> int:
+        return sum(1 for flag in self._flags if flag)
+
+    @property
+    def used_idx(self) -> int:
+        return int(struct.unpack_from("<H", self._view, 14)[0])
+
+    def token(self, head: int) -> tuple[int, int]:
+        """What names the submission of chain ``head`` across backend restarts."""
+        return (head, self.counter_of(head))
+
+    # -- the protocol ------------------------------------------------------------
+
+    def recover(self, ring_used_idx: int) -> list[int]:
+        """Repair a half-finished batch; return the heads to resubmit, in counter order.
+
+        ``ring_used_idx`` is ``used->idx`` as the driver sees it now.
+        """
+        view = self._view
+        recorded = self.used_idx
+        unfinished = (ring_used_idx - recorded) & 0xFFFF
+        if unfinished:
+            if unfinished > self.size:
+                raise InflightError(
+                    f"used index {ring_used_idx} is {unfinished} past the recorded {recorded}, "
+                    f"more than the queue size {self.size}"
+                )
+            (head,) = struct.unpack_from("<H", view, 12)
+            for _ in range(unfinished):
+                if head >= self.size:
+                    raise InflightError(f"last batch list names descriptor {head} of {self.size}")
+                self._flags[head] = 0
+                (head,) = struct.unpack_from("<H", view, self._entry(head) + _NEXT_OFFSET)
+            struct.pack_into("<H", view, 14, ring_used_idx & 0xFFFF)
+        heads = [i for i in range(self.size) if self._flags[i]]
+        heads.sort(key=self.counter_of)
+        return heads
+
+    def taken(self, head: int) -> None:
+        """Chain ``head`` was taken from the available ring."""
+        struct.pack_into("<Q", self._view, self._entry(head) + _COUNTER_OFFSET, self.counter)
+        self.counter += 1
+        self._flags[head] = 1
+
+    def given_back(self, head: int) -> None:
+        """Chain ``head`` was given back untouched (it will be taken again)."""
+        self._flags[head] = 0
+
+    def returned(self, head: int) -> None:
+        """Chain ``head`` is on the used ring, not yet published."""
+        view = self._view
+        (last,) = struct.unpack_from("<H", view, 12)
+        struct.pack_into("<H", view, self._entry(head) + _NEXT_OFFSET, last)
+        struct.pack_into("<H", view, 12, head)
+        self._batch.append(head)
+
+    def published(self, used_idx: int) -> None:
+        """``used->idx`` = ``used_idx`` is visible to the driver: the batch is done."""
+        for head in self._batch:
+            self._flags[head] = 0
+        self._batch.clear()
+        struct.pack_into("<H", self._view, 14, used_idx & 0xFFFF)
+
+
+class InflightRegion:
+    """A mapped inflight region: ``num_queues`` queue regions of ``queue_size`` entries."""
+
+    def __init__(self, fd: int, mapping: mmap.mmap, num_queues: int, queue_size: int, mmap_size: int) -> None:
+        self.fd = fd
+        self.num_queues = num_queues
+        self.queue_size = queue_size
+        self.mmap_size = mmap_size
+        self._mapping = mapping
+        self._view = memoryview(mapping)
+        self._queues: dict[int, InflightQueue] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"<InflightRegion fd={self.fd} queues={self.num_queues}x{self.queue_size} "
+            f"size={self.mmap_size}>"
+        )
+
+    @staticmethod
+    def _check_geometry(num_queues: int, queue_size: int) -> int:
+        if not 1 <= num_queues <= 256:
+            raise InflightError(f"inflight region for {num_queues} queues")
+        if not 1 <= queue_size <= _MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
+            raise InflightError(f"inflight region for queue size {queue_size}")
+        return num_queues * queue_region_size(queue_size)
+
+    @classmethod
+    def create(cls, num_queues: int, queue_size: int) -> InflightRegion:
+        """A new zeroed region in a memfd (what GET_INFLIGHT_FD hands out)."""
+        size = cls._check_geometry(num_queues, queue_size)
+        fd = os.memfd_create("virtio-nsm-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        region = cls(fd, mapping, num_queues, queue_size, size)
+        for i in range(num_queues):
+            region.queue(i)  # writes the headers and counter bases
+        return region
+
+    @classmethod
+    def from_fd(
+        cls, fd: int, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int
+    ) -> InflightRegion:
+        """Map a region handed over by SET_INFLIGHT_FD; takes ownership of ``fd``."""
+        try:
+            needed = cls._check_geometry(num_queues, queue_size)
+            if mmap_size < needed:
+                raise InflightError(f"inflight region of {mmap_size} bytes, {needed} needed")
+            if mmap_offset % mmap.ALLOCATIONGRANULARITY:
+                raise InflightError(f"inflight region offset {mmap_offset:#x} is not page aligned")
+            try:
+                if os.fstat(fd).st_size < mmap_offset + mmap_size:
+                    raise InflightError("inflight region file is smaller than the region")
+                mapping = mmap.mmap(
+                    fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=mmap_offset
+                )
+            except OSError as exc:
+                raise InflightError(f"cannot map the inflight region: {exc}") from exc
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        return cls(fd, mapping, num_queues, queue_size, mmap_size)
+
+    def queue(self, index: int) -> InflightQueue:
+        """The tracker of queue ``index`` (checked, initialised if still zero)."""
+        tracker = self._queues.get(index)
+        if tracker is None:
+            if not 0 <= index < self.num_queues:
+                raise InflightError(f"no inflight region for queue {index}")
+            size = queue_region_size(self.queue_size)
+            tracker = InflightQueue(self._view[index * size : (index + 1) * size], self.queue_size)
+            self._queues[index] = tracker
+        return tracker
+
+    def close(self) -> None:
+        for tracker in self._queues.values():
+            tracker.release()
+        self._queues.clear()
+        self._view.release()
+        self._mapping.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)

@@ -1,0 +1,169 @@
+"""The inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), split-ring layout."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from virtio_nsm.vhost_user.inflight import (
+    INFLIGHT_VERSION,
+    InflightError,
+    InflightRegion,
+    queue_region_size,
+)
+from virtio_nsm.vhost_user.message import Inflight, MessageError
+from virtio_nsm.virtio.memory import GuestMemory, MemoryRegion
+from virtio_nsm.virtio.queue import DeviceQueue, DriverQueue, RingLayout, Segment, VirtqueueError
+
+
+def test_layout_matches_the_spec() -> None:
+    # 16-byte header + 16 bytes per descriptor, each queue region 64-byte aligned
+    # (what libvhost-user and DPDK compute for QEMU).
+    assert queue_region_size(64) == 16 + 16 * 64 + 48
+    assert queue_region_size(256) == 16 + 16 * 256 + 48
+    region = InflightRegion.create(2, 64)
+    try:
+        assert region.mmap_size == 2 * queue_region_size(64)
+        with open(f"/proc/self/fd/{region.fd}", "rb") as fh:
+            raw = fh.read()
+        for q in range(2):
+            base = q * queue_region_size(64)
+            features, version, desc_num, last_batch, used_idx = struct.unpack_from("<QHHHH", raw, base)
+            assert (features, version, desc_num, last_batch, used_idx) == (0, INFLIGHT_VERSION, 64, 0, 0)
+            flags = [raw[base + 16 + 16 * i] for i in range(64)]
+            assert flags == [0] * 64
+    finally:
+        region.close()
+
+
+def test_taken_returned_published_and_the_counter_order() -> None:
+    region = InflightRegion.create(1, 16)
+    try:
+        q = region.queue(0)
+        for head in (5, 2, 9):
+            q.taken(head)
+        assert [q.is_inflight(h) for h in (5, 2, 9, 0)] == [True, True, True, False]
+        tokens = [q.token(h) for h in (5, 2, 9)]
+        assert [t[1] for t in tokens] == sorted(t[1] for t in tokens)
+        q.returned(5)
+        q.published(1)
+        assert not q.is_inflight(5) and q.used_idx == 1
+        # A new backend on the same region resubmits what is left, in the order taken,
+        # and names each request exactly as before.
+        successor = InflightRegion.from_fd(os.dup(region.fd), region.mmap_size, 0, 1, 16)
+        again = successor.queue(0)
+        assert again.recover(ring_used_idx=1) == [2, 9]
+        assert [again.token(h) for h in (2, 9)] == tokens[1:]
+        assert again.counter > tokens[-1][1]
+        successor.close()
+    finally:
+        region.close()
+
+
+def test_batch_published_but_not_cleared_is_repaired() -> None:
+    region = InflightRegion.create(1, 16)
+    try:
+        q = region.queue(0)
+        for head in (1, 3, 4):
+            q.taken(head)
+        q.returned(1)
+        q.returned(3)
+        # The backend published used->idx = 2 and died before clearing the flags.
+        assert q.used_idx == 0
+        assert q.recover(ring_used_idx=2) == [4]
+        assert q.used_idx == 2 and not q.is_inflight(1) and not q.is_inflight(3)
+    finally:
+        region.close()
+
+
+def test_counters_start_at_a_random_base_per_region() -> None:
+    a, b = InflightRegion.create(1, 8), InflightRegion.create(1, 8)
+    try:
+        qa, qb = a.queue(0), b.queue(0)
+        qa.taken(0)
+        qb.taken(0)
+        assert qa.token(0) != qb.token(0)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_zeroed_region_from_the_frontend_is_initialised() -> None:
+    fd = os.memfd_create("test-inflight")
+    os.ftruncate(fd, queue_region_size(8))
+    region = InflightRegion.from_fd(fd, queue_region_size(8), 0, 1, 8)
+    try:
+        q = region.queue(0)
+        assert q.recover(0) == [] and q.inflight_count == 0
+    finally:
+        region.close()
+
+
+def _raw_region(size: int, version: int, desc_num: int, last_batch: int = 0) -> int:
+    fd = os.memfd_create("test-inflight")
+    os.ftruncate(fd, queue_region_size(size))
+    os.pwrite(fd, struct.pack("<QHHHH", 0, version, desc_num, last_batch, 0), 0)
+    return fd
+
+
+@pytest.mark.parametrize(
+    ("version", "desc_num", "reason"),
+    [(2, 8, "version 2"), (1, 16, "16 descriptors")],
+)
+def test_foreign_region_is_refused(version: int, desc_num: int, reason: str) -> None:
+    region = InflightRegion.from_fd(_raw_region(8, version, desc_num), queue_region_size(8), 0, 1, 8)
+    try:
+        with pytest.raises(InflightError, match=reason):
+            region.queue(0)
+    finally:
+        region.close()
+
+
+def test_corrupt_batch_list_is_refused() -> None:
+    region = InflightRegion.from_fd(_raw_region(8, 1, 8, last_batch=99), queue_region_size(8), 0, 1, 8)
+    try:
+        with pytest.raises(InflightError, match="descriptor 99"):
+            region.queue(0).recover(ring_used_idx=1)
+        with pytest.raises(InflightError, match="more than the queue size"):
+            region.queue(0).recover(ring_used_idx=9)
+    finally:
+        region.close()
+
+
+def test_region_too_small_or_misplaced_is_refused() -> None:
+    with pytest.raises(InflightError, match="bytes"):
+        InflightRegion.from_fd(_raw_region(8, 1, 8), queue_region_size(8), 0, 2, 8)
+    with pytest.raises(InflightError, match="page aligned"):
+        InflightRegion.from_fd(_raw_region(8, 1, 8), 64, 64, 1, 1)
+    with pytest.raises(InflightError, match="queue size"):
+        InflightRegion.create(1, 12)
+
+
+def test_inflight_description_wire_format() -> None:
+    desc = Inflight(4096, 0, 1, 64)
+    assert len(desc.encode()) == 24  # the naturally aligned C struct QEMU sends
+    assert Inflight.decode(desc.encode()) == desc
+    assert Inflight.decode(desc.encode()[:20]) == desc
+    with pytest.raises(MessageError):
+        Inflight.decode(bytes(16))
+
+
+def test_device_queue_resubmits_a_chain_by_its_head() -> None:
+    mem = GuestMemory([MemoryRegion.anonymous(0x10000, 0x10000)])
+    layout = RingLayout.contiguous(8, 0x10000)
+    drv = DriverQueue(mem, layout)
+    dev = DeviceQueue(mem, layout)
+    head = drv.add([Segment(0x18000, 5), Segment(0x19000, 16, True)])
+    drv.publish()
+    popped = dev.pop()
+    assert popped is not None
+    dev.add_used(head, 0)
+    # A restarted device knows only the head: the same chain comes back, checked again.
+    again = dev.resubmit(head)
+    assert (again.readable, again.writable) == (popped.readable, popped.writable)
+    with pytest.raises(VirtqueueError, match="already in flight"):
+        dev.resubmit(head)
+    with pytest.raises(VirtqueueError, match="outside"):
+        dev.resubmit(8)

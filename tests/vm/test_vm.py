@@ -95,26 +95,22 @@ def _kernels() -> list[str]:
 def test_guest_conformance(toolchain: Toolchain, device: str, kernel: str,
                            tmp_path: Path) -> None:
     """The guest suite through nsm.ko, then the guest's attestation document verified
-    here against the device's root with a nonce and PCR policy."""
-    from virtio_nsm.nsm.pki import CertificateAuthority
+    here against the device's root (``nsm serve --state-dir``'s ca/root.pem) with a nonce
+    and PCR policy."""
+    from cryptography import x509
+
     from virtio_nsm.verify import verify_document
 
-    env: dict[str, str] = {}
-    ca_dir = tmp_path / "ca"
-    ca = CertificateAuthority.generate()
-    ca.save(ca_dir)
-    if device == "ours" and not os.environ.get("NSM_VM_BACKEND_CMD"):
-        # nsm serve's device with a CA we know (see backend_with_ca.py)
-        env["NSM_VM_BACKEND_CMD"] = f"{sys.executable} {Path(__file__).parent / 'backend_with_ca.py'}"
-        env["NSM_VM_TEST_CA"] = str(ca_dir)
+    state = tmp_path / "state"  # nsm serve's state dir: its documents chain to ca/root.pem
+    extra = ["--state-dir", str(state)] if device == "ours" else []
     out = tmp_path / "out"
     out.mkdir()
     r = nsm_vm_run(
-        "--device", device, "--kernel", kernel, "--share", str(out),
+        "--device", device, *extra, "--kernel", kernel, "--share", str(out),
         "--env", f"NSM_VM_OUT={out}",
         "--timeout", "400", "--",
         sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-ra", "--color=no",
-        "--rootdir", str(REPO), str(GUEST_TESTS), env_extra=env,
+        "--rootdir", str(REPO), str(GUEST_TESTS),
     )
     print(r.stdout)
     print(r.stderr, file=sys.stderr)
@@ -123,10 +119,12 @@ def test_guest_conformance(toolchain: Toolchain, device: str, kernel: str,
     assert " passed" in summary and "skipped" not in summary and "failed" not in summary
     doc = (out / "attestation.cbor").read_bytes()
     meta = json.loads((out / "attestation.json").read_text())
-    if "NSM_VM_TEST_CA" not in env:
-        pytest.skip("backend CA unknown (NSM_VM_BACKEND_CMD given): document not verified")
+    root_pem = state / "ca" / "root.pem"
+    if not root_pem.exists():
+        pytest.skip(f"no device root at {root_pem} (custom backend): document not verified")
+    root = x509.load_pem_x509_certificate(root_pem.read_bytes())
     verified = verify_document(
-        doc, roots=[ca.certificate], nonce=bytes.fromhex(meta["nonce"]),
+        doc, roots=[root], nonce=bytes.fromhex(meta["nonce"]),
         expected_pcrs={int(k): bytes.fromhex(v) for k, v in meta["pcrs"].items()},
         max_age=600)
     assert verified.user_data == bytes.fromhex(meta["user_data"])
@@ -142,7 +140,8 @@ def test_running_backend_outlives_guests(toolchain: Toolchain, tmp_path: Path) -
                                                 os.environ.get("PYTHONPATH", "")]))
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
     serve = subprocess.Popen([sys.executable, "-m", "virtio_nsm", "serve", "--vhost-user",
-                              str(sock)], stdout=log, stderr=subprocess.STDOUT, env=env)
+                              str(sock), "--state-dir", str(tmp_path / "state")],
+                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         for _ in range(300):
             if sock.exists():

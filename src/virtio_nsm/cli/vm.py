@@ -79,6 +79,9 @@ def setup_cmd(cache_dir: Path | None, kernel_package: str, root_qemu: bool,
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Extra guest variable.")
 @click.option("--memory", "memory_mb", type=int, default=512, show_default=True,
               help="Guest RAM in MiB.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="State directory for the started `nsm serve` (PCRs, locks, CA; its "
+                   "documents chain to DIR/ca/root.pem). Default: a fresh one per run.")
 @click.option("--backend-arg", "backend_args", multiple=True,
               help="Extra argument for the started `nsm serve` (repeatable).")
 @click.option("--append", "kernel_args", default="", help="Extra kernel command line.")
@@ -87,7 +90,7 @@ def setup_cmd(cache_dir: Path | None, kernel_package: str, root_qemu: bool,
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_cmd(cache_dir: Path | None, kernel: str | None, timeout: float, device: str,
             shares: tuple[Path, ...], env: tuple[str, ...], memory_mb: int,
-            backend_args: tuple[str, ...], kernel_args: str, keep: bool, quiet: bool,
+            state_dir: Path | None, backend_args: tuple[str, ...], kernel_args: str, keep: bool, quiet: bool,
             command: tuple[str, ...]) -> None:
     """Run COMMAND in a throwaway guest chrooted into the host root; exit with its status.
 
@@ -110,7 +113,8 @@ def run_cmd(cache_dir: Path | None, kernel: str | None, timeout: float, device: 
         sys.exit(125)
     opts = RunOptions(command=list(command), kernel=kernel, timeout=timeout, device=device,
                       shares=list(shares), env=extra_env, memory_mb=memory_mb, keep=keep,
-                      backend_args=list(backend_args), kernel_args=kernel_args, quiet=quiet)
+                      backend_args=list(backend_args), kernel_args=kernel_args, quiet=quiet,
+                      state_dir=state_dir.resolve() if state_dir else None)
     try:
         result = run(tc, opts)
     except VmError as exc:

@@ -62,6 +62,8 @@ class RunOptions:
     cwd: str | None = None
     keep: bool = False
     backend_args: list[str] = field(default_factory=list)
+    #: ``nsm serve --state-dir`` for ``device="ours"`` (default: a fresh one in the run dir)
+    state_dir: Path | None = None
     kernel_args: str = ""
     quiet: bool = False
     stdout: BinaryIO | None = None
@@ -159,14 +161,19 @@ def backend_available() -> bool:
 class _Backend:
     """Our vhost-user backend, started for one run."""
 
-    def __init__(self, run_dir: Path, extra: Sequence[str]) -> None:
+    def __init__(self, run_dir: Path, extra: Sequence[str], state_dir: Path | None) -> None:
         self.sock = run_dir / "nsm.sock"
         self._sock_dir: Path | None = None
         if len(str(self.sock)) > 100:  # AF_UNIX paths are limited to 108 bytes
             self._sock_dir = Path(tempfile.mkdtemp(prefix="nsm-vm-"))
             self.sock = self._sock_dir / "nsm.sock"
         self.log_path = run_dir / "backend.log"
-        self.argv = [*backend_command(), "--vhost-user", str(self.sock), *extra]
+        state: list[str] = []
+        if BACKEND_ENV not in os.environ:
+            # nsm serve keeps its state (PCRs, locks, CA) in a directory: a fresh one per
+            # run (a throwaway device) unless the caller names one to keep
+            state = ["--state-dir", str(state_dir or run_dir / "state")]
+        self.argv = [*backend_command(), "--vhost-user", str(self.sock), *state, *extra]
         self.proc: subprocess.Popen[bytes] | None = None
         self.cpu_s: float | None = None
 
@@ -297,7 +304,7 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
     qemu_rc: int | None = None
     try:
         if opts.device == "ours":
-            backend = _Backend(run_dir, opts.backend_args)
+            backend = _Backend(run_dir, opts.backend_args, opts.state_dir)
             backend.start()
             sock = str(backend.sock)
         elif opts.device.startswith("vhost-user:"):

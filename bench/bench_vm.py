@@ -109,7 +109,8 @@ def guest_main(n: int, runs: int, ops: list[str]) -> None:
 # --------------------------------------------------------------------------- host side
 
 
-def _boot(device: str, command: list[str], timeout: float) -> tuple[int, str, float, float | None]:
+def _boot(device: str, command: list[str], timeout: float,
+          backend_args: list[str] | None = None) -> tuple[int, str, float, float | None]:
     """One guest via the Python API: (status, stdout, wall seconds, backend CPU seconds)."""
     import io
 
@@ -121,7 +122,7 @@ def _boot(device: str, command: list[str], timeout: float) -> tuple[int, str, fl
     tc = load_or_setup()
     t0 = time.monotonic()
     result = run(tc, RunOptions(command=command, device=device, timeout=timeout, quiet=True,
-                                stdout=out))
+                                stdout=out, backend_args=list(backend_args or [])))
     return result.status, out.getvalue().decode(errors="replace"), time.monotonic() - t0, \
         result.backend_cpu_s
 
@@ -131,7 +132,7 @@ def host_main(args: argparse.Namespace) -> int:
     guest = [sys.executable, str(HERE), "--guest", "-n", str(args.n), "--runs", str(args.runs),
              "--ops", ",".join(args.ops)]
     for device in args.device:
-        status, stdout, wall, cpu = _boot(device, guest, args.timeout)
+        status, stdout, wall, cpu = _boot(device, guest, args.timeout, args.backend_arg)
         line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH-JSON ")), None)
         if status != 0 or line is None:
             print(f"{device}: failed (exit {status})\n{stdout}", file=sys.stderr)
@@ -142,7 +143,7 @@ def host_main(args: argparse.Namespace) -> int:
         cpu_line = ""
         if cpu is not None and args.cpu:
             # the same boot running only `true`: backend start-up, boot-time hwrng requests
-            _s, _o, _w, idle_cpu = _boot(device, ["true"], args.timeout)
+            _s, _o, _w, idle_cpu = _boot(device, ["true"], args.timeout, args.backend_arg)
             if idle_cpu is not None:
                 # each timed loop of n is preceded by min(n, 100) warm-up requests
                 requests = len(args.ops) * args.runs * (args.n + min(args.n, 100))
@@ -154,8 +155,8 @@ def host_main(args: argparse.Namespace) -> int:
         if cpu is not None and args.idle_seconds > 0:
             # idle backend: a guest that only sleeps, minus one that exits at once
             _s, _o, _w, sleep_cpu = _boot(device, ["sleep", str(args.idle_seconds)],
-                                          args.timeout)
-            _s, _o, _w, true_cpu = _boot(device, ["true"], args.timeout)
+                                          args.timeout, args.backend_arg)
+            _s, _o, _w, true_cpu = _boot(device, ["true"], args.timeout, args.backend_arg)
             if sleep_cpu is not None and true_cpu is not None:
                 idle = max(0.0, sleep_cpu - true_cpu)
                 data["backend_idle_cpu_s"] = idle
@@ -190,6 +191,8 @@ def main() -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-cpu", dest="cpu", action="store_false",
                     help="skip the idle boot that measures backend CPU per request")
+    ap.add_argument("--backend-arg", action="append", default=[],
+                    help="extra `nsm serve` argument for --device ours, e.g. --ephemeral")
     ap.add_argument("--idle-seconds", type=float, default=0,
                     help="also measure the backend's CPU over this many idle guest seconds")
     args = ap.parse_args()

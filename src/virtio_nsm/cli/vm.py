@@ -83,7 +83,8 @@ def setup_cmd(cache_dir: Path | None, kernel_package: str, root_qemu: bool,
               help="State directory for the started `nsm serve` (PCRs, locks, CA; its "
                    "documents chain to DIR/ca/root.pem). Default: a fresh one per run.")
 @click.option("--backend-arg", "backend_args", multiple=True,
-              help="Extra argument for the started `nsm serve` (repeatable).")
+              help="Extra argument for the started `nsm serve` (repeatable), e.g. "
+                   "--ephemeral for a state kept in memory only.")
 @click.option("--append", "kernel_args", default="", help="Extra kernel command line.")
 @click.option("--keep", is_flag=True, help="Keep the run directory (logs) on success too.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")

@@ -169,7 +169,7 @@ class _Backend:
             self.sock = self._sock_dir / "nsm.sock"
         self.log_path = run_dir / "backend.log"
         state: list[str] = []
-        if BACKEND_ENV not in os.environ:
+        if BACKEND_ENV not in os.environ and "--ephemeral" not in extra:
             # nsm serve keeps its state (PCRs, locks, CA) in a directory: a fresh one per
             # run (a throwaway device) unless the caller names one to keep
             state = ["--state-dir", str(state_dir or run_dir / "state")]

@@ -509,3 +509,22 @@ def test_internal_error_drops_the_frontend_and_keeps_serving(
         daemon.stop()
         thread.join(10)
         daemon.close()
+
+
+def test_stop_after_close_touches_no_reused_descriptor(tmp_path: Path) -> None:
+    from virtio_nsm import NsmDevice
+    from virtio_nsm.vhost_user.daemon import VhostUserDaemon
+
+    daemon = VhostUserDaemon(tmp_path / "s.sock", NsmDevice().handle)
+    daemon.bind()
+    old_wake = daemon._wake_w
+    daemon.close()
+    r, w = os.pipe2(os.O_NONBLOCK)
+    os.dup2(w, old_wake)  # someone else now owns the number the daemon used
+    try:
+        daemon.stop()
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)
+    finally:
+        for fd in (r, w, old_wake):
+            os.close(fd)

@@ -262,8 +262,10 @@ class VhostUserDaemon:
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to return (safe from signal handlers and threads)."""
         self._stopping = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        wake = self._wake_w
+        if wake >= 0:  # after close() the number may belong to someone else
+            with contextlib.suppress(OSError):
+                os.write(wake, b"x")
 
     def close(self) -> None:
         """Drop the connection, remove the socket file, release everything."""
@@ -276,9 +278,11 @@ class VhostUserDaemon:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
         self._selector.close()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def __enter__(self) -> VhostUserDaemon:
         if self._listener is None:

@@ -26,7 +26,8 @@ import logging
 import os
 
 from .nsm.device import NsmDevice
-from .persist import Snapshot, StateStore, decode_snapshot, encode_snapshot
+from .nsm.pki import CertificateAuthority
+from .persist import Snapshot, StateError, StateStore, decode_snapshot, encode_snapshot
 
 __all__ = ["DurableNsm"]
 
@@ -43,9 +44,19 @@ class DurableNsm:
         self.replayed = 0
 
     @classmethod
-    def open(cls, directory: str | os.PathLike[str], *, durable: bool = True) -> DurableNsm:
-        """Lock and load a state directory (initialised if new); raises ``StateError``."""
-        store = StateStore.open(directory, durable=durable)
+    def open(cls, directory: str | os.PathLike[str], *, durable: bool = True,
+             ca: CertificateAuthority | None = None) -> DurableNsm:
+        """Lock and load a state directory (initialised if new); raises ``StateError``.
+
+        ``ca``: the root to sign with. A new directory keeps a copy of it; an
+        existing one must already hold that same root (else ``StateError``:
+        documents would suddenly chain to another root).
+        """
+        store = StateStore.open(directory, durable=durable, ca=ca)
+        if ca is not None and store.ca.certificate_der != ca.certificate_der:
+            store.close()
+            raise StateError(f"{store.directory} holds a different CA than the one given; "
+                             "refusing to switch roots (use a new state directory)")
         try:
             device = NsmDevice(state=store.state, ca=store.ca, commit=store.commit)
         except BaseException:
@@ -54,9 +65,9 @@ class DurableNsm:
         return cls(device, store)
 
     @classmethod
-    def ephemeral(cls) -> DurableNsm:
+    def ephemeral(cls, ca: CertificateAuthority | None = None) -> DurableNsm:
         """A fresh in-memory device: its PCRs and locks die with the process."""
-        return cls(NsmDevice())
+        return cls(NsmDevice(ca=ca))
 
     def __repr__(self) -> str:
         where = self.store.directory if self.store is not None else "memory"

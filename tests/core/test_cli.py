@@ -107,3 +107,5 @@ def test_ca_init_and_root(tmp_path: Path) -> None:
     assert code == 2 and "refusing" in err
     code, _, err = run("ca", "root", "--dir", str(tmp_path / "none"))
     assert code == 2 and "nsm ca init" in err
+    code, out, _ = run("ca", "root", "--dir", str(d), "--state-dir", str(d))
+    assert code == 2

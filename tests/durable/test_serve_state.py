@@ -185,3 +185,33 @@ def test_reads_and_random_write_nothing(paths: tuple[Path, Path, Path]) -> None:
             assert path.stat().st_ino != before.st_ino
     finally:
         assert backend.terminate() == 0
+
+
+def test_serve_with_own_ca(paths: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """`nsm ca init` -> `nsm serve --ca-dir`: documents chain to that root; roots never switch."""
+    state, sock, log = paths
+    ca_dir, other = tmp_path / "myca", tmp_path / "otherca"
+    assert nsm("ca", "init", "--dir", str(ca_dir)).returncode == 0
+    assert nsm("ca", "init", "--dir", str(other)).returncode == 0
+    with open(log, "ab") as fh:
+        backend = Backend(state, sock, fh, "--ca-dir", str(ca_dir))
+    assert backend.wait_listening(), log.read_text()
+    try:
+        doc = tmp_path / "doc.cose"
+        assert nsm("attest", "--device", f"vhost-user:{sock}", "-o", str(doc)).returncode == 0
+        assert nsm("verify", str(doc), "--root", str(ca_dir / "root.pem")).returncode == 0
+        assert nsm("verify", str(doc), "--root", str(other / "root.pem")).returncode == 1
+        root = nsm("ca", "root", "--state-dir", str(state))
+        assert root.stdout.encode() == (ca_dir / "root.pem").read_bytes()
+    finally:
+        assert backend.terminate() == 0
+    with open(log, "ab") as fh:
+        refused = Backend(state, sock, fh, "--ca-dir", str(other))
+    assert refused.wait_listening() == []
+    assert refused.proc.wait(30) == 1
+    assert "different CA" in log.read_text()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    out = subprocess.run([sys.executable, "-m", "virtio_nsm", "serve", "--ephemeral", "--ca-dir", str(broken),
+                          "--vhost-user", str(sock)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "cannot read CA directory" in out.stderr

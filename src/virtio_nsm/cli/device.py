@@ -246,12 +246,23 @@ def ca_init(directory: Path | None) -> None:
 
 
 @ca.command("root")
-@_ca_dir_option
-def ca_root(directory: Path | None) -> None:
-    """Print the CA's root certificate (PEM), the trust anchor for its documents."""
-    directory = directory or default_ca_dir()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A CA directory (e.g. made by `nsm ca init`).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The CA of the `nsm serve` state directory DIR.")
+def ca_root(directory: Path | None, state_dir: Path | None) -> None:
+    """Print a root certificate (PEM), the trust anchor for its documents.
+
+    Default: the root `nsm serve` signs with by default (its default state directory).
+    """
+    from ..persist import CA_DIR, default_state_dir
+
+    if directory is not None and state_dir is not None:
+        raise click.UsageError("give --dir or --state-dir, not both")
+    if directory is None:
+        directory = (state_dir or default_state_dir()) / CA_DIR
     try:
         authority = CertificateAuthority.load(directory)
     except ConfigurationError as exc:
-        fail(f"{exc} (create one with `nsm ca init`)")
+        fail(f"{exc} (start `nsm serve` once, or create a CA with `nsm ca init`)")
     click.echo(authority.certificate_pem.decode("ascii"), nl=False)

@@ -15,7 +15,8 @@ import click
 
 from .. import persist
 from ..durable import DurableNsm
-from ..nsm.pki import ROOT_CERT_FILE
+from ..errors import ConfigurationError
+from ..nsm.pki import ROOT_CERT_FILE, CertificateAuthority
 from ..vhost_user.daemon import VhostUserDaemon
 from . import main
 
@@ -70,10 +71,22 @@ def qemu_options(path: Path, memory: str = "512M") -> str:
     help="Keep the device state in memory only (fresh PCRs and CA every start; "
     "a crash loses it).",
 )
+@click.option(
+    "--ca-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Sign with this CA (root.pem + root-key.pem, e.g. from `nsm ca init`, or your own "
+    "P-384 root). A new state directory keeps a copy; an existing one must hold the same root.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every vhost-user message.")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 def serve(
-    socket_path: Path | None, state_dir: Path | None, ephemeral: bool, verbose: bool, quiet: bool
+    socket_path: Path | None,
+    state_dir: Path | None,
+    ephemeral: bool,
+    ca_dir: Path | None,
+    verbose: bool,
+    quiet: bool,
 ) -> None:
     """Serve an NSM device over vhost-user until SIGTERM or SIGINT.
 
@@ -100,12 +113,19 @@ def serve(
     if ephemeral and state_dir is not None:
         click.echo("nsm: --ephemeral and --state-dir exclude each other", err=True)
         sys.exit(2)
+    ca = None
+    if ca_dir is not None:
+        try:
+            ca = CertificateAuthority.load(ca_dir)
+        except ConfigurationError as exc:
+            click.echo(f"nsm: {exc}", err=True)
+            sys.exit(2)
     if ephemeral:
-        nsm = DurableNsm.ephemeral()
+        nsm = DurableNsm.ephemeral(ca)
     else:
         directory = state_dir if state_dir is not None else persist.default_state_dir()
         try:
-            nsm = DurableNsm.open(directory)
+            nsm = DurableNsm.open(directory, ca=ca)
         except persist.StateError as exc:
             click.echo(f"nsm: {exc}", err=True)
             sys.exit(1)
@@ -132,6 +152,9 @@ def serve(
                    f"(nsm verify --root {root})")
     else:
         click.echo("Device state in memory only (--ephemeral): lost when this process ends")
+        if ca_dir is not None:
+            root = ca_dir / ROOT_CERT_FILE
+            click.echo(f"Documents chain to {root} (nsm verify --root {root})")
     sys.stdout.flush()
     try:
         daemon.serve_forever()

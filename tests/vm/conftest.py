@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# The guest-side module runs only inside `nsm vm run` (the tier passes its path
+# explicitly there); on the host it is not even collected.
+collect_ignore = [] if os.environ.get("NSM_VM_GUEST") == "1" else ["guest"]
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("NSM_VM_GUEST") == "1":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from importlib import metadata
 
 import cbor2
 from _harness import compare
@@ -20,7 +21,8 @@ from virtio_nsm.nsm import protocol as p
 
 def main() -> int:
     device = NsmDevice()
-    print(f"python {sys.version.split()[0]}, cbor2 {getattr(cbor2, '__version__', '?')}")
+    print(f"python {sys.version.split()[0]}, cbor2 {metadata.version('cbor2')}, "
+          f"cryptography {metadata.version('cryptography')}")
 
     req = p.encode_request(p.DescribePCR(16))
     value = bytes(48)

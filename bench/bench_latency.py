@@ -306,10 +306,16 @@ def host_main(args: argparse.Namespace) -> int:
             t0 = time.monotonic()
             data = one_run(label, command, args)
             raw[label].append(data)
+            for ln in data.get("backend_log", "").splitlines():
+                if "DEBUG" in ln:
+                    print(label, ln)
+            stats = next((ln.split("stopped ", 1)[1] for ln in
+                          data.get("backend_log", "").splitlines() if "stopped (" in ln), "")
+            data["backend_stats"] = stats
             dn = data["results"].get("DescribeNSM", {})
             print(f"run {i + 1}/{args.runs} {label}: {time.monotonic() - t0:.1f} s, "
                   f"floor p50 {data['results']['floor']['p50_us']:.1f} us, "
-                  f"DescribeNSM p50 {dn.get('p50_us', float('nan')):.1f} us", flush=True)
+                  f"DescribeNSM p50 {dn.get('p50_us', float('nan')):.1f} us {stats}", flush=True)
     report: dict[str, Any] = {"n": args.n, "runs": args.runs, "variants": {}}
     for label, command in variants:
         s = summarize(label, raw[label])

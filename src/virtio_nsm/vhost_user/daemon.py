@@ -26,6 +26,24 @@ ends.  One ``selectors`` loop watches the listening socket, the connection, ever
 vring's kick eventfd and a wake-up pipe used by :meth:`VhostUserDaemon.stop`
 (signal- and thread-safe).  The NSM handler object, which holds PCRs and locks,
 belongs to the daemon and outlives every connection and reset.
+
+Adaptive polling
+----------------
+Waking up on a kick costs the guest a notification (a VM exit and an eventfd
+write in QEMU) and costs us a trip through the scheduler and ``epoll``, many
+times the work of the request itself.  So after answering, the loop keeps
+looking at the available rings for ``poll_us`` microseconds (a window renewed
+by every request served) and, for that long, tells the driver that it need not
+kick (``avail_event`` left behind with ``VIRTIO_RING_F_EVENT_IDX``, else
+``VIRTQ_USED_F_NO_NOTIFY``).  A driver that keeps sending is then served
+without any notification in either direction but the interrupt it asked for
+(with EVENT_IDX: only when ``used_event`` says so).  When the window passes
+with nothing new, kicks are asked for again, the rings are looked at once more
+(a chain added just before that is not lost) and the loop blocks in
+``select`` again: no CPU is used while the device is idle.  Every slice of
+``POLL_SLICE_NS`` the socket and the other descriptors are looked at too, so
+vhost-user messages are never starved.  ``poll_us=0`` disables polling (every
+request then waits for its kick).
 """
 
 from __future__ import annotations
@@ -36,6 +54,7 @@ import os
 import selectors
 import socket
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +67,7 @@ from .message import MessageError
 
 __all__ = [
     "BUFFER_TOO_SMALL",
+    "DEFAULT_POLL_US",
     "INTERNAL_ERROR",
     "Handler",
     "NsmQueueWorker",
@@ -57,6 +77,17 @@ __all__ = [
 log = logging.getLogger("virtio_nsm.vhost_user")
 
 Handler = Callable[[bytes], bytes]
+
+#: Default polling window after activity, in microseconds (see the module docstring).
+DEFAULT_POLL_US = 100
+#: Longest stretch of polling between two looks at the other descriptors.
+POLL_SLICE_NS = 2_000_000
+#: A look at the rings that took this long means the CPU was taken from us.
+PREEMPTED_NS = 50_000
+#: How long to stop polling after that: doubling from the minimum up to the maximum
+#: while it keeps happening, back to nothing after a window that was not disturbed.
+BACKOFF_MIN_NS = 1_000_000
+BACKOFF_MAX_NS = 1_000_000_000
 
 INTERNAL_ERROR = encode_error(ErrorCode.InternalError)
 BUFFER_TOO_SMALL = encode_error(ErrorCode.BufferTooSmall)
@@ -155,10 +186,23 @@ class VhostUserDaemon:
         handler: Handler,
         *,
         message_timeout: float = 5.0,
+        poll_us: int = DEFAULT_POLL_US,
     ) -> None:
+        if poll_us < 0:
+            raise ValueError("poll_us must be >= 0")
         self.path = Path(path)
         self.handler = handler
         self.message_timeout = message_timeout
+        self.poll_us = poll_us
+        #: Counters for the log and the tests: wake-ups by a kick, polling windows
+        #: opened, and passes in which polling found requests without a kick.
+        self.kick_wakeups = 0
+        self.poll_windows = 0
+        self.poll_hits = 0
+        self.poll_backoffs = 0
+        self._poll_deadline: int | None = None
+        self._backoff_ns = 0
+        self._backoff_until = 0
         self.backend = VhostUserBackend(self._make_worker)
         self.connections_served = 0
         self._listener: socket.socket | None = None
@@ -242,7 +286,9 @@ class VhostUserDaemon:
         if self._listener is None:
             self.bind()
         while not self._stopping:
-            for key, _events in self._selector.select():
+            # While a polling window is open, only peek at the other descriptors.
+            timeout = None if self._poll_deadline is None else 0
+            for key, _events in self._selector.select(timeout):
                 if self._stopping:
                     break
                 tag = key.data
@@ -261,7 +307,21 @@ class VhostUserDaemon:
                     log.exception("internal error while serving the frontend")
                     self._drop_connection("internal error")
                     break  # the selector's key set changed
-        log.info("stopped")
+            if self._poll_deadline is not None and not self._stopping:
+                try:
+                    self._poll()
+                except Exception:
+                    log.exception("internal error while polling the rings")
+                    self._drop_connection("internal error")
+        log.info(
+            "stopped (%d kick wake-ups, %d polling windows, %d passes serving requests "
+            "found by polling, %d back-offs, %d interrupts)",
+            self.kick_wakeups,
+            self.poll_windows,
+            self.poll_hits,
+            self.poll_backoffs,
+            self.backend.interrupts,
+        )
 
     # -- events ----------------------------------------------------------------------
 
@@ -316,7 +376,75 @@ class VhostUserDaemon:
             del self._kicks[fd]
             self.backend.drop_kick(index)
             return
-        self.backend.kick(index)
+        self.kick_wakeups += 1
+        backend = self.backend
+        if self._poll_deadline is not None:  # a kick sent before it saw we poll
+            if backend.kick(index):
+                self._open_window()
+            return
+        if not self._may_poll():
+            backend.kick(index)
+            return
+        # Tell the driver not to kick before it hears the answer, so that its next
+        # request finds us polling without a notification.  Nothing to answer (a
+        # spurious kick): ask for kicks again, which looks at the rings once more.
+        backend.set_polling(True)
+        if backend.kick(index) or backend.set_polling(False):
+            self._open_window()
+
+    # -- polling ---------------------------------------------------------------------
+
+    def _may_poll(self) -> bool:
+        return self.poll_us > 0 and time.monotonic_ns() >= self._backoff_until
+
+    def _open_window(self) -> None:
+        """A request was answered: poll the rings for ``poll_us`` from now."""
+        if self._poll_deadline is None:
+            self.poll_windows += 1
+        if not self.backend.polling:
+            self.backend.set_polling(True)
+        self._poll_deadline = time.monotonic_ns() + self.poll_us * 1000
+
+    def _poll(self) -> None:
+        """Serve the rings without kicks until the window passes or the slice ends."""
+        deadline = self._poll_deadline
+        assert deadline is not None
+        window = self.poll_us * 1000
+        clock = time.monotonic_ns
+        poll = self.backend.poll
+        now = clock()
+        slice_end = now + POLL_SLICE_NS
+        while True:
+            before = now
+            if poll():
+                self.poll_hits += 1
+                now = clock()
+                deadline = now + window
+            else:
+                now = clock()
+                if now - before > PREEMPTED_NS:
+                    # The CPU was taken from us while we spun: it is wanted, maybe by
+                    # the very thread that brings the next request.  Block instead.
+                    self.poll_backoffs += 1
+                    self._backoff_ns = min(max(2 * self._backoff_ns, BACKOFF_MIN_NS), BACKOFF_MAX_NS)
+                    self._backoff_until = now + self._backoff_ns
+                    self._end_window()
+                    return
+                if now >= deadline:
+                    self._backoff_ns = 0
+                    self._end_window()
+                    return
+            if now >= slice_end:
+                self._poll_deadline = deadline
+                return
+
+    def _end_window(self) -> None:
+        """Ask for kicks again; a request that slipped in meanwhile may reopen the window."""
+        self._poll_deadline = None
+        if self.backend.set_polling(False):
+            self.poll_hits += 1
+            if self._may_poll():
+                self._open_window()
 
     def _sync_kicks(self) -> None:
         # Re-register everything: a replaced kick fd may have reused the old number,
@@ -334,6 +462,7 @@ class VhostUserDaemon:
             self._kicks[fd] = index
 
     def _drop_connection(self, reason: str, *, error: bool = True) -> None:
+        self._poll_deadline = None
         if self._conn is None:
             return
         if error:

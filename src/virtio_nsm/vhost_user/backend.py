@@ -325,8 +325,9 @@ class VhostUserBackend:
                 published |= vring.worker.process()
                 queue.publish_avail_event()
                 # A chain made available while we published avail_event must not wait
-                # for a kick that the driver may have decided not to send.
-                if not queue.available():
+                # for a kick that the driver may have decided not to send (when we poll,
+                # the next look at the ring finds it anyway).
+                if not queue.kicks_wanted or not queue.available():
                     break
             if published and queue.needs_notify():
                 self._signal(vring)

@@ -253,9 +253,12 @@ class DeviceQueue(_SplitRing):
 
     def available(self) -> int:
         """How many chains the driver has made available and we have not popped."""
-        avail_idx = self.avail_idx
-        memory_barrier()  # read the ring entries only after the index that covers them
+        avail_idx = self._avail16[1]
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if not pending:
+            self._avail_seen = avail_idx
+            return 0
+        memory_barrier()  # read the ring entries only after the index that covers them
         if pending > self.size:
             raise VirtqueueError(
                 f"available index {self.avail_idx} is {pending} ahead of {self.last_avail_idx}, "

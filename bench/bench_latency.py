@@ -242,6 +242,7 @@ def one_run(label: str, command: str | None, args: argparse.Namespace) -> dict[s
                  ",".join(args.ops), "--share", str(share), "--idle", str(args.idle)]
         result = run(load_or_setup(), RunOptions(command=guest, device=device, shares=[share],
                                                  timeout=args.timeout, quiet=True,
+                                                 kernel_args=args.kernel_args,
                                                  stdout=out))  # type: ignore[arg-type]
         line = next((ln for ln in out.lines if ln.startswith("BENCH-JSON ")), None)
         if result.status != 0 or line is None:
@@ -340,6 +341,8 @@ def main() -> int:
     ap.add_argument("--qemu", action="store_true", help="also QEMU's built-in C device")
     ap.add_argument("--idle", type=float, default=10.0,
                     help="idle seconds at the end of each guest run (backend CPU measured)")
+    ap.add_argument("--kernel-args", default="",
+                    help="extra guest kernel arguments (diagnostics, e.g. idle=poll)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args()

@@ -152,10 +152,10 @@ def no_preemption_guess(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @contextmanager
-def serving(tmp_path: Path, poll_us: int) -> Iterator[VhostUserDaemon]:
+def serving(tmp_path: Path, poll_us: int, adaptive: bool = False) -> Iterator[VhostUserDaemon]:
     device = NsmDevice()
     daemon = VhostUserDaemon(tmp_path / "nsm.sock", device.handle, message_timeout=5.0,
-                             poll_us=poll_us)
+                             poll_us=poll_us, adaptive_polling=adaptive)
     daemon.bind()
     thread = threading.Thread(target=daemon.serve_forever, daemon=True)
     thread.start()
@@ -231,7 +231,7 @@ def test_a_disturbed_window_backs_off_and_nothing_is_lost(
         values = [decode_response(f.exchange(encode_request(ExtendPCR(20, b"x"))))
                   for _ in range(10)]
         assert len({v.data for v in values}) == 10  # type: ignore[union-attr]
-        wait_for(lambda: daemon.poll_backoffs >= 1, "a back-off")
+        wait_for(lambda: daemon.policy.backoffs >= 1, "a back-off")
         wait_for(lambda: not daemon.backend.polling, "polling to stop")
         assert daemon.backend.vrings[0].queue.kicks_wanted  # type: ignore[union-attr]
         kicks = f.kicks

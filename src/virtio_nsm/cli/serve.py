@@ -62,12 +62,21 @@ def qemu_options(path: Path, memory: str = "512M") -> str:
     show_default=True,
     metavar="N",
     help="After answering a request, keep polling the virtqueue for N microseconds "
-    "(the driver is told not to kick meanwhile); lower latency for back-to-back "
-    "requests, no CPU when idle. 0 disables polling.",
+    "(the driver is told not to kick meanwhile): back-to-back requests skip the "
+    "kick; no CPU when idle. 0 disables polling.",
+)
+@click.option(
+    "--poll-adaptive/--poll-always",
+    default=True,
+    show_default=True,
+    help="Poll only while short trials show it pays (a polling thread takes a CPU the "
+    "guest may need), or after every answer.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every vhost-user message.")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
-def serve(socket_path: Path | None, poll_us: int, verbose: bool, quiet: bool) -> None:
+def serve(
+    socket_path: Path | None, poll_us: int, poll_adaptive: bool, verbose: bool, quiet: bool
+) -> None:
     """Serve an NSM device over vhost-user until SIGTERM or SIGINT.
 
     The device (PCRs, locks) lives as long as this process: frontends may
@@ -86,7 +95,9 @@ def serve(socket_path: Path | None, poll_us: int, verbose: bool, quiet: bool) ->
             click.echo(f"nsm: no place for a default socket ({exc}); use --vhost-user SOCK", err=True)
             sys.exit(2)
     device = NsmDevice()
-    daemon = VhostUserDaemon(socket_path, device.handle, poll_us=poll_us)
+    daemon = VhostUserDaemon(
+        socket_path, device.handle, poll_us=poll_us, adaptive_polling=poll_adaptive
+    )
     try:
         daemon.bind()
     except OSError as exc:

@@ -44,6 +44,12 @@ with nothing new, kicks are asked for again, the rings are looked at once more
 ``POLL_SLICE_NS`` the socket and the other descriptors are looked at too, so
 vhost-user messages are never starved.  ``poll_us=0`` disables polling (every
 request then waits for its kick).
+
+Spinning takes a CPU that the guest's vCPU thread and QEMU's main loop may need
+to bring the next request, so polling is not always a gain: a spin that loses
+the CPU backs off, and :class:`~.polling.PollPolicy` keeps polling only while
+trials show that it shortens the time between an answer and the next request
+(``adaptive_polling=False`` polls after every answer).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from ..virtio.queue import Chain, DeviceQueue, VirtqueueError
 from .backend import BackendError, QueueWorker, VhostUserBackend
 from .connection import Connection, ConnectionClosed
 from .message import MessageError
+from .polling import PollPolicy
 
 __all__ = [
     "BUFFER_TOO_SMALL",
@@ -79,15 +86,11 @@ log = logging.getLogger("virtio_nsm.vhost_user")
 Handler = Callable[[bytes], bytes]
 
 #: Default polling window after activity, in microseconds (see the module docstring).
-DEFAULT_POLL_US = 100
+DEFAULT_POLL_US = 200
 #: Longest stretch of polling between two looks at the other descriptors.
 POLL_SLICE_NS = 2_000_000
 #: A look at the rings that took this long means the CPU was taken from us.
 PREEMPTED_NS = 50_000
-#: How long to stop polling after that: doubling from the minimum up to the maximum
-#: while it keeps happening, back to nothing after a window that was not disturbed.
-BACKOFF_MIN_NS = 1_000_000
-BACKOFF_MAX_NS = 1_000_000_000
 
 INTERNAL_ERROR = encode_error(ErrorCode.InternalError)
 BUFFER_TOO_SMALL = encode_error(ErrorCode.BufferTooSmall)
@@ -187,22 +190,20 @@ class VhostUserDaemon:
         *,
         message_timeout: float = 5.0,
         poll_us: int = DEFAULT_POLL_US,
+        adaptive_polling: bool = True,
     ) -> None:
-        if poll_us < 0:
-            raise ValueError("poll_us must be >= 0")
         self.path = Path(path)
         self.handler = handler
         self.message_timeout = message_timeout
         self.poll_us = poll_us
+        #: Whether to poll, and when to stop (see :mod:`.polling`).
+        self.policy = PollPolicy(poll_us, adaptive=adaptive_polling)
         #: Counters for the log and the tests: wake-ups by a kick, polling windows
         #: opened, and passes in which polling found requests without a kick.
         self.kick_wakeups = 0
         self.poll_windows = 0
         self.poll_hits = 0
-        self.poll_backoffs = 0
         self._poll_deadline: int | None = None
-        self._backoff_ns = 0
-        self._backoff_until = 0
         self.backend = VhostUserBackend(self._make_worker)
         self.connections_served = 0
         self._listener: socket.socket | None = None
@@ -315,11 +316,14 @@ class VhostUserDaemon:
                     self._drop_connection("internal error")
         log.info(
             "stopped (%d kick wake-ups, %d polling windows, %d passes serving requests "
-            "found by polling, %d back-offs, %d interrupts)",
+            "found by polling, %d back-offs, polling chosen by %d of %d trials, "
+            "%d interrupts)",
             self.kick_wakeups,
             self.poll_windows,
             self.poll_hits,
-            self.poll_backoffs,
+            self.policy.backoffs,
+            self.policy.polling_won,
+            self.policy.trials,
             self.backend.interrupts,
         )
 
@@ -378,24 +382,25 @@ class VhostUserDaemon:
             return
         self.kick_wakeups += 1
         backend = self.backend
+        start = time.monotonic_ns()
         if self._poll_deadline is not None:  # a kick sent before it saw we poll
             if backend.kick(index):
+                self.policy.answered(start, time.monotonic_ns())
                 self._open_window()
             return
-        if not self._may_poll():
-            backend.kick(index)
+        if not self.policy.may_poll(start):
+            if backend.kick(index):
+                self.policy.answered(start, time.monotonic_ns())
             return
         # Tell the driver not to kick before it hears the answer, so that its next
         # request finds us polling without a notification.  Nothing to answer (a
         # spurious kick): ask for kicks again, which looks at the rings once more.
         backend.set_polling(True)
         if backend.kick(index) or backend.set_polling(False):
+            self.policy.answered(start, time.monotonic_ns())
             self._open_window()
 
     # -- polling ---------------------------------------------------------------------
-
-    def _may_poll(self) -> bool:
-        return self.poll_us > 0 and time.monotonic_ns() >= self._backoff_until
 
     def _open_window(self) -> None:
         """A request was answered: poll the rings for ``poll_us`` from now."""
@@ -412,6 +417,7 @@ class VhostUserDaemon:
         window = self.poll_us * 1000
         clock = time.monotonic_ns
         poll = self.backend.poll
+        policy = self.policy
         now = clock()
         slice_end = now + POLL_SLICE_NS
         while True:
@@ -419,19 +425,21 @@ class VhostUserDaemon:
             if poll():
                 self.poll_hits += 1
                 now = clock()
+                policy.answered(before, now)
+                if not policy.may_poll(now):  # a trial's next block waits for kicks
+                    self._end_window()
+                    return
                 deadline = now + window
             else:
                 now = clock()
                 if now - before > PREEMPTED_NS:
                     # The CPU was taken from us while we spun: it is wanted, maybe by
                     # the very thread that brings the next request.  Block instead.
-                    self.poll_backoffs += 1
-                    self._backoff_ns = min(max(2 * self._backoff_ns, BACKOFF_MIN_NS), BACKOFF_MAX_NS)
-                    self._backoff_until = now + self._backoff_ns
+                    policy.preempted(now)
                     self._end_window()
                     return
                 if now >= deadline:
-                    self._backoff_ns = 0
+                    policy.undisturbed()
                     self._end_window()
                     return
             if now >= slice_end:
@@ -441,9 +449,12 @@ class VhostUserDaemon:
     def _end_window(self) -> None:
         """Ask for kicks again; a request that slipped in meanwhile may reopen the window."""
         self._poll_deadline = None
+        start = time.monotonic_ns()
         if self.backend.set_polling(False):
             self.poll_hits += 1
-            if self._may_poll():
+            now = time.monotonic_ns()
+            self.policy.answered(start, now)
+            if self.policy.may_poll(now):
                 self._open_window()
 
     def _sync_kicks(self) -> None:

@@ -305,7 +305,11 @@ def host_main(args: argparse.Namespace) -> int:
     for i in range(args.runs):
         for label, command in variants:
             t0 = time.monotonic()
-            data = one_run(label, command, args)
+            try:
+                data = one_run(label, command, args)
+            except SystemExit as exc:  # one failed boot does not void the others
+                print(f"run {i + 1}/{args.runs} {label}: {exc}", file=sys.stderr, flush=True)
+                continue
             raw[label].append(data)
             for ln in data.get("backend_log", "").splitlines():
                 if "DEBUG" in ln:
@@ -319,6 +323,9 @@ def host_main(args: argparse.Namespace) -> int:
                   f"DescribeNSM p50 {dn.get('p50_us', float('nan')):.1f} us {stats}", flush=True)
     report: dict[str, Any] = {"n": args.n, "runs": args.runs, "variants": {}}
     for label, command in variants:
+        if not raw[label]:
+            print(f"\n== {label}: no successful run")
+            continue
         s = summarize(label, raw[label])
         report["variants"][label] = {"command": command, "summary": s, "raw": raw[label]}
         print_summary(label, command, s, args.n)

@@ -20,9 +20,12 @@ instead of one trial.
 
 from __future__ import annotations
 
+import logging
 import statistics
 
 __all__ = ["PollPolicy"]
+
+log = logging.getLogger("virtio_nsm.vhost_user")
 
 
 class PollPolicy:
@@ -123,5 +126,12 @@ class PollPolicy:
         poll, wait = medians.get(True), medians.get(False)
         self.allowed = poll is not None and wait is not None and poll < self.margin * wait
         self.polling_won += self.allowed
+        log.debug(
+            "polling trial %d: median turnaround %s us polling, %s us waiting for kicks: %s",
+            self.trials,
+            "?" if poll is None else f"{poll / 1000:.1f}",
+            "?" if wait is None else f"{wait / 1000:.1f}",
+            "poll" if self.allowed else "wait for kicks",
+        )
         self._in_trial = False
         self._left = self.exploit

@@ -15,12 +15,12 @@ from virtio_nsm.vhost_user.polling import PollPolicy
 US = 1000
 
 
-def feed(policy: PollPolicy, turnaround: dict[bool, int], count: int, t: list[int]) -> list[bool]:
-    """``count`` answers, each ``turnaround[mode]`` after the previous; the modes seen."""
+def feed(policy: PollPolicy, gap: dict[bool, int], count: int, t: list[int]) -> list[bool]:
+    """``count`` answers of 5 us, each ``gap[mode]`` after the previous; the modes seen."""
     modes = []
     for _ in range(count):
         modes.append(policy.allowed)
-        t[0] += turnaround[policy.allowed]
+        t[0] += gap[policy.allowed]
         policy.answered(t[0], t[0] + 5 * US)
         t[0] += 5 * US
     return modes
@@ -29,7 +29,7 @@ def feed(policy: PollPolicy, turnaround: dict[bool, int], count: int, t: list[in
 def new(**kw: int) -> tuple[PollPolicy, list[int]]:
     policy = PollPolicy(200, block=2, rounds=2, exploit=10, **kw)  # type: ignore[arg-type]
     clock = [1_000_000]
-    policy.answered(clock[0], clock[0])  # the first answer has no turnaround
+    policy.answered(clock[0], clock[0])  # the first answer gives no period
     return policy, clock
 
 
@@ -38,7 +38,7 @@ def test_a_trial_alternates_blocks_then_keeps_the_faster_mode() -> None:
     modes = feed(policy, {True: 20 * US, False: 50 * US}, 8, t)
     assert modes == [True, True, False, False, True, True, False, False]
     assert policy.trials == 1 and policy.polling_won == 1 and policy.allowed
-    assert policy.last_medians == {True: 20 * US, False: 50 * US}
+    assert policy.last_medians == {True: 25 * US, False: 55 * US}  # periods
     # Decided: polling for `exploit` answers, then a new trial starts with polling.
     assert feed(policy, {True: 20 * US, False: 50 * US}, 10, t) == [True] * 10
     assert policy.allowed

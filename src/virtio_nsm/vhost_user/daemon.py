@@ -48,7 +48,7 @@ request then waits for its kick).
 Spinning takes a CPU that the guest's vCPU thread and QEMU's main loop may need
 to bring the next request, so polling is not always a gain: a spin that loses
 the CPU backs off, and :class:`~.polling.PollPolicy` keeps polling only while
-trials show that it shortens the time between an answer and the next request
+trials show that it shortens the period of back-to-back requests
 (``adaptive_polling=False`` polls after every answer).
 """
 

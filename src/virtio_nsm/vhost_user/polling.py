@@ -3,15 +3,16 @@
 Polling the available ring after an answer saves the next request the trip through
 a kick (a VM exit, an eventfd, a wake-up), but the spinning thread takes a CPU that
 the guest's vCPU thread and QEMU's main loop may need to bring that request, which
-on a small or shared host makes things slower, not faster.  So whether to poll is
-measured, not assumed.  The quantity that polling is meant to shorten is the
-*turnaround*: from the end of one answer to the start of the next one (all the time
-the guest and QEMU take, plus how long we take to notice).  :class:`PollPolicy`
-runs *trials*: blocks of ``block`` answers with polling allowed, then without,
-alternating ``rounds`` times; it then keeps the mode whose median turnaround was
-lower (polling must win by ``margin``: a tie goes to not polling, which costs no
-CPU) for the next ``exploit`` answers, and runs a new trial.  Answers further apart
-than ``stream_gap_ns`` are not back-to-back traffic and are not samples.
+on a small or shared host can make things slower, not faster.  So whether to poll
+is measured, not assumed.  The quantity that polling is meant to shorten is the
+*period* of back-to-back traffic: from the end of one answer to the end of the
+next (the guest's and QEMU's time, how long we take to notice, and our work; where
+in it we lose the CPU does not matter).  :class:`PollPolicy` runs *trials*: blocks
+of ``block`` answers with polling allowed, then without, alternating ``rounds``
+times; it then keeps the mode whose median period was lower (polling must win by
+``margin``: a tie goes to not polling, which costs no CPU) for the next
+``exploit`` answers, and runs a new trial.  Answers further apart than
+``stream_gap_ns`` are not back-to-back traffic and are not samples.
 
 Independently, a spin that lost the CPU (the caller measures it) backs polling off
 for a while, doubling while it keeps happening: that reacts within one window
@@ -58,7 +59,7 @@ class PollPolicy:
         self.trials = 0
         self.polling_won = 0
         self.backoffs = 0
-        #: Median turnarounds (ns) of the last trial: {polling allowed: median}.
+        #: Median periods (ns) of the last trial: {polling allowed: median}.
         self.last_medians: dict[bool, float] = {}
         self._backoff_ns = 0
         self._backoff_until = 0
@@ -94,15 +95,15 @@ class PollPolicy:
         last, self._last_end = self._last_end, end
         if not self.adaptive or self.window_ns == 0 or last is None:
             return
-        turnaround = start - last
-        if not 0 <= turnaround <= self.stream_gap_ns:
+        period = end - last
+        if not 0 <= period <= self.stream_gap_ns:
             return
         self._left -= 1
         if not self._in_trial:
             if self._left <= 0:
                 self._start_trial()
             return
-        self._samples[self.allowed].append(turnaround)
+        self._samples[self.allowed].append(period)
         if self._left > 0:
             return
         self._blocks_left -= 1
@@ -127,7 +128,7 @@ class PollPolicy:
         self.allowed = poll is not None and wait is not None and poll < self.margin * wait
         self.polling_won += self.allowed
         log.debug(
-            "polling trial %d: median turnaround %s us polling, %s us waiting for kicks: %s",
+            "polling trial %d: median period %s us polling, %s us waiting for kicks: %s",
             self.trials,
             "?" if poll is None else f"{poll / 1000:.1f}",
             "?" if wait is None else f"{wait / 1000:.1f}",

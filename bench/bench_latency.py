@@ -12,9 +12,11 @@ backend's CPU over that window is reported too.  Variants run interleaved (A B A
 ...) so that drift on a shared machine hits all of them; each figure is the median
 over ``--runs`` runs.
 
-    PYTHONPATH=src python bench/bench_latency.py -n 2000 --runs 3 \\
-        --variant base='python -m virtio_nsm serve --poll-us 0' \\
-        --variant poll='python -m virtio_nsm serve' --qemu
+    PYTHONPATH=src python bench/bench_latency.py -n 2000 --runs 5 \\
+        --variant off='python -m virtio_nsm serve --poll-us 0' \\
+        --variant default='python -m virtio_nsm serve -v' --qemu
+
+(``-v`` puts the polling trials' decisions in the backend log, kept in ``--json``.)
 
 A variant is ``LABEL=COMMAND``: the command starts a backend and gets
 ``--vhost-user SOCK`` appended (``python`` is this interpreter; run it from any

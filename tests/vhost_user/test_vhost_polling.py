@@ -261,3 +261,14 @@ def test_disconnect_while_polling_ends_the_window(tmp_path: Path) -> None:
 def test_negative_poll_us_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         VhostUserDaemon(tmp_path / "x.sock", lambda r: r, poll_us=-1)
+
+
+def test_serve_cli_validates_poll_us() -> None:
+    from click.testing import CliRunner
+
+    from virtio_nsm.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--poll-us", "-1"])
+    assert result.exit_code == 2 and "--poll-us" in result.output
+    result = CliRunner().invoke(main, ["serve", "--help"])
+    assert "--poll-us" in result.output and "--poll-always" in result.output

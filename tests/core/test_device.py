@@ -85,6 +85,18 @@ def test_behaviour_table(device: NsmDevice) -> None:
     assert isinstance(d, p.DescribeNSMResponse) and d.locked_pcrs == tuple(range(32))
 
 
+def test_describe_nsm_follows_every_lock(device: NsmDevice) -> None:
+    # The answer is kept per state (the hot path): a lock must show at once.
+    first = device.handle(b"\x6bDescribeNSM")
+    assert device.handle(b"\x6bDescribeNSM") == first
+    assert call(device, p.LockPCR(20)) == p.LockPCRResponse()
+    d = call(device, p.DescribeNSM())
+    assert isinstance(d, p.DescribeNSMResponse) and d.locked_pcrs == (*range(16), 20)
+    assert call(device, p.LockPCRs(32)) == p.LockPCRsResponse()
+    d = call(device, p.DescribeNSM())
+    assert isinstance(d, p.DescribeNSMResponse) and d.locked_pcrs == tuple(range(32))
+
+
 def test_get_random(device: NsmDevice) -> None:
     a, b = device.handle(p.encode_request(p.GetRandom())), device.handle(b"\x69GetRandom")
     prefix = bytes.fromhex("a16947657452616e646f6da16672616e646f6d590100")

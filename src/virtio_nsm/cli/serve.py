@@ -17,7 +17,7 @@ from .. import persist
 from ..durable import DurableNsm
 from ..errors import ConfigurationError
 from ..nsm.pki import ROOT_CERT_FILE, CertificateAuthority
-from ..vhost_user.daemon import VhostUserDaemon
+from ..vhost_user.daemon import DEFAULT_POLL_US, VhostUserDaemon
 from . import main
 
 SOCKET_NAME = "nsm.sock"
@@ -78,6 +78,23 @@ def qemu_options(path: Path, memory: str = "512M") -> str:
     help="Sign with this CA (root.pem + root-key.pem, e.g. from `nsm ca init`, or your own "
     "P-384 root). A new state directory keeps a copy; an existing one must hold the same root.",
 )
+@click.option(
+    "--poll-us",
+    type=click.IntRange(min=0),
+    default=DEFAULT_POLL_US,
+    show_default=True,
+    metavar="N",
+    help="After answering a request, keep polling the virtqueue for N microseconds "
+    "(the driver is told not to kick meanwhile): back-to-back requests skip the "
+    "kick; no CPU when idle. 0 disables polling.",
+)
+@click.option(
+    "--poll-adaptive/--poll-always",
+    default=True,
+    show_default=True,
+    help="Poll only while short trials show it pays (a polling thread takes a CPU the "
+    "guest may need), or after every answer.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every vhost-user message.")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 def serve(
@@ -85,6 +102,8 @@ def serve(
     state_dir: Path | None,
     ephemeral: bool,
     ca_dir: Path | None,
+    poll_us: int,
+    poll_adaptive: bool,
     verbose: bool,
     quiet: bool,
 ) -> None:
@@ -129,7 +148,9 @@ def serve(
         except persist.StateError as exc:
             click.echo(f"nsm: {exc}", err=True)
             sys.exit(1)
-    daemon = VhostUserDaemon(socket_path, nsm.handle, device_state=nsm)
+    daemon = VhostUserDaemon(
+        socket_path, nsm.handle, device_state=nsm, poll_us=poll_us, adaptive_polling=poll_adaptive
+    )
     try:
         daemon.bind()
     except OSError as exc:

@@ -167,6 +167,9 @@ class NsmDevice:
         self._request: bytes = b""
         self._token: object = None
         self._state = state
+        # DescribeNSM's answer depends on the state only, which is an immutable value
+        # replaced on every change: keep the last answer with the state it describes.
+        self._describe_nsm: tuple[DeviceState | None, bytes] = (None, b"")
         now = self._now()
         self.ca = ca if ca is not None else CertificateAuthority.generate(now)
         self._chain = SigningChain(self.ca, state.module_id)
@@ -252,12 +255,17 @@ class NsmDevice:
                     return response
                 return self._apply(DeviceState(state.module_id, new_bank, state.version), response)
             case DescribeNSM():
+                described, response = self._describe_nsm
+                if described is state:
+                    return response
                 major, minor, patch = state.version
-                return protocol.encode_response(protocol.DescribeNSMResponse(
+                response = protocol.encode_response(protocol.DescribeNSMResponse(
                     version_major=major, version_minor=minor, version_patch=patch,
                     module_id=state.module_id, max_pcrs=bank.max_pcrs,
                     locked_pcrs=tuple(bank.locked_indices()), digest=bank.digest.value,
                 ))
+                self._describe_nsm = (state, response)
+                return response
             case Attestation(user_data, nonce, public_key):
                 seconds = self._clock()
                 now = dt.datetime.fromtimestamp(seconds, dt.UTC)

@@ -243,6 +243,12 @@ def _inner_map(value: Any, variant: str) -> Mapping[Any, Any]:
     return value
 
 
+_DESCRIBE_NSM_REQUEST: Final = b"\x6bDescribeNSM"
+_GET_RANDOM_REQUEST: Final = b"\x69GetRandom"
+_DESCRIBE_NSM: Final = DescribeNSM()
+_GET_RANDOM: Final = GetRandom()
+
+
 def decode_request(data: bytes) -> Request:
     """Decode one request, or raise :class:`RequestRejected` with the device's error."""
     if len(data) > MAX_REQUEST_SIZE:
@@ -250,8 +256,12 @@ def decode_request(data: bytes) -> Request:
             ErrorCode.InputTooLarge,
             f"request is {len(data)} bytes, the limit is {MAX_REQUEST_SIZE}",
         )
-    # Fast path for the most frequent request in its canonical encoding. The
+    # Fast paths for the most frequent requests in their canonical encoding. The
     # canonical bytes are unambiguous, so this is the same decision as below.
+    if data == _DESCRIBE_NSM_REQUEST:
+        return _DESCRIBE_NSM
+    if data == _GET_RANDOM_REQUEST:
+        return _GET_RANDOM
     if data.startswith(_DESCRIBE_PCR_PREFIX):
         rest = data[len(_DESCRIBE_PCR_PREFIX):]
         if len(rest) == 1 and rest[0] < 24:

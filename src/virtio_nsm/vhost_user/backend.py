@@ -181,6 +181,11 @@ class Vring:
         if self.queue is not None:
             if self.worker is not None:
                 self.base = self.worker.rewind()
+            if not self.queue.kicks_wanted:
+                # Leave the ring asking for kicks: whoever serves it next may not poll.
+                self.queue.kicks_wanted = True
+                with contextlib.suppress(VirtioError, ValueError, IndexError):
+                    self.queue.publish_avail_event()
             self.queue.release()
         self.queue = None
         self.worker = None
@@ -224,6 +229,10 @@ class VhostUserBackend:
         self.protocol_features = 0
         self.owner = False
         self.status = 0
+        #: The event loop is polling the available rings (see :meth:`set_polling`).
+        self.polling = False
+        #: Interrupts sent (call eventfd writes), for statistics.
+        self.interrupts = 0
         R = FrontendRequest
         self._dispatch: dict[int, Callable[[Message, Payload], Payload | None]] = {
             R.VHOST_USER_GET_FEATURES: self._get_features,
@@ -293,10 +302,44 @@ class VhostUserBackend:
             return self._reply(message, U64(0))
         return None
 
-    def kick(self, index: int) -> None:
-        """The kick eventfd of vring ``index`` fired (already drained by the caller)."""
+    def kick(self, index: int) -> bool:
+        """The kick eventfd of vring ``index`` fired (already drained by the caller).
+
+        Returns whether any chain was answered.
+        """
         if 0 <= index < self.num_queues:
-            self.process(self.vrings[index])
+            return self.process(self.vrings[index])
+        return False
+
+    # -- polling (the event loop's hot path) -------------------------------------------
+
+    def poll(self) -> bool:
+        """Serve every started ring the driver added to, without a kick; True if any."""
+        served = False
+        for vring in self.vrings:
+            queue = vring.queue
+            if queue is not None and queue.avail_moved():
+                served |= self.process(vring)
+        return served
+
+    def set_polling(self, polling: bool) -> bool:
+        """Start or stop telling drivers not to kick because :meth:`poll` is being called.
+
+        Stopping asks for kicks again and then looks at every ring once more, since a
+        driver may have added chains without kicking just before; returns whether
+        that served anything (the caller may want to keep polling then).
+        """
+        self.polling = polling
+        served = False
+        for vring in self.vrings:
+            queue = vring.queue
+            if queue is not None:
+                queue.kicks_wanted = not polling
+                if polling:
+                    queue.publish_avail_event()
+                else:
+                    served |= self.process(vring)
+        return served
 
     def drop_kick(self, index: int) -> None:
         """The kick fd of vring ``index`` is unusable: close it and stop the ring."""
@@ -323,6 +366,7 @@ class VhostUserBackend:
         self.owner = False
         self._drop_inflight()
         self._end_state_transfer()
+        self.polling = False
 
     @property
     def needs_reset(self) -> bool:
@@ -330,24 +374,29 @@ class VhostUserBackend:
 
     # -- ring processing ----------------------------------------------------------
 
-    def process(self, vring: Vring) -> None:
-        """Serve a ring if it is ready; never raises for what the guest did."""
+    def process(self, vring: Vring) -> bool:
+        """Serve a ring if it is ready; never raises for what the guest did.
+
+        Returns whether any chain was answered.
+        """
         queue = self._ready_queue(vring)
         if queue is None or vring.worker is None:
-            return
+            return False
+        published = False
         try:
-            published = False
             while True:
                 published |= vring.worker.process()
                 queue.publish_avail_event()
                 # A chain made available while we published avail_event must not wait
-                # for a kick that the driver may have decided not to send.
-                if not queue.available():
+                # for a kick that the driver may have decided not to send (when we poll,
+                # the next look at the ring finds it anyway).
+                if not queue.kicks_wanted or not queue.available():
                     break
             if published and queue.needs_notify():
                 self._signal(vring)
         except VirtioError as exc:
             self._break(vring, str(exc))
+        return published
 
     def _ready_queue(self, vring: Vring) -> DeviceQueue | None:
         if vring.queue is not None:
@@ -377,6 +426,7 @@ class VhostUserBackend:
                 indirect=bool(self.features & (1 << spec.VIRTIO_RING_F_INDIRECT_DESC)),
                 last_avail_idx=vring.base,
             )
+            vring.queue.kicks_wanted = not self.polling
         except VirtioError as exc:
             self._break(vring, f"cannot set up the rings: {exc}")
             return None
@@ -442,6 +492,7 @@ class VhostUserBackend:
             vring.signal_pending = True
             return
         vring.signal_pending = False
+        self.interrupts += 1
         try:
             os.write(vring.call_fd, _EVENTFD_ONE)
         except OSError as exc:

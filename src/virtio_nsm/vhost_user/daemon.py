@@ -38,6 +38,30 @@ ends.  One ``selectors`` loop watches the listening socket, the connection, ever
 vring's kick eventfd and a wake-up pipe used by :meth:`VhostUserDaemon.stop`
 (signal- and thread-safe).  The NSM handler object, which holds PCRs and locks,
 belongs to the daemon and outlives every connection and reset.
+
+Adaptive polling
+----------------
+Waking up on a kick costs the guest a notification (a VM exit and an eventfd
+write in QEMU) and costs us a trip through the scheduler and ``epoll``, many
+times the work of the request itself.  So after answering, the loop keeps
+looking at the available rings for ``poll_us`` microseconds (a window renewed
+by every request served) and, for that long, tells the driver that it need not
+kick (``avail_event`` left behind with ``VIRTIO_RING_F_EVENT_IDX``, else
+``VIRTQ_USED_F_NO_NOTIFY``).  A driver that keeps sending is then served
+without any notification in either direction but the interrupt it asked for
+(with EVENT_IDX: only when ``used_event`` says so).  When the window passes
+with nothing new, kicks are asked for again, the rings are looked at once more
+(a chain added just before that is not lost) and the loop blocks in
+``select`` again: no CPU is used while the device is idle.  Every slice of
+``POLL_SLICE_NS`` the socket and the other descriptors are looked at too, so
+vhost-user messages are never starved.  ``poll_us=0`` disables polling (every
+request then waits for its kick).
+
+Spinning takes a CPU that the guest's vCPU thread and QEMU's main loop may need
+to bring the next request, so polling is not always a gain: a spin that loses
+the CPU backs off, and :class:`~.polling.PollPolicy` keeps polling only while
+trials show that it shortens the period of back-to-back requests
+(``adaptive_polling=False`` polls after every answer).
 """
 
 from __future__ import annotations
@@ -48,6 +72,7 @@ import os
 import selectors
 import socket
 import stat
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -59,9 +84,11 @@ from .backend import BackendError, DeviceStateHandler, QueueWorker, VhostUserBac
 from .connection import Connection, ConnectionClosed
 from .inflight import InflightQueue
 from .message import MessageError
+from .polling import PollPolicy
 
 __all__ = [
     "BUFFER_TOO_SMALL",
+    "DEFAULT_POLL_US",
     "INTERNAL_ERROR",
     "Handler",
     "NsmQueueWorker",
@@ -73,6 +100,13 @@ log = logging.getLogger("virtio_nsm.vhost_user")
 #: ``handler(request) -> response``; on a ring with inflight tracking it is called
 #: as ``handler(request, token)`` (``NsmDevice.handle`` takes both forms).
 Handler = Callable[..., bytes]
+
+#: Default polling window after activity, in microseconds (see the module docstring).
+DEFAULT_POLL_US = 200
+#: Longest stretch of polling between two looks at the other descriptors.
+POLL_SLICE_NS = 2_000_000
+#: A look at the rings that took this long means the CPU was taken from us.
+PREEMPTED_NS = 50_000
 
 INTERNAL_ERROR = encode_error(ErrorCode.InternalError)
 BUFFER_TOO_SMALL = encode_error(ErrorCode.BufferTooSmall)
@@ -205,10 +239,21 @@ class VhostUserDaemon:
         *,
         message_timeout: float = 5.0,
         device_state: DeviceStateHandler | None = None,
+        poll_us: int = DEFAULT_POLL_US,
+        adaptive_polling: bool = True,
     ) -> None:
         self.path = Path(path)
         self.handler = handler
         self.message_timeout = message_timeout
+        self.poll_us = poll_us
+        #: Whether to poll, and when to stop (see :mod:`.polling`).
+        self.policy = PollPolicy(poll_us, adaptive=adaptive_polling)
+        #: Counters for the log and the tests: wake-ups by a kick, polling windows
+        #: opened, and passes in which polling found requests without a kick.
+        self.kick_wakeups = 0
+        self.poll_windows = 0
+        self.poll_hits = 0
+        self._poll_deadline: int | None = None
         self.backend = VhostUserBackend(self._make_worker, device_state=device_state)
         self.connections_served = 0
         self._listener: socket.socket | None = None
@@ -296,7 +341,9 @@ class VhostUserDaemon:
         if self._listener is None:
             self.bind()
         while not self._stopping:
-            for key, _events in self._selector.select():
+            # While a polling window is open, only peek at the other descriptors.
+            timeout = None if self._poll_deadline is None else 0
+            for key, _events in self._selector.select(timeout):
                 if self._stopping:
                     break
                 tag = key.data
@@ -315,7 +362,24 @@ class VhostUserDaemon:
                     log.exception("internal error while serving the frontend")
                     self._drop_connection("internal error")
                     break  # the selector's key set changed
-        log.info("stopped")
+            if self._poll_deadline is not None and not self._stopping:
+                try:
+                    self._poll()
+                except Exception:
+                    log.exception("internal error while polling the rings")
+                    self._drop_connection("internal error")
+        log.info(
+            "stopped (%d kick wake-ups, %d polling windows, %d passes serving requests "
+            "found by polling, %d back-offs, polling chosen by %d of %d trials, "
+            "%d interrupts)",
+            self.kick_wakeups,
+            self.poll_windows,
+            self.poll_hits,
+            self.policy.backoffs,
+            self.policy.polling_won,
+            self.policy.trials,
+            self.backend.interrupts,
+        )
 
     # -- events ----------------------------------------------------------------------
 
@@ -370,7 +434,82 @@ class VhostUserDaemon:
             del self._kicks[fd]
             self.backend.drop_kick(index)
             return
-        self.backend.kick(index)
+        self.kick_wakeups += 1
+        backend = self.backend
+        start = time.monotonic_ns()
+        if self._poll_deadline is not None:  # a kick sent before it saw we poll
+            if backend.kick(index):
+                self.policy.answered(start, time.monotonic_ns())
+                self._open_window()
+            return
+        if not self.policy.may_poll(start):
+            if backend.kick(index):
+                self.policy.answered(start, time.monotonic_ns())
+            return
+        # Tell the driver not to kick before it hears the answer, so that its next
+        # request finds us polling without a notification.  Nothing to answer (a
+        # spurious kick): ask for kicks again, which looks at the rings once more.
+        backend.set_polling(True)
+        if backend.kick(index) or backend.set_polling(False):
+            self.policy.answered(start, time.monotonic_ns())
+            self._open_window()
+
+    # -- polling ---------------------------------------------------------------------
+
+    def _open_window(self) -> None:
+        """A request was answered: poll the rings for ``poll_us`` from now."""
+        if self._poll_deadline is None:
+            self.poll_windows += 1
+        if not self.backend.polling:
+            self.backend.set_polling(True)
+        self._poll_deadline = time.monotonic_ns() + self.poll_us * 1000
+
+    def _poll(self) -> None:
+        """Serve the rings without kicks until the window passes or the slice ends."""
+        deadline = self._poll_deadline
+        assert deadline is not None
+        window = self.poll_us * 1000
+        clock = time.monotonic_ns
+        poll = self.backend.poll
+        policy = self.policy
+        now = clock()
+        slice_end = now + POLL_SLICE_NS
+        while True:
+            before = now
+            if poll():
+                self.poll_hits += 1
+                now = clock()
+                policy.answered(before, now)
+                if not policy.may_poll(now):  # a trial's next block waits for kicks
+                    self._end_window()
+                    return
+                deadline = now + window
+            else:
+                now = clock()
+                if now - before > PREEMPTED_NS:
+                    # The CPU was taken from us while we spun: it is wanted, maybe by
+                    # the very thread that brings the next request.  Block instead.
+                    policy.preempted(now)
+                    self._end_window()
+                    return
+                if now >= deadline:
+                    policy.undisturbed()
+                    self._end_window()
+                    return
+            if now >= slice_end:
+                self._poll_deadline = deadline
+                return
+
+    def _end_window(self) -> None:
+        """Ask for kicks again; a request that slipped in meanwhile may reopen the window."""
+        self._poll_deadline = None
+        start = time.monotonic_ns()
+        if self.backend.set_polling(False):
+            self.poll_hits += 1
+            now = time.monotonic_ns()
+            self.policy.answered(start, now)
+            if self.policy.may_poll(now):
+                self._open_window()
 
     def _sync_kicks(self) -> None:
         # Re-register everything: a replaced kick fd may have reused the old number,
@@ -388,6 +527,7 @@ class VhostUserDaemon:
             self._kicks[fd] = index
 
     def _drop_connection(self, reason: str, *, error: bool = True) -> None:
+        self._poll_deadline = None
         if self._conn is None:
             return
         if error:

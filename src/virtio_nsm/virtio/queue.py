@@ -237,6 +237,9 @@ class DeviceQueue(_SplitRing):
         self._signalled_used: int | None = None
         self._in_flight: dict[int, int] = {}  # head -> writable capacity
         self._avail_seen = self.last_avail_idx  # avail->idx as last read
+        #: Whether :meth:`publish_avail_event` asks the driver for kicks; a device that
+        #: polls the available ring clears it so that the driver need not notify.
+        self.kicks_wanted = True
 
     def __repr__(self) -> str:
         return (
@@ -250,9 +253,12 @@ class DeviceQueue(_SplitRing):
 
     def available(self) -> int:
         """How many chains the driver has made available and we have not popped."""
-        avail_idx = self.avail_idx
-        memory_barrier()  # read the ring entries only after the index that covers them
+        avail_idx = self._avail16[1]
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if not pending:
+            self._avail_seen = avail_idx
+            return 0
+        memory_barrier()  # read the ring entries only after the index that covers them
         if pending > self.size:
             raise VirtqueueError(
                 f"available index {self.avail_idx} is {pending} ahead of {self.last_avail_idx}, "
@@ -260,6 +266,11 @@ class DeviceQueue(_SplitRing):
             )
         self._avail_seen = avail_idx
         return pending
+
+    def avail_moved(self) -> bool:
+        """A cheap look (no barrier, no checks) at whether the driver made anything new
+        available; for busy polling, followed by :meth:`pop` when it says yes."""
+        return self._avail16[1] != self.last_avail_idx
 
     def pop(self) -> Chain | None:
         """Take the next available chain, fully validated, or ``None`` if there is none."""
@@ -416,10 +427,30 @@ class DeviceQueue(_SplitRing):
         return spec.vring_need_event(used_event, new, old)
 
     def publish_avail_event(self) -> None:
-        """Ask for a kick as soon as anything new is made available (EVENT_IDX only)."""
+        """Tell the driver whether to kick for what it makes available next.
+
+        With :attr:`kicks_wanted`: a kick as soon as anything new is made available
+        (``avail_event`` = our next index with EVENT_IDX, else ``VIRTQ_USED_F_NO_NOTIFY``
+        cleared), followed by a barrier: the caller must then look at the ring once more,
+        since the driver may have published before it could see the request.  Without:
+        no kicks (``avail_event`` one behind our next index, which the driver has already
+        passed, or the flag set); the caller is polling the ring.
+        """
         if self.event_idx:
-            self._used16[self._avail_event] = self.last_avail_idx
+            last = self.last_avail_idx
+            if self.kicks_wanted:
+                self._used16[self._avail_event] = last
+                memory_barrier()
+            else:
+                self._used16[self._avail_event] = (last - 1) & 0xFFFF
+            return
+        flags = self._used16[0]
+        if self.kicks_wanted:
+            if flags & spec.VIRTQ_USED_F_NO_NOTIFY:
+                self._used16[0] = flags & ~spec.VIRTQ_USED_F_NO_NOTIFY
             memory_barrier()
+        elif not flags & spec.VIRTQ_USED_F_NO_NOTIFY:
+            self._used16[0] = flags | spec.VIRTQ_USED_F_NO_NOTIFY
 
 
 class DriverQueue(_SplitRing):

@@ -10,6 +10,7 @@ kicks again, ``poll_us=0`` disables polling, a disturbed window backs off.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -153,6 +154,18 @@ def no_preemption_guess(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @contextmanager
 def serving(tmp_path: Path, poll_us: int, adaptive: bool = False) -> Iterator[VhostUserDaemon]:
+    # The daemon spins in a thread of this process: hand the GIL over often.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)
+    try:
+        with _serving(tmp_path, poll_us, adaptive) as daemon:
+            yield daemon
+    finally:
+        sys.setswitchinterval(interval)
+
+
+@contextmanager
+def _serving(tmp_path: Path, poll_us: int, adaptive: bool) -> Iterator[VhostUserDaemon]:
     device = NsmDevice()
     daemon = VhostUserDaemon(tmp_path / "nsm.sock", device.handle, message_timeout=5.0,
                              poll_us=poll_us, adaptive_polling=adaptive)
@@ -261,6 +274,12 @@ def test_disconnect_while_polling_ends_the_window(tmp_path: Path) -> None:
 def test_negative_poll_us_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         VhostUserDaemon(tmp_path / "x.sock", lambda r: r, poll_us=-1)
+
+
+def test_the_class_does_not_poll_unless_asked(tmp_path: Path) -> None:
+    # nsm serve asks (DEFAULT_POLL_US); in-process users (nsm demo) do not spin.
+    daemon = VhostUserDaemon(tmp_path / "x.sock", lambda r: r)
+    assert daemon.poll_us == 0 and not daemon.policy.may_poll(10**18)
 
 
 def test_serve_cli_validates_poll_us() -> None:

@@ -85,7 +85,9 @@ log = logging.getLogger("virtio_nsm.vhost_user")
 
 Handler = Callable[[bytes], bytes]
 
-#: Default polling window after activity, in microseconds (see the module docstring).
+#: ``nsm serve``'s polling window after activity, in microseconds (module docstring).
+#: The class itself does not poll unless asked: a daemon run in a thread of a process
+#: that also runs its frontend (``nsm demo``, tests) would spin against it for the GIL.
 DEFAULT_POLL_US = 200
 #: Longest stretch of polling between two looks at the other descriptors.
 POLL_SLICE_NS = 2_000_000
@@ -189,7 +191,7 @@ class VhostUserDaemon:
         handler: Handler,
         *,
         message_timeout: float = 5.0,
-        poll_us: int = DEFAULT_POLL_US,
+        poll_us: int = 0,
         adaptive_polling: bool = True,
     ) -> None:
         self.path = Path(path)

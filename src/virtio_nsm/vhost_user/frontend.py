@@ -248,7 +248,12 @@ class VhostUserFrontend:
             indirect=bool(acked & (1 << spec.VIRTIO_RING_F_INDIRECT_DESC)),
         )
         self._free_slots = list(range(slots - 1, -1, -1))
-        self._done: dict[int, tuple[int, int]] = {}  # head -> (arrival order, used length)
+        # head -> completions not consumed yet, oldest first: (arrival order, used length).
+        # A head is freed (and may be reused by a later round) as soon as it is collected,
+        # which can be before the round that owns it is consumed, so one head can have
+        # several completions waiting; rounds are consumed in order, so each takes the
+        # oldest.
+        self._done: dict[int, deque[tuple[int, int]]] = {}
         self._seq = 0
 
         def uva(gpa: int) -> int:
@@ -364,16 +369,16 @@ class VhostUserFrontend:
         """Wait until the device has returned both chains of every pair; read responses."""
         done = self._done
         heads = {p.req_head for p in pairs} | {p.resp_head for p in pairs}
-        missing = len(heads - done.keys())
+        missing = sum(1 for head in heads if not done.get(head))
         while missing > 0:
             # The device completes in order: these are the next `missing` used entries.
             self.queue.request_interrupt_after(missing)
-            new = self._collect(block=False) or self._collect(block=True)
-            missing -= sum(1 for head in new if head in heads)
+            self._collect(block=False) or self._collect(block=True)
+            missing = sum(1 for head in heads if not done.get(head))
         responses: list[bytes] = []
         for pair in pairs:
-            req_seq, req_len = done.pop(pair.req_head)
-            resp_seq, resp_len = done.pop(pair.resp_head)
+            req_seq, req_len = self._take_done(pair.req_head)
+            resp_seq, resp_len = self._take_done(pair.resp_head)
             if req_len != 0:
                 raise VhostUserError(f"request chain returned with length {req_len} (0 expected)")
             if req_seq > resp_seq:
@@ -391,9 +396,16 @@ class VhostUserFrontend:
         except VirtioError as exc:
             raise VhostUserError(f"invalid used ring: {exc}") from exc
         for head, length in used:
-            self._done[head] = (self._seq, length)
+            self._done.setdefault(head, deque()).append((self._seq, length))
             self._seq += 1
         return [head for head, _ in used]
+
+    def _take_done(self, head: int) -> tuple[int, int]:
+        entries = self._done[head]
+        entry = entries.popleft()
+        if not entries:
+            del self._done[head]
+        return entry
 
     def kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)

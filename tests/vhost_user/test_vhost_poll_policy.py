@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,7 @@ def test_daemon_switches_modes_without_losing_a_request(tmp_path: Path) -> None:
 
     device = NsmDevice()
     daemon = VhostUserDaemon(tmp_path / "nsm.sock", device.handle, poll_us=600_000_000)
+    sys.setswitchinterval(0.0002)  # the daemon spins in a thread of this process
     # Small blocks, no stream limit: several trials within the test, whatever the timing.
     daemon.policy = PollPolicy(600_000_000, block=3, rounds=2, exploit=5,
                                stream_gap_ns=10**15)
@@ -107,6 +109,7 @@ def test_daemon_switches_modes_without_losing_a_request(tmp_path: Path) -> None:
         assert len({v.data for v in values}) == 60  # type: ignore[union-attr]
         assert daemon.policy.trials >= 2
     finally:
+        sys.setswitchinterval(0.005)
         daemon.stop()
         thread.join(20)
         daemon.close()

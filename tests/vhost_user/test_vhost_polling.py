@@ -10,6 +10,7 @@ kicks again, ``poll_us=0`` disables polling, a disturbed window backs off.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -153,6 +154,18 @@ def no_preemption_guess(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @contextmanager
 def serving(tmp_path: Path, poll_us: int, adaptive: bool = False) -> Iterator[VhostUserDaemon]:
+    # The daemon spins in a thread of this process: hand the GIL over often.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)
+    try:
+        with _serving(tmp_path, poll_us, adaptive) as daemon:
+            yield daemon
+    finally:
+        sys.setswitchinterval(interval)
+
+
+@contextmanager
+def _serving(tmp_path: Path, poll_us: int, adaptive: bool) -> Iterator[VhostUserDaemon]:
     device = NsmDevice()
     daemon = VhostUserDaemon(tmp_path / "nsm.sock", device.handle, message_timeout=5.0,
                              poll_us=poll_us, adaptive_polling=adaptive)
@@ -263,6 +276,12 @@ def test_negative_poll_us_is_refused(tmp_path: Path) -> None:
         VhostUserDaemon(tmp_path / "x.sock", lambda r: r, poll_us=-1)
 
 
+def test_the_class_does_not_poll_unless_asked(tmp_path: Path) -> None:
+    # nsm serve asks (DEFAULT_POLL_US); in-process users (nsm demo) do not spin.
+    daemon = VhostUserDaemon(tmp_path / "x.sock", lambda r: r)
+    assert daemon.poll_us == 0 and not daemon.policy.may_poll(10**18)
+
+
 def test_serve_cli_validates_poll_us() -> None:
     from click.testing import CliRunner
 
@@ -272,3 +291,33 @@ def test_serve_cli_validates_poll_us() -> None:
     assert result.exit_code == 2 and "--poll-us" in result.output
     result = CliRunner().invoke(main, ["serve", "--help"])
     assert "--poll-us" in result.output and "--poll-always" in result.output
+
+
+def test_frontend_keeps_completions_of_a_reused_head_apart(tmp_path: Path) -> None:
+    # A fast (polling) device can answer round 3, which reuses descriptors freed when
+    # round 2 was collected, before round 2 is consumed: each round must get its own.
+    from virtio_nsm.vhost_user.frontend import VhostUserTransport
+
+    with serving(tmp_path, 0) as daemon, VhostUserTransport(daemon.path, timeout=20) as f:
+        r1 = f._submit([encode_request(DescribePCR(0))] * 4)
+        r2 = f._submit([encode_request(DescribePCR(4))] * 4)
+
+        def collect_until(count: int) -> None:  # completions collected so far
+            deadline = time.monotonic() + 20
+            while f._seq < count:
+                assert time.monotonic() < deadline
+                f.queue.request_interrupt_after(1)
+                f._collect(block=False) or time.sleep(0.001)
+
+        collect_until(16)  # both rounds collected: their descriptors are free
+        assert len(f._complete(r1)) == 4
+        r3 = f._submit([encode_request(ExtendPCR(16, b"a"))] * 4)
+        reused = {h for p in r3 for h in (p.req_head, p.resp_head)} & {
+            h for p in r2 for h in (p.req_head, p.resp_head)}
+        assert reused  # the situation under test
+        collect_until(24)  # round 3 answered before round 2 is consumed
+        pcr4 = f._complete(r2)
+        assert all(decode_response(r) == decode_response(pcr4[0]) for r in pcr4)
+        assert decode_response(pcr4[0]).lock is True  # type: ignore[union-attr]
+        extended = [decode_response(r) for r in f._complete(r3)]
+        assert len({e.data for e in extended}) == 4  # type: ignore[union-attr]

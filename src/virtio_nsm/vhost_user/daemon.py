@@ -101,7 +101,9 @@ log = logging.getLogger("virtio_nsm.vhost_user")
 #: as ``handler(request, token)`` (``NsmDevice.handle`` takes both forms).
 Handler = Callable[..., bytes]
 
-#: Default polling window after activity, in microseconds (see the module docstring).
+#: ``nsm serve``'s polling window after activity, in microseconds (module docstring).
+#: The class itself does not poll unless asked: a daemon run in a thread of a process
+#: that also runs its frontend (``nsm demo``, tests) would spin against it for the GIL.
 DEFAULT_POLL_US = 200
 #: Longest stretch of polling between two looks at the other descriptors.
 POLL_SLICE_NS = 2_000_000
@@ -239,7 +241,7 @@ class VhostUserDaemon:
         *,
         message_timeout: float = 5.0,
         device_state: DeviceStateHandler | None = None,
-        poll_us: int = DEFAULT_POLL_US,
+        poll_us: int = 0,
         adaptive_polling: bool = True,
     ) -> None:
         self.path = Path(path)

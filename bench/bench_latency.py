@@ -8,9 +8,13 @@ kernel answers without the device (``FIOCLEX`` on the fd).  Around every timed l
 the guest asks the host for the backend's CPU time (``/proc/PID/task/*/schedstat``,
 nanoseconds), so each op gets the backend's CPU time per request; at the end the
 guest stays idle for ``--idle`` seconds (device connected, nothing asked) and the
-backend's CPU over that window is reported too.  Variants run interleaved (A B A B
-...) so that drift on a shared machine hits all of them; each figure is the median
-over ``--runs`` runs.
+backend's CPU over that window is reported too.  For ``nsm serve`` backends, each question
+also sends the backend SIGUSR1, which logs its statistics since the previous one;
+"turn p50" is the median *turnaround* during an op's loop: from an interrupt the
+backend sent to the next request it noticed, i.e. the part of each round trip
+spent in QEMU and the guest (and in waking them up), which the backend does not
+control.  Variants run interleaved (A B A B ...) so that drift on a shared machine
+hits all of them; each figure is the median over ``--runs`` runs.
 
     PYTHONPATH=src python bench/bench_latency.py -n 2000 --runs 5 \\
         --variant off='python -m virtio_nsm serve --poll-us 0' \\
@@ -32,6 +36,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -174,8 +179,10 @@ def backend_cpu_seconds(pid: int) -> float:
 class GuestOutput:
     """The guest's stdout: answers CPU questions at once, keeps the rest."""
 
-    def __init__(self, share: Path, pid: int | None) -> None:
-        self.share, self.pid = share, pid
+    def __init__(self, share: Path, pid: int | None, log: Path | None = None) -> None:
+        self.share, self.pid, self.log = share, pid, log
+        #: The backend's SIGUSR1 statistics line logged at each question, by question number.
+        self.stats: dict[int, str] = {}
         self.buf = b""
         self.lines: list[str] = []
         self.lock = threading.Lock()
@@ -197,12 +204,32 @@ class GuestOutput:
         if self.pid is not None:
             with contextlib.suppress(OSError, ValueError):
                 value = backend_cpu_seconds(self.pid)
+            self._stats(int(k))
         tmp = self.share / f".cpu-{k}"
         tmp.write_text(repr(value))
         tmp.rename(self.share / f"cpu-{k}")
 
+    def _stats(self, k: int) -> None:
+        """Ask ``nsm serve`` for its statistics since the last question (SIGUSR1) and wait for them."""
+        if self.log is None or self.pid is None:
+            return
+        seen = len(self.stats)
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if " stats: " in ln]
+                if len(lines) > seen:
+                    self.stats[k] = lines[-1]
+                    return
+            time.sleep(0.002)
+
     def flush(self) -> None:
         pass
+
+
+TURNAROUND = re.compile(r"turnaround p10 (\d+) / p50 (\d+) / p90 (\d+) us over (\d+)")
 
 
 def _start_backend(command: str, sock: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -239,7 +266,7 @@ def one_run(label: str, command: str | None, args: argparse.Namespace) -> dict[s
             sock = tmp / "nsm.sock"
             proc = _start_backend(command, sock, tmp / "backend.log")
             device = f"vhost-user:{sock}"
-        out = GuestOutput(share, proc.pid if proc else None)
+        out = GuestOutput(share, proc.pid if proc else None, tmp / "backend.log" if proc else None)
         guest = [sys.executable, str(HERE), "--guest", "-n", str(args.n), "--ops",
                  ",".join(args.ops), "--share", str(share), "--idle", str(args.idle)]
         result = run(load_or_setup(), RunOptions(command=guest, device=device, shares=[share],
@@ -251,6 +278,9 @@ def one_run(label: str, command: str | None, args: argparse.Namespace) -> dict[s
             tail = "\n".join(out.lines[-20:])
             raise SystemExit(f"{label}: guest failed (exit {result.status}):\n{tail}")
         data: dict[str, Any] = json.loads(line.removeprefix("BENCH-JSON "))
+        for i, op in enumerate(["floor", *args.ops]):  # question 2i+2 ends op i's timed loop
+            m = TURNAROUND.search(out.stats.get(2 * i + 2, ""))
+            data["results"][op]["turn_p50_us"] = float(m.group(2)) if m else None
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
@@ -273,7 +303,8 @@ def summarize(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     for op in runs[0]["results"]:
         rs = [r["results"][op] for r in runs]
         summary["ops"][op] = {key: _med([x[key] for x in rs])
-                              for key in ("rps", "p50_us", "p90_us", "p99_us", "cpu_us_per_req")}
+                              for key in ("rps", "p50_us", "p90_us", "p99_us", "cpu_us_per_req",
+                                          "turn_p50_us")}
         summary["ops"][op]["p50_over_floor"] = _med(
             [x["p50_us"] / r["results"]["floor"]["p50_us"] for x, r in zip(rs, runs, strict=True)])
     summary["idle_cpu_s"] = _med([r["idle_cpu_s"] for r in runs])
@@ -287,11 +318,12 @@ def print_summary(label: str, command: str | None, s: dict[str, Any], n: int) ->
     idle_txt = "n/a" if idle is None else f"{idle * 1e3:.1f} ms CPU in {s['idle_s']:.0f} idle s"
     print(f"\n== {label}: {what}\n   N={n}, median of {s['runs']} runs; backend idle: {idle_txt}")
     print(f"{'op':<12} {'req/s':>8} {'p50 us':>7} {'p90 us':>7} {'p99 us':>7} "
-          f"{'p50/floor':>9} {'CPU us/req':>10}")
+          f"{'p50/floor':>9} {'CPU us/req':>10} {'turn p50':>8}")
     for op, r in s["ops"].items():
         cpu = "-" if r["cpu_us_per_req"] is None else f"{r['cpu_us_per_req']:.1f}"
+        turn = "-" if r.get("turn_p50_us") is None else f"{r['turn_p50_us']:.0f}"
         print(f"{op:<12} {r['rps']:>8.0f} {r['p50_us']:>7.1f} {r['p90_us']:>7.1f} "
-              f"{r['p99_us']:>7.1f} {r['p50_over_floor']:>9.1f} {cpu:>10}")
+              f"{r['p99_us']:>7.1f} {r['p50_over_floor']:>9.1f} {cpu:>10} {turn:>8}")
 
 
 def host_main(args: argparse.Namespace) -> int:

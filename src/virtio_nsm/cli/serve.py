@@ -17,6 +17,7 @@ from .. import persist
 from ..durable import DurableNsm
 from ..errors import ConfigurationError
 from ..nsm.pki import ROOT_CERT_FILE, CertificateAuthority
+from ..vhost_user import cpu_qos
 from ..vhost_user.daemon import DEFAULT_POLL_US, VhostUserDaemon
 from . import main
 
@@ -95,6 +96,14 @@ def qemu_options(path: Path, memory: str = "512M") -> str:
     help="Poll only while short trials show it pays (a polling thread takes a CPU the "
     "guest may need), or after every answer.",
 )
+@click.option(
+    "--cpu-latency-qos",
+    is_flag=True,
+    help="While requests flow (until 100 ms after the last answer), ask Linux to keep idle "
+    f"CPUs responsive (a 0 us request on {cpu_qos.DEVICE}): wake-ups of QEMU and of this "
+    "backend then skip deep idle states, which inside a VM host cost tens of microseconds "
+    "each. Idle CPUs spin meanwhile. Needs root or write access to the device.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every vhost-user message.")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 def serve(
@@ -104,6 +113,7 @@ def serve(
     ca_dir: Path | None,
     poll_us: int,
     poll_adaptive: bool,
+    cpu_latency_qos: bool,
     verbose: bool,
     quiet: bool,
 ) -> None:
@@ -116,6 +126,9 @@ def serve(
     region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) gets a request that was in
     flight during a crash answered exactly once.  Frontends may also disconnect,
     reset and reconnect without touching the state.
+
+    SIGUSR1 logs what happened since the previous SIGUSR1: wake-ups, interrupts and
+    the turnaround (from an interrupt sent to the guest's next request noticed).
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
@@ -132,11 +145,20 @@ def serve(
     if ephemeral and state_dir is not None:
         click.echo("nsm: --ephemeral and --state-dir exclude each other", err=True)
         sys.exit(2)
+    qos = None
+    if cpu_latency_qos:
+        try:
+            qos = cpu_qos.CpuLatencyQos.open()
+        except cpu_qos.QosUnavailable as exc:
+            click.echo(f"nsm: --cpu-latency-qos: {exc.strerror or exc}", err=True)
+            sys.exit(2)
     ca = None
     if ca_dir is not None:
         try:
             ca = CertificateAuthority.load(ca_dir)
         except ConfigurationError as exc:
+            if qos is not None:
+                qos.close()
             click.echo(f"nsm: {exc}", err=True)
             sys.exit(2)
     if ephemeral:
@@ -146,10 +168,17 @@ def serve(
         try:
             nsm = DurableNsm.open(directory, ca=ca)
         except persist.StateError as exc:
+            if qos is not None:
+                qos.close()
             click.echo(f"nsm: {exc}", err=True)
             sys.exit(1)
     daemon = VhostUserDaemon(
-        socket_path, nsm.handle, device_state=nsm, poll_us=poll_us, adaptive_polling=poll_adaptive
+        socket_path,
+        nsm.handle,
+        device_state=nsm,
+        poll_us=poll_us,
+        adaptive_polling=poll_adaptive,
+        cpu_qos=qos,
     )
     try:
         daemon.bind()
@@ -162,8 +191,12 @@ def serve(
     def stop(signum: int, frame: FrameType | None) -> None:
         daemon.stop()
 
+    def stats(signum: int, frame: FrameType | None) -> None:
+        daemon.request_stats()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGUSR1, stats)
     click.echo(f"vhost-user NSM backend listening on {socket_path}")
     click.echo(f"QEMU options (size must match -m): {qemu_options(socket_path)}")
     click.echo(f"Client without a VM: nsm describe --device vhost-user:{socket_path}")
@@ -176,6 +209,9 @@ def serve(
         if ca_dir is not None:
             root = ca_dir / ROOT_CERT_FILE
             click.echo(f"Documents chain to {root} (nsm verify --root {root})")
+    if qos is not None:
+        click.echo(f"CPU latency QoS: idle CPUs kept responsive ({qos.path} at 0 us) while "
+                   f"requests flow, released {qos.linger_ns // 1_000_000} ms after the last answer")
     sys.stdout.flush()
     try:
         daemon.serve_forever()

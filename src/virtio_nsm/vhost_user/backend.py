@@ -231,8 +231,9 @@ class VhostUserBackend:
         self.status = 0
         #: The event loop is polling the available rings (see :meth:`set_polling`).
         self.polling = False
-        #: Interrupts sent (call eventfd writes), for statistics.
+        #: Interrupts sent (call eventfd writes), for statistics, and when the last one was.
         self.interrupts = 0
+        self.last_interrupt_ns: int | None = None
         R = FrontendRequest
         self._dispatch: dict[int, Callable[[Message, Payload], Payload | None]] = {
             R.VHOST_USER_GET_FEATURES: self._get_features,
@@ -497,6 +498,7 @@ class VhostUserBackend:
             os.write(vring.call_fd, _EVENTFD_ONE)
         except OSError as exc:
             log.warning("vring %d: cannot signal the call fd: %s", vring.index, exc)
+        self.last_interrupt_ns = time.monotonic_ns()
 
     def _break(self, vring: Vring, reason: str) -> None:
         log.error(

@@ -82,6 +82,8 @@ from ..nsm.protocol import MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE, encode_error
 from ..virtio.queue import Chain, DeviceQueue, VirtqueueError
 from .backend import BackendError, DeviceStateHandler, QueueWorker, VhostUserBackend
 from .connection import Connection, ConnectionClosed
+from .cpu_qos import CpuLatencyQos, QosUnavailable
+from .histogram import LatencyHistogram
 from .inflight import InflightQueue
 from .message import MessageError
 from .polling import PollPolicy
@@ -109,6 +111,8 @@ DEFAULT_POLL_US = 200
 POLL_SLICE_NS = 2_000_000
 #: A look at the rings that took this long means the CPU was taken from us.
 PREEMPTED_NS = 50_000
+#: Turnarounds longer than this are pauses of the guest, not back-to-back traffic.
+TURNAROUND_GAP_NS = 20_000_000
 
 INTERNAL_ERROR = encode_error(ErrorCode.InternalError)
 BUFFER_TOO_SMALL = encode_error(ErrorCode.BufferTooSmall)
@@ -243,6 +247,7 @@ class VhostUserDaemon:
         device_state: DeviceStateHandler | None = None,
         poll_us: int = 0,
         adaptive_polling: bool = True,
+        cpu_qos: CpuLatencyQos | None = None,
     ) -> None:
         self.path = Path(path)
         self.handler = handler
@@ -256,6 +261,14 @@ class VhostUserDaemon:
         self.poll_windows = 0
         self.poll_hits = 0
         self._poll_deadline: int | None = None
+        #: Engaged while requests flow, if given (see :mod:`.cpu_qos`); closed with the daemon.
+        self.cpu_qos = cpu_qos
+        #: From an interrupt we sent to the next request we noticed: the guest's and
+        #: QEMU's share of each round trip (back-to-back traffic only).
+        self.turnaround = LatencyHistogram()
+        self._turnaround_from: int | None = None
+        self._stats_requested = False
+        self._stats_mark: tuple[int, ...] = ()
         self.backend = VhostUserBackend(self._make_worker, device_state=device_state)
         self.connections_served = 0
         self._listener: socket.socket | None = None
@@ -317,6 +330,8 @@ class VhostUserDaemon:
     def close(self) -> None:
         """Drop the connection, remove the socket file, release everything."""
         self._drop_connection("daemon closing", error=False)
+        if self.cpu_qos is not None:
+            self.cpu_qos.close()
         if self._listener is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(self._listener)
@@ -344,7 +359,10 @@ class VhostUserDaemon:
             self.bind()
         while not self._stopping:
             # While a polling window is open, only peek at the other descriptors.
-            timeout = None if self._poll_deadline is None else 0
+            qos = self.cpu_qos
+            timeout: float | None = 0
+            if self._poll_deadline is None:
+                timeout = None if qos is None else qos.timeout(time.monotonic_ns())
             for key, _events in self._selector.select(timeout):
                 if self._stopping:
                     break
@@ -370,6 +388,19 @@ class VhostUserDaemon:
                 except Exception:
                     log.exception("internal error while polling the rings")
                     self._drop_connection("internal error")
+            if qos is not None and qos.engaged:
+                try:
+                    qos.expire(time.monotonic_ns())
+                except QosUnavailable as exc:
+                    log.error("%s; CPU latency QoS given up", exc)
+                    qos.close()
+                    self.cpu_qos = None
+            if self._stats_requested:
+                self._log_stats()
+        if self.turnaround.count:
+            turn = self.turnaround
+            log.info("turnaround since the last stats: p10 %d / p50 %d / p90 %d us over %d",
+                     turn.percentile(0.1), turn.percentile(0.5), turn.percentile(0.9), turn.count)
         log.info(
             "stopped (%d kick wake-ups, %d polling windows, %d passes serving requests "
             "found by polling, %d back-offs, polling chosen by %d of %d trials, "
@@ -441,20 +472,70 @@ class VhostUserDaemon:
         start = time.monotonic_ns()
         if self._poll_deadline is not None:  # a kick sent before it saw we poll
             if backend.kick(index):
-                self.policy.answered(start, time.monotonic_ns())
+                self._answered(start, time.monotonic_ns())
                 self._open_window()
             return
         if not self.policy.may_poll(start):
             if backend.kick(index):
-                self.policy.answered(start, time.monotonic_ns())
+                self._answered(start, time.monotonic_ns())
             return
         # Tell the driver not to kick before it hears the answer, so that its next
         # request finds us polling without a notification.  Nothing to answer (a
         # spurious kick): ask for kicks again, which looks at the rings once more.
         backend.set_polling(True)
         if backend.kick(index) or backend.set_polling(False):
-            self.policy.answered(start, time.monotonic_ns())
+            self._answered(start, time.monotonic_ns())
             self._open_window()
+
+    def _answered(self, start: int, end: int) -> None:
+        """A pass that noticed requests at ``start`` answered them by ``end`` (ns)."""
+        self.policy.answered(start, end)
+        since = self._turnaround_from
+        if since is not None and 0 <= start - since <= TURNAROUND_GAP_NS:
+            self.turnaround.add(start - since)
+        sent = self.backend.last_interrupt_ns
+        self._turnaround_from = sent if sent is not None and sent >= start else None
+        if self.cpu_qos is not None:
+            try:
+                self.cpu_qos.engage(end)
+            except QosUnavailable as exc:
+                log.error("%s; CPU latency QoS given up", exc)
+                self.cpu_qos.close()
+                self.cpu_qos = None
+
+    # -- statistics --------------------------------------------------------------------
+
+    def request_stats(self) -> None:
+        """Ask the loop to log what happened since the last such request (signal-safe)."""
+        self._stats_requested = True
+        wake = self._wake_w
+        if wake >= 0:
+            with contextlib.suppress(OSError):
+                os.write(wake, b"s")
+
+    def _counters(self) -> tuple[int, ...]:
+        qos = self.cpu_qos.engagements if self.cpu_qos is not None else 0
+        return (self.kick_wakeups, self.poll_windows, self.poll_hits, self.policy.backoffs,
+                self.backend.interrupts, qos)
+
+    def _log_stats(self) -> None:
+        self._stats_requested = False
+        now = self._counters()
+        mark = self._stats_mark or (0,) * len(now)
+        kicks, windows, hits, backoffs, interrupts, qos = (a - b for a, b in zip(now, mark, strict=True))
+        self._stats_mark = now
+        turn = self.turnaround
+        if turn.count:
+            spread = (f"p10 {turn.percentile(0.1)} / p50 {turn.percentile(0.5)} / "
+                      f"p90 {turn.percentile(0.9)} us over {turn.count}")
+        else:
+            spread = "no samples"
+        log.info(
+            "stats: %d kick wake-ups, %d polling windows, %d passes found by polling, "
+            "%d back-offs, %d interrupts, %d QoS engagements; turnaround %s",
+            kicks, windows, hits, backoffs, interrupts, qos, spread,
+        )
+        turn.reset()
 
     # -- polling ---------------------------------------------------------------------
 
@@ -474,6 +555,7 @@ class VhostUserDaemon:
         clock = time.monotonic_ns
         poll = self.backend.poll
         policy = self.policy
+        answered = self._answered
         now = clock()
         slice_end = now + POLL_SLICE_NS
         while True:
@@ -481,7 +563,7 @@ class VhostUserDaemon:
             if poll():
                 self.poll_hits += 1
                 now = clock()
-                policy.answered(before, now)
+                answered(before, now)
                 if not policy.may_poll(now):  # a trial's next block waits for kicks
                     self._end_window()
                     return
@@ -509,7 +591,7 @@ class VhostUserDaemon:
         if self.backend.set_polling(False):
             self.poll_hits += 1
             now = time.monotonic_ns()
-            self.policy.answered(start, now)
+            self._answered(start, now)
             if self.policy.may_poll(now):
                 self._open_window()
 

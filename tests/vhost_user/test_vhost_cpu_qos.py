@@ -15,17 +15,16 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from vhost_support import serve_in_thread, wait_for
 
 from virtio_nsm.cli import main as cli_main
-from virtio_nsm.nsm.device import NsmDevice
 from virtio_nsm.nsm.protocol import DescribePCR, DescribePCRResponse, decode_response, encode_request
 from virtio_nsm.vhost_user import cpu_qos
 from virtio_nsm.vhost_user.cpu_qos import NO_CONSTRAINT_US, CpuLatencyQos, QosUnavailable
@@ -152,25 +151,8 @@ def test_histogram_percentiles_and_overflow() -> None:
 
 @contextmanager
 def serving(tmp_path: Path, qos: CpuLatencyQos | None) -> Iterator[VhostUserDaemon]:
-    device = NsmDevice()
-    daemon = VhostUserDaemon(tmp_path / "nsm.sock", device.handle, message_timeout=5.0, cpu_qos=qos)
-    daemon.bind()
-    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        thread.join(20)
-        assert not thread.is_alive(), "daemon did not stop"
-        daemon.close()
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 20
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
+    with serve_in_thread(tmp_path / "nsm.sock", message_timeout=5.0, cpu_qos=qos) as run:
+        yield run.daemon
 
 
 def test_daemon_holds_the_request_while_answering_and_releases_it_when_idle(

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from vhost_support import serve_in_thread, wait_for
 
-from virtio_nsm.nsm.device import NsmDevice
 from virtio_nsm.nsm.protocol import DescribePCR, ExtendPCR, decode_response, encode_request
 from virtio_nsm.vhost_user import daemon as daemon_module
 from virtio_nsm.vhost_user.backend import OFFERED_FEATURES, VhostUserBackend
@@ -138,13 +137,6 @@ def test_used_flags_are_left_alone_with_event_idx() -> None:
 # -- daemon level: real socket, our frontend, the daemon in a thread ------------------------
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 20
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
-
-
 @pytest.fixture(autouse=True)
 def no_preemption_guess(monkeypatch: pytest.MonkeyPatch) -> None:
     # Here the frontend shares the GIL with the daemon's thread: waiting for it would
@@ -166,19 +158,9 @@ def serving(tmp_path: Path, poll_us: int, adaptive: bool = False) -> Iterator[Vh
 
 @contextmanager
 def _serving(tmp_path: Path, poll_us: int, adaptive: bool) -> Iterator[VhostUserDaemon]:
-    device = NsmDevice()
-    daemon = VhostUserDaemon(tmp_path / "nsm.sock", device.handle, message_timeout=5.0,
-                             poll_us=poll_us, adaptive_polling=adaptive)
-    daemon.bind()
-    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        thread.join(20)
-        assert not thread.is_alive(), "daemon did not stop"
-        daemon.close()
+    with serve_in_thread(tmp_path / "nsm.sock", message_timeout=5.0, poll_us=poll_us,
+                         adaptive_polling=adaptive) as run:
+        yield run.daemon
 
 
 class Counting(VhostUserFrontend):

@@ -399,18 +399,11 @@ class VhostUserDaemon:
                     log.exception("internal error while polling the rings")
                     self._drop_connection("internal error")
             if qos is not None and qos.engaged:
-                try:
-                    qos.expire(time.monotonic_ns())
-                except QosUnavailable as exc:
-                    log.error("%s; CPU latency QoS given up", exc)
-                    qos.close()
-                    self.cpu_qos = None
+                self._qos(qos.expire, time.monotonic_ns())
             if self._stats_requested:
                 self._log_stats()
         if self.turnaround.count:
-            turn = self.turnaround
-            log.info("turnaround since the last stats: p10 %d / p50 %d / p90 %d us over %d",
-                     turn.percentile(0.1), turn.percentile(0.5), turn.percentile(0.9), turn.count)
+            log.info("turnaround since the last stats: %s", self._turnaround_text())
         log.info(
             "stopped (%d kick wake-ups, %d polling windows, %d passes serving requests "
             "found by polling, %d back-offs, polling chosen by %d of %d trials, "
@@ -506,12 +499,17 @@ class VhostUserDaemon:
         sent = self.backend.last_interrupt_ns
         self._turnaround_from = sent if sent is not None and sent >= start else None
         if self.cpu_qos is not None:
-            try:
-                self.cpu_qos.engage(end)
-            except QosUnavailable as exc:
-                log.error("%s; CPU latency QoS given up", exc)
-                self.cpu_qos.close()
-                self.cpu_qos = None
+            self._qos(self.cpu_qos.engage, end)
+
+    def _qos(self, call: Callable[[int], None], now: int) -> None:
+        """Engage or expire the CPU latency request; a device that fails is given up, logged."""
+        assert self.cpu_qos is not None
+        try:
+            call(now)
+        except QosUnavailable as exc:
+            log.error("%s; CPU latency QoS given up", exc)
+            self.cpu_qos.close()
+            self.cpu_qos = None
 
     # -- statistics --------------------------------------------------------------------
 
@@ -534,18 +532,19 @@ class VhostUserDaemon:
         mark = self._stats_mark or (0,) * len(now)
         kicks, windows, hits, backoffs, interrupts, qos = (a - b for a, b in zip(now, mark, strict=True))
         self._stats_mark = now
-        turn = self.turnaround
-        if turn.count:
-            spread = (f"p10 {turn.percentile(0.1)} / p50 {turn.percentile(0.5)} / "
-                      f"p90 {turn.percentile(0.9)} us over {turn.count}")
-        else:
-            spread = "no samples"
         log.info(
             "stats: %d kick wake-ups, %d polling windows, %d passes found by polling, "
             "%d back-offs, %d interrupts, %d QoS engagements; turnaround %s",
-            kicks, windows, hits, backoffs, interrupts, qos, spread,
+            kicks, windows, hits, backoffs, interrupts, qos, self._turnaround_text(),
         )
-        turn.reset()
+        self.turnaround.reset()
+
+    def _turnaround_text(self) -> str:
+        turn = self.turnaround
+        if not turn.count:
+            return "no samples"
+        return (f"p10 {turn.percentile(0.1)} / p50 {turn.percentile(0.5)} / "
+                f"p90 {turn.percentile(0.9)} us over {turn.count}")
 
     # -- polling ---------------------------------------------------------------------
 

@@ -311,7 +311,7 @@ def _read(path: Path) -> bytes:
         raise StateError(f"cannot read {path}: {exc.strerror}; refusing to start") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StateError(f"{path} is not a regular file; refusing to use it")
+            raise StateError(f"cannot read {path}: not a regular file; refusing to start")
         with open(fd, "rb", closefd=False) as fh:
             data = fh.read(MAX_STATE_FILE + 1)
     except OSError as exc:

@@ -58,6 +58,8 @@ _HEADER: Final = struct.Struct(">8sHI")
 _DIGEST_SIZE: Final = 32
 #: A state file is small (32 PCRs and a short record); anything larger is not ours.
 MAX_STATE_FILE: Final = 64 * 1024
+#: A PEM key or certificate of a CA directory.
+MAX_PEM_FILE: Final = 64 * 1024
 #: A signed snapshot (``nsm state export``, VHOST_USER_PROTOCOL_F_DEVICE_STATE).
 SNAPSHOT_MAGIC: Final = b"NSMSNAPS"
 SNAPSHOT_VERSION: Final = 1
@@ -303,26 +305,83 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` (mode 0600): old or new content after any crash."""
+def write_atomic(path: Path, data: bytes, *, durable: bool = True, mode: int = 0o600,
+                 replace: bool = True) -> None:
+    """Write ``path`` so that after any crash it holds the old content or all of ``data``.
+
+    The data goes to ``path.tmp`` (``mode``, regardless of the umask), is fsync'ed,
+    then renamed over ``path`` (``replace=True``) or linked to it (``replace=False``:
+    :class:`FileExistsError` if ``path`` exists, which is then left alone), and the
+    directory is fsync'ed. ``durable=False`` skips both fsyncs (benchmarks only).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
-        os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    os.close(fd)
-    os.replace(tmp, path)
     if durable:
         _fsync_dir(path.parent)
+
+
+# -- the CA directory ----------------------------------------------------------------
+
+ROOT_KEY_FILE: Final = "root-key.pem"
+ROOT_CERT_FILE: Final = "root.pem"
+
+
+def default_ca_dir() -> Path:
+    """Where ``nsm ca init`` and ``nsm serve --ca-dir`` keep a CA by default."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "virtio-nsm" / "ca"
+
+
+def load_ca(directory: str | os.PathLike[str]) -> CertificateAuthority:
+    """The CA in ``directory`` (``root.pem`` + ``root-key.pem``); raises ConfigurationError."""
+    d = Path(directory)
+    pems = []
+    for name in (ROOT_CERT_FILE, ROOT_KEY_FILE):
+        try:
+            pems.append(_read_regular(d / name, MAX_PEM_FILE))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read CA directory {d}: {exc.strerror}: "
+                                     f"{exc.filename}") from None
+    return CertificateAuthority.from_pem(pems[0], pems[1])
+
+
+def save_ca(ca: CertificateAuthority, directory: str | os.PathLike[str]) -> None:
+    """Write the root key (mode 0600) and certificate (0644) into ``directory`` (0700).
+
+    Never overwrites a CA: raises ConfigurationError if either file exists.
+    """
+    d = Path(directory)
+    key_path, cert_path = d / ROOT_KEY_FILE, d / ROOT_CERT_FILE
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (key_path, cert_path):
+            if path.exists():
+                raise FileExistsError(errno.EEXIST, "exists", str(path))
+        write_atomic(key_path, ca.key_pem, mode=0o600, replace=False)
+        write_atomic(cert_path, ca.certificate_pem, mode=0o644, replace=False)
+    except FileExistsError as exc:
+        raise ConfigurationError(f"{exc.filename} already exists; refusing to overwrite a CA") from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write the CA into {d}: {exc.strerror}") from None
 
 
 class StateStore:
@@ -367,7 +426,7 @@ class StateStore:
             if state_path.exists():
                 snapshot = decode_snapshot(_read(state_path), str(state_path))
                 try:
-                    authority = CertificateAuthority.load(ca_path)
+                    authority = load_ca(ca_path)
                 except ConfigurationError as exc:
                     raise StateError(f"{d}: the CA is unusable ({exc}); refusing to start") from None
             elif ca_path.exists():
@@ -380,7 +439,10 @@ class StateStore:
                 raise StateError(f"{d} holds no device state")
             else:
                 authority = ca or CertificateAuthority.generate()
-                authority.save(ca_path)
+                try:
+                    save_ca(authority, ca_path)
+                except ConfigurationError as exc:
+                    raise StateError(f"{d}: {exc}") from None
                 snapshot = Snapshot(initial or DeviceState.at_boot(), 0)
                 write_atomic(state_path, encode_snapshot(snapshot), durable=durable)
             return cls(d, lock_fd, snapshot, authority, durable)
@@ -453,30 +515,34 @@ class StateStore:
         self.close()
 
 
-def _read(path: Path) -> bytes:
-    """A state file's bytes: a regular file of at most MAX_STATE_FILE (never blocks on a FIFO)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as exc:
-        raise StateError(f"cannot read {path}: {exc.strerror}; refusing to start") from None
+def _read_regular(path: Path, limit: int) -> bytes:
+    """Up to ``limit`` + 1 bytes of a regular file (never blocks on a FIFO); raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StateError(f"cannot read {path}: not a regular file; refusing to use it")
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         chunks: list[bytes] = []
         size = 0
-        while size <= MAX_STATE_FILE:
-            chunk = os.read(fd, MAX_STATE_FILE + 1 - size)
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
             if not chunk:
                 break
             chunks.append(chunk)
             size += len(chunk)
-    except OSError as exc:
-        raise StateError(f"cannot read {path}: {exc.strerror}; refusing to start") from None
+        return b"".join(chunks)
     finally:
         os.close(fd)
-    if size > MAX_STATE_FILE:
+
+
+def _read(path: Path) -> bytes:
+    """A state file's bytes, at most MAX_STATE_FILE; raises StateError."""
+    try:
+        data = _read_regular(path, MAX_STATE_FILE)
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror}; refusing to use it") from None
+    if len(data) > MAX_STATE_FILE:
         raise StateError(f"{path}: larger than any state file; refusing to use it")
-    return b"".join(chunks)
+    return data
 
 
 def _next_seq(seq: int) -> int:
@@ -487,7 +553,7 @@ def _next_seq(seq: int) -> int:
 
 def _load_ca(path: Path) -> CertificateAuthority:
     try:
-        return CertificateAuthority.load(path)
+        return load_ca(path)
     except ConfigurationError as exc:
         raise StateError(f"the CA in {path} is unusable ({exc})") from None
 
@@ -539,7 +605,10 @@ def import_state(directory: str | os.PathLike[str], data: bytes, *, replace: boo
             check_successor(current, incoming, "imported state")
             incoming = Snapshot(incoming.state, _next_seq(max(current.seq, incoming.seq)), incoming.last)
         if own is None:
-            authority.save(ca_path)
+            try:
+                save_ca(authority, ca_path)
+            except ConfigurationError as exc:
+                raise StateError(f"{d}: {exc}") from None
         write_atomic(state_path, encode_snapshot(incoming))
     finally:
         os.close(lock_fd)

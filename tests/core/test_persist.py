@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from virtio_nsm import ErrorCode, Nsm, NsmDevice, NsmError
+from virtio_nsm import ConfigurationError, ErrorCode, Nsm, NsmDevice, NsmError
 from virtio_nsm import persist as ps
 from virtio_nsm.nsm import protocol as p
 from virtio_nsm.nsm.device import DeviceState
@@ -223,7 +223,7 @@ def test_export_import_round_trip(tmp_path: Path) -> None:
     assert snapshot.state == exported_state
     with ps.StateStore.open(tmp_path / "b") as store:
         assert store.state == exported_state
-        assert store.ca.certificate_der == CertificateAuthority.load(tmp_path / "a" / "ca").certificate_der
+        assert store.ca.certificate_der == ps.load_ca(tmp_path / "a" / "ca").certificate_der
     assert stat.S_IMODE(os.stat(tmp_path / "b" / "ca" / "root-key.pem").st_mode) == 0o600
     with pytest.raises(ps.StateError, match="already holds"):
         ps.import_state(tmp_path / "b", data)
@@ -376,3 +376,42 @@ def test_cli_import_refuses_crafted_snapshots(tmp_path: Path, case: str) -> None
                                        str(tmp_path / "snap")])
     assert result.exit_code == 2 and "refusing" in result.stderr, result.output
     assert (tmp_path / "a" / ps.STATE_FILE).read_bytes() == before
+
+
+# -- the CA directory (file I/O lives here, not in nsm/pki.py) ----------------------
+
+def test_ca_directory_round_trip_and_modes(tmp_path: Path) -> None:
+    ca = CertificateAuthority.generate()
+    ps.save_ca(ca, tmp_path / "ca")
+    assert stat.S_IMODE(os.stat(tmp_path / "ca").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "ca" / ps.ROOT_KEY_FILE).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "ca" / ps.ROOT_CERT_FILE).st_mode) == 0o644
+    assert ps.load_ca(tmp_path / "ca").certificate_der == ca.certificate_der
+    assert sorted(p.name for p in (tmp_path / "ca").iterdir()) == sorted([ps.ROOT_CERT_FILE, ps.ROOT_KEY_FILE])
+
+
+def test_ca_is_never_overwritten(tmp_path: Path) -> None:
+    first, second = CertificateAuthority.generate(), CertificateAuthority.generate()
+    ps.save_ca(first, tmp_path)
+    with pytest.raises(ConfigurationError, match="refusing to overwrite a CA"):
+        ps.save_ca(second, tmp_path)
+    assert ps.load_ca(tmp_path).certificate_der == first.certificate_der
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_ca_key_write_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ps.os, "write", full)
+    with pytest.raises(ConfigurationError, match="No space left"):
+        ps.save_ca(CertificateAuthority.generate(), tmp_path / "ca")
+    assert list((tmp_path / "ca").iterdir()) == []  # no half-written key left behind
+
+
+def test_ca_file_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
+    ps.save_ca(CertificateAuthority.generate(), tmp_path)
+    (tmp_path / ps.ROOT_KEY_FILE).unlink()
+    os.mkfifo(tmp_path / ps.ROOT_KEY_FILE)
+    with pytest.raises(ConfigurationError, match="not a regular file"):
+        ps.load_ca(tmp_path)

@@ -130,15 +130,15 @@ class DurableNsm:
         if age < -MAX_CLOCK_SKEW:
             raise StateError(f"{source}: saved {-age:.0f} s in the future; refusing to load it")
         snapshot = signed.snapshot
-        if self.store is not None:
-            self.store.install(snapshot, source)
-            commit = self.store.commit
-        else:
-            check_successor(self._snapshot(), snapshot, source)
-            self._changes = max(self._changes, snapshot.seq) + 1
-            commit = self._count
+        check_successor(self._snapshot(), snapshot, source)
         # Documents keep chaining to this backend's own CA (the one that verified the state).
-        self.device = NsmDevice(state=snapshot.state, ca=self.device.ca, commit=commit)
+        commit = self.store.commit if self.store is not None else self._count
+        device = NsmDevice(state=snapshot.state, ca=self.device.ca, commit=commit)
+        if self.store is not None:
+            self.store.install(snapshot, source)  # durable before the device answers from it
+        else:
+            self._changes = max(self._changes, snapshot.seq) + 1
+        self.device = device
         log.info("device state of %s loaded", snapshot.state.module_id)
 
     def close(self) -> None:

@@ -17,7 +17,6 @@ The budget is fixed for CI; ``NSM_FUZZ_EXAMPLES=20000`` (for instance) runs long
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import random
 import socket

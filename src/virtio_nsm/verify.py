@@ -13,8 +13,9 @@ collects every reason and raises one :class:`VerificationError` listing them.
    strict decoder (:mod:`virtio_nsm._strict_cbor`: no tags but the outer 18 --
    so no shared references, whose expansion could be exponential -- no
    duplicate keys, definite or indefinite lengths, any key order, cost linear in
-   the size; a tag in the unprotected header makes the document unreadable). Required fields and their types and
-   sizes: ``module_id`` non-empty text; ``digest`` one of SHA256/SHA384/SHA512;
+   the size; a tag in the unprotected header makes the document unreadable).
+   Required fields and their types and sizes: ``module_id`` non-empty text;
+   ``digest`` one of SHA256/SHA384/SHA512;
    ``timestamp`` an unsigned integer > 0 (milliseconds); ``pcrs`` 1..32 entries,
    index < 32, each value as long as ``digest`` says (32/48/64 bytes);
    ``certificate`` 1..1024 bytes; ``cabundle`` 1..16 entries of 1..1024 bytes.

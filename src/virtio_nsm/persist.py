@@ -56,7 +56,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import _strict_cbor, journal
+from . import _strict_cbor, cbor, journal
 from .cose import der_to_raw, raw_to_der
 from .errors import ConfigurationError
 from .nsm.device import Commit, DeviceState
@@ -138,6 +138,50 @@ def _body(snapshot: Snapshot, **extra: Any) -> dict[str, Any]:
         },
         **extra,
     }
+
+
+class _BodyEncoder:
+    """``cbor2.dumps(_body(snapshot))``, byte for byte, for the hot path (one per change).
+
+    The identity part (module id, version, digest) is encoded once per identity;
+    the rest by hand from CBOR heads.
+    """
+
+    __slots__ = ("_key", "_prefix", "_value_head")
+
+    def __init__(self) -> None:
+        self._key: tuple[str, tuple[int, ...], str] | None = None
+        self._prefix = b""
+        self._value_head = b""
+
+    def encode(self, snapshot: Snapshot) -> bytes:
+        state, bank, last = snapshot.state, snapshot.state.pcrs, snapshot.last
+        key = (state.module_id, state.version, bank.digest.value)
+        if key != self._key:
+            self._key = key
+            self._prefix = (cbor.map_head(7) + cbor.tstr("module_id") + cbor.tstr(state.module_id)
+                            + cbor.tstr("version") + cbor.array_head(3)
+                            + b"".join(cbor.uint(v) for v in state.version)
+                            + cbor.tstr("digest") + cbor.tstr(bank.digest.value) + cbor.tstr("pcrs"))
+            self._value_head = cbor.head(cbor.MAJOR_BYTES, bank.digest.size)
+        values = bank.values
+        parts = [self._prefix, cbor.array_head(len(values)), self._value_head,
+                 self._value_head.join(values), _LOCKED, cbor.uint(bank.locked), _SEQ,
+                 cbor.uint(snapshot.seq), _LAST]
+        if last is None:
+            parts.append(cbor.NULL)
+        else:
+            parts += (_RECORD_HEAD, cbor.array_head(len(last.token)), *map(cbor.uint, last.token),
+                      _REQUEST_SHA256, cbor.bstr(last.request_sha256), _RESPONSE, cbor.bstr(last.response))
+        return b"".join(parts)
+
+
+_LOCKED: Final = cbor.tstr("locked")
+_SEQ: Final = cbor.tstr("seq")
+_LAST: Final = cbor.tstr("last")
+_RECORD_HEAD: Final = cbor.map_head(3) + cbor.tstr("token")
+_REQUEST_SHA256: Final = cbor.tstr("request_sha256")
+_RESPONSE: Final = cbor.tstr("response")
 
 
 def encode_snapshot(snapshot: Snapshot, journal: int | None = None) -> bytes:
@@ -492,6 +536,7 @@ class StateStore:
         self._generation = generation
         self._next = 0
         self._broken: str | None = None
+        self._encoder = _BodyEncoder()
         #: Journal records recovered (replayed and compacted) when the directory was opened.
         self.recovered = 0
 
@@ -605,7 +650,7 @@ class StateStore:
         if isinstance(token, tuple) and all(type(t) is int for t in token):
             last = Record(token, hashlib.sha256(change.request).digest(), change.response)
         snapshot = Snapshot(change.state, _next_seq(self.snapshot.seq), last)
-        payload = cbor2.dumps(_body(snapshot))
+        payload = self._encoder.encode(snapshot)
         index = self._next
         if index < self._journal.slots and len(payload) <= journal.MAX_PAYLOAD:
             try:

@@ -199,3 +199,36 @@ def test_fuzzed_journal_damage(directory: Directory, data: st.DataObject) -> Non
         event(f"state {directory.states.index(result)} of {directory.records}")
     else:
         event("refused: " + re.sub(r"[0-9]+", "N", result.replace(str(directory.path), "DIR"))[:60])
+
+
+def test_export_while_the_backend_writes_and_compacts(tmp_path: Path) -> None:
+    """current_state (what `nsm state export` reads, without the lock) sees whole states only."""
+    import threading
+
+    acknowledged: dict[int, ps.Snapshot] = {}
+    store = ps.StateStore.open(tmp_path, journal_slots=4, durable=False)
+    acknowledged[store.snapshot.seq] = store.snapshot
+    nsm = Nsm.local(NsmDevice(state=store.state, ca=store.ca, commit=store.commit))
+    done = threading.Event()
+
+    def writer() -> None:
+        try:
+            for i in range(300):
+                nsm.extend_pcr(16 + i % 16, i.to_bytes(2, "big"))
+                acknowledged[store.snapshot.seq] = store.snapshot
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen: list[ps.Snapshot] = []
+    try:
+        while not done.is_set():
+            seen.append(ps.current_state(tmp_path))
+    finally:
+        thread.join(60)
+        store.close()
+    assert len(seen) > 5
+    assert all(acknowledged.get(s.seq) == s for s in seen)  # every read is an acknowledged state
+    assert [s.seq for s in seen] == sorted(s.seq for s in seen)  # never going back
+    assert ps.current_state(tmp_path) == acknowledged[max(acknowledged)]

@@ -148,7 +148,8 @@ def used_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def genuine(d: Path) -> ps.Snapshot:
-    return ps.decode_snapshot((d / ps.STATE_FILE).read_bytes())
+    """The directory's state: state.bin and its journal."""
+    return ps.current_state(d)
 
 
 def load_into(d: Path, data: bytes) -> None:

@@ -103,6 +103,13 @@ def qemu_options(path: Path, memory: str = "512M") -> str:
     "backend then skip deep idle states, which inside a VM host cost tens of microseconds "
     "each. Idle CPUs spin meanwhile. Needs root or write access to the device.",
 )
+@click.option(
+    "--allow-file-memory",
+    is_flag=True,
+    help="Also map guest memory that is not a memfd sealed against shrinking (QEMU's "
+    "memory-backend-file, e.g. on /dev/shm or hugetlbfs). A frontend that then shrinks "
+    "the file kills this backend (SIGBUS); memory-backend-memfd needs no such trust.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every vhost-user message.")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 def serve(
@@ -113,6 +120,7 @@ def serve(
     poll_us: int,
     poll_adaptive: bool,
     cpu_latency_qos: bool,
+    allow_file_memory: bool,
     verbose: bool,
     quiet: bool,
 ) -> None:
@@ -178,6 +186,7 @@ def serve(
         poll_us=poll_us,
         adaptive_polling=poll_adaptive,
         cpu_qos=qos,
+        allow_file_memory=allow_file_memory,
     )
     try:
         daemon.bind()

@@ -28,6 +28,7 @@ import os
 from .nsm.device import NsmDevice
 from .nsm.pki import CertificateAuthority
 from .persist import Snapshot, StateError, StateStore, decode_snapshot, encode_snapshot
+from .request import RequestToken
 
 __all__ = ["DurableNsm"]
 
@@ -73,9 +74,9 @@ class DurableNsm:
         where = self.store.directory if self.store is not None else "memory"
         return f"<DurableNsm {self.device.state.module_id} in {where}>"
 
-    def handle(self, request: bytes, token: object = None) -> bytes:
+    def handle(self, request: bytes, token: RequestToken | None = None) -> bytes:
         """Answer one request; a resubmitted, already applied one from the record."""
-        if self.store is not None and isinstance(token, tuple):
+        if self.store is not None and token is not None:
             recorded = self.store.replay(request, token)
             if recorded is not None:
                 self.replayed += 1

@@ -39,6 +39,7 @@ from .errors import ConfigurationError
 from .nsm.device import Commit, DeviceState
 from .nsm.pcr import Digest, PcrBank
 from .nsm.pki import CertificateAuthority
+from .request import RequestToken
 
 MAGIC: Final = b"NSMSTATE"
 FORMAT_VERSION: Final = 1
@@ -60,14 +61,11 @@ def default_state_dir() -> Path:
     return Path(base) / "virtio-nsm"
 
 
-Token = tuple[int, ...]
-
-
 @dataclass(frozen=True, slots=True)
 class Record:
     """The last state change: which request (token + hash) and what it answered."""
 
-    token: Token
+    token: RequestToken
     request_sha256: bytes
     response: bytes
 
@@ -92,7 +90,7 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
         "locked": bank.locked,
         "seq": snapshot.seq,
         "last": None if last is None else {
-            "token": list(last.token), "request_sha256": last.request_sha256,
+            "token": [last.token.head, last.token.counter], "request_sha256": last.request_sha256,
             "response": last.response,
         },
     })
@@ -129,7 +127,8 @@ def decode_snapshot(data: bytes, source: str = "state") -> Snapshot:
         last_raw = body["last"]
         last = None
         if last_raw is not None:
-            last = Record(tuple(_typed(t, int) for t in _typed(last_raw["token"], list)),
+            head, counter = (_typed(t, int) for t in _typed(last_raw["token"], list))
+            last = Record(RequestToken(head, counter),
                           _typed(last_raw["request_sha256"], bytes),
                           _typed(last_raw["response"], bytes))
     except StateError as exc:
@@ -266,7 +265,7 @@ class StateStore:
         """Make ``change`` durable; raises OSError (and changes nothing) if it cannot."""
         token = change.token
         last = None
-        if isinstance(token, tuple) and all(type(t) is int for t in token):
+        if token is not None:
             last = Record(token, hashlib.sha256(change.request).digest(), change.response)
         snapshot = Snapshot(change.state, self.snapshot.seq + 1, last)
         write_atomic(self.directory / STATE_FILE, encode_snapshot(snapshot), durable=self.durable)
@@ -281,7 +280,7 @@ class StateStore:
         write_atomic(self.directory / STATE_FILE, encode_snapshot(new), durable=self.durable)
         self.snapshot = new
 
-    def replay(self, request: bytes, token: Token) -> bytes | None:
+    def replay(self, request: bytes, token: RequestToken) -> bytes | None:
         """The recorded answer if (token, request) is the last applied change, else None."""
         last = self.snapshot.last
         if last is None or last.token != token:

@@ -16,6 +16,7 @@ import pytest
 from virtio_nsm import ErrorCode, Nsm, NsmDevice, NsmError
 from virtio_nsm import persist as ps
 from virtio_nsm.nsm import protocol as p
+from virtio_nsm.request import RequestToken
 
 
 def device_on(store: ps.StateStore) -> NsmDevice:
@@ -200,12 +201,12 @@ def test_replay_record(tmp_path: Path) -> None:
     with ps.StateStore.open(tmp_path) as store:
         device = device_on(store)
         request = p.encode_request(p.ExtendPCR(16, b"once"))
-        response = device.handle(request, token=(3, 41))
-        assert store.replay(request, (3, 41)) == response
-        assert store.replay(request, (3, 42)) is None
-        assert store.replay(p.encode_request(p.ExtendPCR(16, b"other")), (3, 41)) is None
+        response = device.handle(request, token=RequestToken(3, 41))
+        assert store.replay(request, RequestToken(3, 41)) == response
+        assert store.replay(request, RequestToken(3, 42)) is None
+        assert store.replay(p.encode_request(p.ExtendPCR(16, b"other")), RequestToken(3, 41)) is None
     with ps.StateStore.open(tmp_path) as store:  # the record is durable too
-        assert store.replay(request, (3, 41)) == response
+        assert store.replay(request, RequestToken(3, 41)) == response
 
 
 def test_export_import_round_trip(tmp_path: Path) -> None:

@@ -11,15 +11,17 @@ from durable_support import PcrModel
 
 from virtio_nsm import persist
 from virtio_nsm.durable import DurableNsm
+from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.protocol import DescribeNSM, DescribePCR, decode_response, encode_request
+from virtio_nsm.nsm.virtio import NsmVirtioDevice
 from virtio_nsm.vhost_user.daemon import VhostUserDaemon
-from virtio_nsm.vhost_user.frontend import VhostUserError, VhostUserFrontend
+from virtio_nsm.vhost_user.frontend import VhostUserError
 
 
 class Served:
     def __init__(self, nsm: DurableNsm, sock: Path) -> None:
         self.nsm, self.sock = nsm, sock
-        self.daemon = VhostUserDaemon(sock, nsm.handle, message_timeout=5.0, device_state=nsm)
+        self.daemon = VhostUserDaemon(sock, NsmVirtioDevice(nsm.handle, device_state=nsm), message_timeout=5.0)
         self.daemon.bind()
         self.thread = threading.Thread(target=self.daemon.serve_forever, daemon=True)
         self.thread.start()
@@ -49,18 +51,18 @@ def destination(tmp_path: Path) -> Iterator[Served]:
     served.close()
 
 
-def pcrs(frontend: VhostUserFrontend) -> list[tuple[bool, bytes]]:
+def pcrs(frontend: NsmFrontend) -> list[tuple[bool, bytes]]:
     answers = frontend.exchange_many([encode_request(DescribePCR(i)) for i in range(32)])
     return [(r.lock, r.data) for r in map(decode_response, answers)]  # type: ignore[union-attr]
 
 
-def module_id(frontend: VhostUserFrontend) -> str:
+def module_id(frontend: NsmFrontend) -> str:
     return decode_response(frontend.exchange(encode_request(DescribeNSM()))).module_id  # type: ignore[union-attr]
 
 
 def test_state_moves_to_another_backend(source: Served, destination: Served, tmp_path: Path) -> None:
     model = PcrModel()
-    with VhostUserFrontend(source.sock, inflight=True, timeout=20) as f1:
+    with NsmFrontend(source.sock, inflight=True, timeout=20) as f1:
         for i in range(5):
             request, expected = model.extend(16 + i % 2, bytes([i]))
             assert f1.exchange(request) == expected
@@ -71,7 +73,7 @@ def test_state_moves_to_another_backend(source: Served, destination: Served, tmp
     # The same versioned, checksummed bytes as `nsm state export`.
     assert data == persist.export_state(tmp_path / "a")
 
-    with VhostUserFrontend(destination.sock, inflight=True, timeout=20, start=False) as f2:
+    with NsmFrontend(destination.sock, inflight=True, timeout=20, start=False) as f2:
         f2.load_device_state(data)
         f2.start_ring()
         assert module_id(f2) == source_id
@@ -90,7 +92,7 @@ def test_state_moves_to_another_backend(source: Served, destination: Served, tmp
 
 def test_source_resumes_when_migration_is_abandoned(source: Served) -> None:
     model = PcrModel()
-    with VhostUserFrontend(source.sock, timeout=20) as f1:
+    with NsmFrontend(source.sock, timeout=20) as f1:
         request, expected = model.extend(20, b"x")
         assert f1.exchange(request) == expected
         f1.get_vring_base()
@@ -102,7 +104,7 @@ def test_source_resumes_when_migration_is_abandoned(source: Served) -> None:
 
 @pytest.mark.parametrize("data", [b"", b"garbage", b"NSMSTATE" + bytes(60)])
 def test_bad_state_is_refused_and_changes_nothing(destination: Served, data: bytes) -> None:
-    with VhostUserFrontend(destination.sock, timeout=20, start=False) as f2:
+    with NsmFrontend(destination.sock, timeout=20, start=False) as f2:
         with pytest.raises(VhostUserError, match="CHECK_DEVICE_STATE"):
             f2.load_device_state(data)
         f2.start_ring()
@@ -111,7 +113,7 @@ def test_bad_state_is_refused_and_changes_nothing(destination: Served, data: byt
 
 
 def test_transfer_refused_while_the_ring_runs(source: Served) -> None:
-    with VhostUserFrontend(source.sock, timeout=20) as f1:
+    with NsmFrontend(source.sock, timeout=20) as f1:
         with pytest.raises(VhostUserError, match="refused"):
             f1.save_device_state()
         f1.exchange(encode_request(DescribeNSM()))  # the connection is still fine
@@ -120,7 +122,7 @@ def test_transfer_refused_while_the_ring_runs(source: Served) -> None:
 def test_ephemeral_device_state_round_trip(tmp_path: Path) -> None:
     served = Served(DurableNsm.ephemeral(), tmp_path / "e.sock")
     try:
-        with VhostUserFrontend(served.sock, timeout=20) as f:
+        with NsmFrontend(served.sock, timeout=20) as f:
             f.exchange(PcrModel().extend(16, b"e")[0])
             f.get_vring_base()
             snapshot = persist.decode_snapshot(f.save_device_state())

@@ -17,7 +17,6 @@ The budget is fixed for CI; ``NSM_FUZZ_EXAMPLES=20000`` (for instance) runs long
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import random
 import socket
@@ -30,14 +29,14 @@ from vhost_support import sealed_memfd
 
 from virtio_nsm.nsm.device import NsmDevice
 from virtio_nsm.nsm.protocol import DescribePCR, encode_request
+from virtio_nsm.nsm.virtio import NsmVirtioDevice
 from virtio_nsm.vhost_user.backend import (
-    OFFERED_FEATURES,
     OFFERED_PROTOCOL_FEATURES,
+    TRANSPORT_FEATURES,
     BackendError,
     VhostUserBackend,
 )
 from virtio_nsm.vhost_user.connection import Connection, ConnectionClosed
-from virtio_nsm.vhost_user.daemon import NsmQueueWorker
 from virtio_nsm.vhost_user.message import (
     HEADER,
     REQUEST_SPECS,
@@ -109,10 +108,7 @@ class Fuzzer:
         self.tmp = tmp
         self.draw = draw
         self.device = NsmDevice()
-        self.backend = VhostUserBackend(
-            lambda q, notify: NsmQueueWorker(q, self.device.handle, notify),
-            device_state=StateHandler(),
-        )
+        self.backend = VhostUserBackend(NsmVirtioDevice(self.device.handle, device_state=StateHandler()))
         self.ours: list[int] = []  # our ends, closed at the end
 
     def fd(self, kind: str) -> int:
@@ -149,7 +145,7 @@ class Fuzzer:
         index = st.sampled_from([0, 0, 0, 1, 255])
         addr = st.sampled_from(ADDRS) | st.integers(0, (1 << 64) - 1)
         if decode is U64.decode:
-            value = draw(st.sampled_from([0, OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, 1 << 63, 0xF])
+            value = draw(st.sampled_from([0, TRANSPORT_FEATURES, OFFERED_PROTOCOL_FEATURES, 1 << 63, 0xF])
                          | st.integers(0, (1 << 64) - 1))
             return U64(int(value)).encode()
         if decode is VringState.decode:
@@ -205,7 +201,7 @@ class Fuzzer:
         u = UVA - GPA
         table = MemoryTable((MemoryRegionDescription(GPA, SIZE, UVA, 0),)).encode()
         inflight = 1 << ProtocolFeature.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
-        features = int(self.draw(st.sampled_from([OFFERED_FEATURES, 1 << 32])))
+        features = int(self.draw(st.sampled_from([TRANSPORT_FEATURES, 1 << 32])))
         return [
             Message(R.VHOST_USER_SET_PROTOCOL_FEATURES, payload=U64(OFFERED_PROTOCOL_FEATURES).encode()),
             Message(R.VHOST_USER_SET_FEATURES, payload=U64(features).encode()),

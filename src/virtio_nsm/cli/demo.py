@@ -22,9 +22,10 @@ from cryptography import x509
 from ..client import Nsm
 from ..errors import ErrorCode, NsmError
 from ..nsm.device import NsmDevice
+from ..nsm.frontend import VhostUserTransport
+from ..nsm.virtio import NsmVirtioDevice
 from ..verify import VerificationError, verify_document
 from ..vhost_user.daemon import VhostUserDaemon
-from ..vhost_user.frontend import VhostUserTransport
 from . import main
 
 
@@ -45,7 +46,7 @@ def demo(output: Path | None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="nsm-demo-"))
     socket_path = tmp / "nsm.sock"
     device = NsmDevice()
-    daemon = VhostUserDaemon(socket_path, device.handle)
+    daemon = VhostUserDaemon(socket_path, NsmVirtioDevice(device.handle))
     daemon.bind()
     thread = threading.Thread(target=daemon.serve_forever, name="nsm-backend", daemon=True)
     thread.start()

@@ -17,6 +17,7 @@ from .. import persist
 from ..durable import DurableNsm
 from ..errors import ConfigurationError
 from ..nsm.pki import ROOT_CERT_FILE, CertificateAuthority
+from ..nsm.virtio import NsmVirtioDevice
 from ..vhost_user import cpu_qos
 from ..vhost_user.daemon import DEFAULT_POLL_US, VhostUserDaemon
 from . import main
@@ -182,8 +183,7 @@ def serve(
             sys.exit(1)
     daemon = VhostUserDaemon(
         socket_path,
-        nsm.handle,
-        device_state=nsm,
+        NsmVirtioDevice(nsm.handle, device_state=nsm),
         poll_us=poll_us,
         adaptive_polling=poll_adaptive,
         cpu_qos=qos,

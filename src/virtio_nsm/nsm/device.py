@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..errors import ConfigurationError, ErrorCode
+from ..request import RequestToken
 from . import attestation, protocol
 from .pcr import MAX_PCRS, Digest, PcrBank
 from .pki import CertificateAuthority, SigningChain
@@ -103,15 +104,15 @@ class Commit:
     """A state change about to become current, with what caused it.
 
     ``request`` and ``response`` are the exact bytes in and out; ``token`` is
-    whatever the transport passed to :meth:`NsmDevice.handle` to identify the
-    request (e.g. its virtqueue slot), so a store can recognise a request that
+    what the transport passed to :meth:`NsmDevice.handle` to identify the
+    request (its head descriptor and inflight counter), so a store can recognise a request that
     is submitted again after a crash and answer it from its record.
     """
 
     state: DeviceState
     request: bytes
     response: bytes
-    token: object = None
+    token: RequestToken | None = None
 
 
 def _digest(value: Digest | str) -> Digest:
@@ -165,7 +166,7 @@ class NsmDevice:
         self._commit = commit
         self._lock = threading.Lock()
         self._request: bytes = b""
-        self._token: object = None
+        self._token: RequestToken | None = None
         self._state = state
         # DescribeNSM's answer depends on the state only, which is an immutable value
         # replaced on every change: keep the last answer with the state it describes.
@@ -213,7 +214,7 @@ class NsmDevice:
 
     # -- requests ------------------------------------------------------
 
-    def handle(self, request: bytes, token: object = None) -> bytes:
+    def handle(self, request: bytes, token: RequestToken | None = None) -> bytes:
         """Answer one request (CBOR bytes) with the response bytes. Never raises.
 
         ``token`` is passed through to the commit hook (see :class:`Commit`).

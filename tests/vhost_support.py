@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from virtio_nsm.nsm.device import NsmDevice
-from virtio_nsm.nsm.virtio import NsmVirtioDevice
+from virtio_nsm.serving import ServeConfig, serving
+from virtio_nsm.vhost_user.cpu_qos import CpuLatencyQos
 from virtio_nsm.vhost_user.daemon import VhostUserDaemon
 from virtio_nsm.vhost_user.device import (
     EVENT_READ,
@@ -40,22 +40,22 @@ class Running:
 
 @contextmanager
 def serve_in_thread(path: Path, device: VhostUserDevice | None = None,
-                    **daemon_options: Any) -> Iterator[Running]:
-    """A real daemon (``VhostUserDaemon(path, device, **daemon_options)``) serving ``device``
-    (by default a fresh NsmDevice) from a thread; on exit it must stop within 20 s, then
-    it is closed."""
-    nsm = NsmDevice()
-    daemon = VhostUserDaemon(path, device or NsmVirtioDevice(nsm.handle), **daemon_options)
-    daemon.bind()
-    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield Running(path, device or nsm, daemon, thread)
-    finally:
-        daemon.stop()
-        thread.join(20)
-        assert not thread.is_alive(), "daemon did not stop"
-        daemon.close()
+                    cpu_qos: CpuLatencyQos | None = None, **config: Any) -> Iterator[Running]:
+    """A real daemon built by :func:`virtio_nsm.serving.serving` from
+    ``ServeConfig(path, ephemeral=True, **config)``, serving ``device`` (by default the
+    NSM, in memory) from a thread; on exit it must stop within 20 s, then it is closed.
+    ``cpu_qos``: a CPU latency request object to hand the daemon (it closes it)."""
+    with serving(ServeConfig(path, ephemeral=True, **config), device) as served:
+        daemon = served.daemon
+        daemon.cpu_qos = cpu_qos
+        thread = threading.Thread(target=daemon.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield Running(path, device or served.nsm.device, daemon, thread)  # type: ignore[union-attr]
+        finally:
+            daemon.stop()
+            thread.join(20)
+            assert not thread.is_alive(), "daemon did not stop"
 
 
 def wait_for(condition: Callable[[], bool], what: str) -> None:

@@ -392,10 +392,6 @@ class VhostUserBackend:
         self._end_state_transfer()
         self.polling = False
 
-    @property
-    def needs_reset(self) -> bool:
-        return bool(self.status & spec.VIRTIO_CONFIG_S_NEEDS_RESET)
-
     # -- ring processing ----------------------------------------------------------
 
     def process(self, vring: Vring) -> bool:

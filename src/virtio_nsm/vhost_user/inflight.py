@@ -169,10 +169,6 @@ class InflightQueue:
         self.counter += 1
         self._flags[head] = 1
 
-    def given_back(self, head: int) -> None:
-        """Chain ``head`` was given back untouched (it will be taken again)."""
-        self._flags[head] = 0
-
     def returned(self, head: int) -> None:
         """Chain ``head`` is on the used ring, not yet published."""
         view = self._view

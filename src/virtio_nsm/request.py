@@ -36,6 +36,13 @@ class RequestToken:
 
 
 class RequestHandler(Protocol):
-    """Answers one request (bytes in, bytes out); ``token`` as described above."""
+    """Answers one request (bytes in, bytes out); ``token`` as described above.
 
-    def __call__(self, request: bytes, token: RequestToken | None = None, /) -> bytes: ...
+    ``max_response`` is the size of the driver's response buffer: a handler that
+    cannot answer within it must not apply the request (the NSM answers
+    ``BufferTooSmall`` and changes nothing); None means the protocol's maximum.
+    """
+
+    def __call__(
+        self, request: bytes, token: RequestToken | None = None, /, *, max_response: int | None = None
+    ) -> bytes: ...

@@ -36,7 +36,6 @@ from pathlib import Path
 from . import persist
 from .durable import DurableNsm
 from .errors import ConfigurationError
-from .nsm.pki import CertificateAuthority
 from .nsm.virtio import NsmVirtioDevice
 from .vhost_user import cpu_qos, qemu
 from .vhost_user.daemon import VhostUserDaemon
@@ -110,7 +109,7 @@ class ServeConfig:
             _check_creatable_dir(state_dir, "state directory")
         if ca_dir is not None:
             try:
-                CertificateAuthority.load(ca_dir)  # reads only
+                persist.load_ca(ca_dir)  # reads only
             except ConfigurationError as exc:
                 raise ConfigurationError(str(exc)) from None
         if cpu_qos_device is not None and not os.access(cpu_qos_device, os.W_OK):
@@ -218,7 +217,7 @@ def serving(config: ServeConfig, device: VhostUserDevice | None = None) -> Itera
             stack.callback(qos.close)
         nsm = None
         if device is None:
-            ca = CertificateAuthority.load(config.ca_dir) if config.ca_dir is not None else None
+            ca = persist.load_ca(config.ca_dir) if config.ca_dir is not None else None
             if config.ephemeral:
                 nsm = DurableNsm.ephemeral(ca)
             else:

@@ -47,10 +47,10 @@ class Backends:
     def start(self) -> Life:
         nsm = DurableNsm.open(self.state_dir)
 
-        def handler(request: bytes, token: object = None) -> bytes:
+        def handler(request: bytes, token: object = None, *, max_response: int | None = None) -> bytes:
             if self.crash is not None:
                 self.crash(request, False)
-            response = nsm.handle(request, token)
+            response = nsm.handle(request, token, max_response=max_response)  # type: ignore[arg-type]
             if self.crash is not None:
                 self.crash(request, True)
             return response

@@ -55,7 +55,7 @@ class Device:
     def __init__(self) -> None:
         self.count = 0
 
-    def __call__(self, request: bytes, token: object = None) -> bytes:
+    def __call__(self, request: bytes, token: object = None, *, max_response: int | None = None) -> bytes:
         self.count += 1
         return b"\x18" + bytes([self.count])  # CBOR uint8
 

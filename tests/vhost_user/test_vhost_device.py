@@ -132,7 +132,7 @@ def test_unwatched_device_descriptor_and_failing_callback(
 
 
 def test_backend_offers_what_the_device_has() -> None:
-    nsm = VhostUserBackend(NsmVirtioDevice(lambda r, t=None: r))
+    nsm = VhostUserBackend(NsmVirtioDevice(lambda r, t=None, **kw: r))
     assert nsm.offered_protocol_features == OFFERED_PROTOCOL_FEATURES  # NSM: unchanged
     assert not nsm.offered_protocol_features & CONFIG
     assert nsm.offered_features == TRANSPORT_FEATURES

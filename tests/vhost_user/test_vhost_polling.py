@@ -55,7 +55,7 @@ class Rig:
         vring.call_fd = self.call
         self.backend.process(vring)  # as on start: publishes "kick me"
 
-    def handler(self, request: bytes, token: object = None) -> bytes:
+    def handler(self, request: bytes, token: object = None, *, max_response: int | None = None) -> bytes:
         self.count += 1
         return b"\x18" + bytes([self.count])
 
@@ -256,12 +256,12 @@ def test_disconnect_while_polling_ends_the_window(tmp_path: Path) -> None:
 
 def test_negative_poll_us_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        VhostUserDaemon(tmp_path / "x.sock", NsmVirtioDevice(lambda r, t=None: r), poll_us=-1)
+        VhostUserDaemon(tmp_path / "x.sock", NsmVirtioDevice(lambda r, t=None, **kw: r), poll_us=-1)
 
 
 def test_the_class_does_not_poll_unless_asked(tmp_path: Path) -> None:
     # nsm serve asks (DEFAULT_POLL_US); in-process users (nsm demo) do not spin.
-    daemon = VhostUserDaemon(tmp_path / "x.sock", NsmVirtioDevice(lambda r, t=None: r))
+    daemon = VhostUserDaemon(tmp_path / "x.sock", NsmVirtioDevice(lambda r, t=None, **kw: r))
     assert daemon.poll_us == 0 and not daemon.policy.may_poll(10**18)
 
 

@@ -21,7 +21,7 @@ class Recorder:
         self.reply = reply
         self.fail = fail
 
-    def __call__(self, request: bytes, token: object = None) -> bytes:
+    def __call__(self, request: bytes, token: object = None, *, max_response: int | None = None) -> bytes:
         self.requests.append(request)
         if self.fail:
             raise RuntimeError("boom")

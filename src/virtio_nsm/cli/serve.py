@@ -12,7 +12,6 @@ import click
 
 from .. import persist
 from ..errors import ConfigurationError
-from ..nsm.pki import ROOT_CERT_FILE
 from ..serving import ServeConfig, Served, qemu_options, serving
 from ..vhost_user import cpu_qos
 from ..vhost_user.daemon import DEFAULT_POLL_US
@@ -161,13 +160,13 @@ def _announce(served: Served) -> None:
     click.echo(f"QEMU options (size must match -m): {qemu_options(served)}")
     click.echo(f"Client without a VM: nsm describe --device vhost-user:{socket_path}")
     if nsm is not None and nsm.store is not None:
-        root = nsm.store.directory / persist.CA_DIR / ROOT_CERT_FILE
+        root = nsm.store.directory / persist.CA_DIR / persist.ROOT_CERT_FILE
         click.echo(f"Device state in {nsm.store.directory}; documents chain to {root} "
                    f"(nsm verify --root {root})")
     else:
         click.echo("Device state in memory only (--ephemeral): lost when this process ends")
         if config.ca_dir is not None:
-            root = config.ca_dir / ROOT_CERT_FILE
+            root = config.ca_dir / persist.ROOT_CERT_FILE
             click.echo(f"Documents chain to {root} (nsm verify --root {root})")
     qos = served.daemon.cpu_qos
     if qos is not None:

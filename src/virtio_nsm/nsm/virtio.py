@@ -35,7 +35,9 @@ put on the used ring.
 Requests longer than ``MAX_REQUEST_SIZE`` are passed on truncated to one byte more
 than the limit, so the device answers ``InputTooLarge`` without us copying
 arbitrary amounts of guest memory.  A response chain too small for the answer
-gets ``{"Error": "BufferTooSmall"}`` if that fits, otherwise nothing (length 0).
+gets ``{"Error": "BufferTooSmall"}`` if that fits, otherwise nothing (length 0);
+the handler is told the buffer's size first (``max_response``), so such a request
+changes nothing.
 """
 
 from __future__ import annotations
@@ -186,7 +188,7 @@ class NsmQueueWorker:
         request = request_chain.read(self.queue.memory, MAX_REQUEST_SIZE + 1)
         try:
             token = None if self.tracker is None else self.tracker.token(request_chain.head)
-            response = self.handler(request, token)
+            response = self.handler(request, token, max_response=capacity)
         except Exception:
             log.exception("NSM handler failed on a %d-byte request", len(request))
             response = INTERNAL_ERROR

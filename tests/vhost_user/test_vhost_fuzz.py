@@ -25,7 +25,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vhost_support import sealed_memfd
+from vhost_support import TwoQueueDevice, sealed_memfd
 
 from virtio_nsm.nsm.device import NsmDevice
 from virtio_nsm.nsm.protocol import DescribePCR, encode_request
@@ -43,6 +43,7 @@ from virtio_nsm.vhost_user.message import (
     U64,
     VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_VERSION,
+    DeviceConfig,
     DeviceStateTransfer,
     FrontendRequest,
     Inflight,
@@ -108,7 +109,11 @@ class Fuzzer:
         self.tmp = tmp
         self.draw = draw
         self.device = NsmDevice()
-        self.backend = VhostUserBackend(NsmVirtioDevice(self.device.handle, device_state=StateHandler()))
+        # The NSM, or the two-queue test device (config space, CONFIG protocol feature).
+        self.other = TwoQueueDevice() if draw(st.booleans()) else None
+        self.backend = VhostUserBackend(
+            self.other or NsmVirtioDevice(self.device.handle, device_state=StateHandler())
+        )
         self.ours: list[int] = []  # our ends, closed at the end
 
     def fd(self, kind: str) -> int:
@@ -170,6 +175,10 @@ class Fuzzer:
                             draw(st.sampled_from([0, 4096, 7])),
                             draw(st.sampled_from([0, 1, 2, 256])),
                             draw(st.sampled_from([0, 1, 16, 48, 32768]))).encode()
+        if decode is DeviceConfig.decode:
+            size = int(draw(st.sampled_from([0, 1, 4, 8, 9, 256])))
+            return DeviceConfig(draw(st.sampled_from([0, 4, 7, 8, 1 << 31])),
+                                size, draw(st.sampled_from([0, 1])), bytes(size)).encode()
         if decode is DeviceStateTransfer.decode:
             return DeviceStateTransfer(draw(st.sampled_from([0, 1, 2])),
                                        draw(st.sampled_from([0, 1]))).encode()
@@ -203,7 +212,7 @@ class Fuzzer:
         inflight = 1 << ProtocolFeature.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
         features = int(self.draw(st.sampled_from([TRANSPORT_FEATURES, 1 << 32])))
         return [
-            Message(R.VHOST_USER_SET_PROTOCOL_FEATURES, payload=U64(OFFERED_PROTOCOL_FEATURES).encode()),
+            Message(R.VHOST_USER_SET_PROTOCOL_FEATURES, payload=U64(self.backend.offered_protocol_features).encode()),
             Message(R.VHOST_USER_SET_FEATURES, payload=U64(features).encode()),
             Message(R.VHOST_USER_SET_MEM_TABLE, payload=table, fds=[self.fd("sealed")]),
             *(
@@ -243,6 +252,8 @@ class Fuzzer:
                         reply.encode()  # its fds stay the backend's (a copy is sent)
         finally:
             backend.disconnect()
+            if self.other is not None:
+                self.other.detach()
             for fd in self.ours:
                 os.close(fd)
 

@@ -457,7 +457,11 @@ class VhostUserBackend:
             if not self._track(vring, layout):
                 return None
         else:
-            vring.worker = self.device.worker(vring.index, vring.queue, lambda: self._interrupt(vring))
+            try:
+                vring.worker = self.device.worker(vring.index, vring.queue, lambda: self._interrupt(vring))
+            except VirtioError as exc:
+                self._break(vring, f"the device refused the ring: {exc}")
+                return None
         log.info(
             "vring %d started: size %d, avail index %d, desc %#x avail %#x used %#x",
             vring.index,
@@ -501,8 +505,12 @@ class VhostUserBackend:
             )
         if resubmit:
             log.warning("vring %d: resubmitting inflight chains %s", vring.index, resubmit)
-        vring.worker = self.device.worker(vring.index, queue, lambda: self._interrupt(vring))
-        vring.worker.track_inflight(tracker, resubmit)
+        try:
+            vring.worker = self.device.worker(vring.index, queue, lambda: self._interrupt(vring))
+            vring.worker.track_inflight(tracker, resubmit)
+        except VirtioError as exc:  # e.g. a device that keeps no inflight record
+            self._break(vring, f"inflight tracking refused: {exc}")
+            return False
         return True
 
     def _interrupt(self, vring: Vring) -> None:

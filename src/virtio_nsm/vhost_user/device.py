@@ -95,7 +95,9 @@ class QueueWorker(Protocol):
         """Record taken/returned chains in ``tracker``; first serve the heads in ``resubmit``.
 
         Called right after the worker is made, only when the frontend gave an
-        inflight region (``VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD``).
+        inflight region (``VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD``).  A device that
+        keeps no such record raises :class:`~virtio_nsm.virtio.memory.VirtioError`:
+        the ring is then stopped with ``DEVICE_NEEDS_RESET``.
         """
         ...
 
@@ -156,7 +158,11 @@ class VhostUserDevice:
     device_state: DeviceStateHandler | None = None
 
     def worker(self, index: int, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
-        """The worker for ring ``index``, which has just become ready."""
+        """The worker for ring ``index``, which has just become ready.
+
+        Raise :class:`~virtio_nsm.virtio.memory.VirtioError` to refuse the ring (it is
+        stopped with ``DEVICE_NEEDS_RESET``).
+        """
         raise NotImplementedError(f"{type(self).__name__} does not serve queues")
 
     def features_acked(self, features: int) -> None:

@@ -182,6 +182,10 @@ class _Backend:
         self.proc: subprocess.Popen[bytes] | None = None
         self.cpu_s: float | None = None
 
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
     def start(self, timeout: float = 30.0) -> None:
         if not backend_available():
             raise VmError("`nsm serve --vhost-user` (the vhost-user backend) is not in this "
@@ -205,6 +209,17 @@ class _Backend:
             time.sleep(0.05)
         raise VmError(f"the backend did not create {self.sock} within {timeout:.0f} s:\n"
                       f"{self.log_tail()}")
+
+    def __enter__(self) -> _Backend:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # started but never ready: not left running
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -300,10 +315,11 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
     sock: str | None = None
     status = EXIT_VM_FAILURE
     qemu_rc: int | None = None
+    stack = contextlib.ExitStack()
     try:
         if opts.device == "ours":
             backend = _Backend(run_dir, opts.backend_args, opts.state_dir)
-            backend.start()
+            stack.enter_context(backend)  # stopped (SIGTERM, then SIGKILL) when the run ends
             sock = str(backend.sock)
         elif opts.device.startswith("vhost-user:"):
             sock = opts.device.removeprefix("vhost-user:")
@@ -361,10 +377,9 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
         progress(str(exc))
         status = EXIT_VM_FAILURE
     finally:
-        if backend is not None:
-            brc = backend.stop()
-            if brc not in (0, None, -signal.SIGTERM):
-                progress(f"the backend exited with {brc}; log: {backend.log_path}")
+        stack.close()
+        if backend is not None and backend.returncode not in (0, None, -signal.SIGTERM):
+            progress(f"the backend exited with {backend.returncode}; log: {backend.log_path}")
     seconds = time.monotonic() - t0
     failed = status != 0
     kept = opts.keep or failed

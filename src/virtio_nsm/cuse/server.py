@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .protocol import check_device_name
@@ -65,7 +66,8 @@ class CuseServer:
 
     def __init__(self, name: str, handler: Handler, *, mode: int = 0o600, gid: int | None = None,
                  dev_dir: str | os.PathLike[str] = "/dev", channel: str = CUSE_CHANNEL,
-                 sysfs_class: str | os.PathLike[str] = SYSFS_CLASS) -> None:
+                 sysfs_class: str | os.PathLike[str] = SYSFS_CLASS,
+                 opener: Callable[[str], int] = open_channel) -> None:
         try:
             check_device_name(name)
         except ValueError as exc:
@@ -78,6 +80,7 @@ class CuseServer:
         self.gid = gid
         self.node = Path(dev_dir) / name
         self.channel = channel
+        self._opener = opener
         self.sysfs = Path(sysfs_class) / name
         self.devt: int | None = None
         self.fd: int | None = None
@@ -93,7 +96,7 @@ class CuseServer:
         if os.path.lexists(self.node):
             raise CuseUnavailable(f"{self.node} already exists (another device, or another "
                                   "nsm cuse); choose another --name")
-        self.fd = open_channel(self.channel)
+        self.fd = self._opener(self.channel)
         try:
             self._initialize(timeout)
         except BaseException:
@@ -179,6 +182,9 @@ class CuseServer:
                     log.error("the kernel closed the CUSE channel of %s", self.node)
                     break
                 raise
+            if n == 0:  # not something /dev/cuse does; a closed channel in any case
+                log.error("the CUSE channel of %s was closed", self.node)
+                break
             answer = receive(view[:n])
             if answer is not None:
                 try:

@@ -65,9 +65,9 @@ class CuseServer:
     """
 
     def __init__(self, name: str, handler: Handler, *, mode: int = 0o600, gid: int | None = None,
-                 dev_dir: str | os.PathLike[str] = "/dev", channel: str = CUSE_CHANNEL,
+                 dev_dir: str | os.PathLike[str] = "/dev", channel: str | None = None,
                  sysfs_class: str | os.PathLike[str] = SYSFS_CLASS,
-                 opener: Callable[[str], int] = open_channel) -> None:
+                 opener: Callable[[str], int] | None = None) -> None:
         try:
             check_device_name(name)
         except ValueError as exc:
@@ -79,8 +79,8 @@ class CuseServer:
         self.mode = mode
         self.gid = gid
         self.node = Path(dev_dir) / name
-        self.channel = channel
-        self._opener = opener
+        self.channel = channel or CUSE_CHANNEL
+        self._opener = opener or open_channel
         self.sysfs = Path(sysfs_class) / name
         self.devt: int | None = None
         self.fd: int | None = None

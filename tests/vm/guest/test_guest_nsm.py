@@ -1,5 +1,9 @@
 """Guest-side conformance: runs INSIDE a `nsm vm run` guest against /dev/nsm (nsm.ko).
 
+``NSM_GUEST_DEVICE`` points it at another device node: ``nsm cuse``'s CUSE device
+(then run with ``-m "not nsm_ko"``: the tests marked ``nsm_ko`` are about the
+kernel driver itself, its virtio binding, hwrng and reset, not the ioctl).
+
 The host-side tests in ``tests/vm/test_vm.py`` boot the guest and run this module
 with pytest; it is skipped anywhere else (no ``NSM_VM_GUEST``). It talks to the
 kernel driver through a minimal ``NSM_IOCTL_RAW`` helper written here (independent
@@ -36,7 +40,8 @@ pytestmark = pytest.mark.skipif(
     reason="guest-side test: runs inside `nsm vm run`",
 )
 
-DEV = "/dev/nsm"
+DEV = os.environ.get("NSM_GUEST_DEVICE", "/dev/nsm")
+CUSE = DEV != "/dev/nsm"
 NSM_IOCTL_RAW = 0xC0200A00  # _IOWR(0x0A, 0, struct nsm_raw), sizeof == 32
 RESPONSE_MAX = 0x3000
 REQUEST_MAX = 0x1000
@@ -108,6 +113,7 @@ def _nsm_virtio_device() -> Path:
     raise AssertionError("no virtio device with ID 0x21 (33)")
 
 
+@pytest.mark.nsm_ko
 def test_driver_bound_to_virtio_device_33() -> None:
     dev = _nsm_virtio_device()
     driver = (dev / "driver").resolve()
@@ -120,10 +126,48 @@ def test_dev_nsm_is_misc_0666() -> None:
     import stat
 
     assert stat.S_ISCHR(st.st_mode)
-    assert os.major(st.st_rdev) == 10
+    if CUSE:  # a CUSE device: the kernel picked its major; `nsm cuse --mode 0666` was asked
+        major, minor = Path(f"/sys/class/cuse/{Path(DEV).name}/dev").read_text().split(":")
+        assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (int(major), int(minor))
+    else:
+        assert os.major(st.st_rdev) == 10
     assert stat.S_IMODE(st.st_mode) == 0o666
 
 
+def test_read_write_and_other_ioctls_refused_as_by_nsm_ko() -> None:
+    fd = os.open(DEV, os.O_RDWR)
+    try:
+        for op in (lambda: os.read(fd, 64), lambda: os.write(fd, cbor2.dumps("DescribeNSM"))):
+            with pytest.raises(OSError) as exc:
+                op()
+            assert exc.value.errno == errno.EINVAL
+        for cmd in (0xC0200A01, 0x80200A00, 0xC0100A00):
+            with pytest.raises(OSError) as exc:
+                fcntl.ioctl(fd, cmd, bytearray(32), True)
+            assert exc.value.errno == errno.EINVAL
+    finally:
+        os.close(fd)
+
+
+def test_bad_pointers_are_efault() -> None:
+    fd = os.open(DEV, os.O_RDWR)
+    try:
+        req = ctypes.create_string_buffer(cbor2.dumps("DescribeNSM"))
+        resp = ctypes.create_string_buffer(RESPONSE_MAX)
+        bad = 0x10  # never mapped
+        for raw in ((bad, 12, ctypes.addressof(resp), RESPONSE_MAX),
+                    (ctypes.addressof(req), 12, bad, RESPONSE_MAX)):
+            with pytest.raises(OSError) as exc:
+                fcntl.ioctl(fd, NSM_IOCTL_RAW, bytearray(struct.pack("<QQQQ", *raw)), True)
+            assert exc.value.errno == errno.EFAULT
+        with pytest.raises(OSError) as exc:
+            fcntl.ioctl(fd, NSM_IOCTL_RAW, bad)  # the struct pointer itself
+        assert exc.value.errno == errno.EFAULT
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.nsm_ko
 def test_hwrng_is_current_and_yields_data() -> None:
     rng = Path("/sys/class/misc/hw_random")
     assert (rng / "rng_current").read_text().strip() == "nsm-hwrng"
@@ -357,7 +401,7 @@ def test_project_client_over_dev_nsm() -> None:
 
 
 def test_project_cli_describe_over_dev_nsm() -> None:
-    out = subprocess.run([sys.executable, "-m", "virtio_nsm", "describe", "--json"],
+    out = subprocess.run([sys.executable, "-m", "virtio_nsm", "describe", "--json", "--device", DEV],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
@@ -366,7 +410,7 @@ def test_project_cli_describe_over_dev_nsm() -> None:
 
 def test_project_cli_commands_over_dev_nsm(tmp_path: Path) -> None:
     def nsm_cli(*args: str) -> Any:
-        out = subprocess.run([sys.executable, "-m", "virtio_nsm", *args, "--json"],
+        out = subprocess.run([sys.executable, "-m", "virtio_nsm", *args, "--json", "--device", DEV],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, (args, out.stderr)
         return json.loads(out.stdout)
@@ -420,6 +464,7 @@ def _reset_device() -> None:
     assert (_nsm_virtio_device() / "driver").resolve().name == "nsm"
 
 
+@pytest.mark.nsm_ko
 def test_pcrs_survive_virtio_reset() -> None:
     nsm = RawNsm()
     try:

@@ -344,7 +344,7 @@ def summarize(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"runs": len(runs), "ops": {}}
     for op in runs[0]["results"]:
         rs = [r["results"][op] for r in runs]
-        summary["ops"][op] = {key: _med([x[key] for x in rs])
+        summary["ops"][op] = {key: _med([x.get(key) for x in rs])
                               for key in ("rps", "p50_us", "p90_us", "p99_us", "cpu_us_per_req",
                                           "turn_p50_us")}
         summary["ops"][op]["p50_over_floor"] = _med(

@@ -42,7 +42,9 @@ from typing import Final
 from ..nsm.protocol import MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE
 from .protocol import (
     FUSE_DESTROY,
+    FUSE_IOCTL,
     FUSE_IOCTL_COMPAT,
+    FUSE_IOCTL_RETRY,
     FUSE_IOCTL_UNRESTRICTED,
     FUSE_KERNEL_VERSION,
     FUSE_MIN_MINOR,
@@ -62,8 +64,6 @@ from .protocol import (
     reply,
     reply_cuse_init,
     reply_error,
-    reply_ioctl,
-    reply_ioctl_retry,
     reply_open,
 )
 
@@ -78,47 +78,59 @@ _COMPAT_MAX: Final = 0xFFFF_FFFF
 Handler = Callable[[bytes], bytes]
 
 
+#: One FUSE_IOCTL message's fixed part: ``fuse_in_header`` then ``fuse_ioctl_in`` (72 bytes).
+_IOCTL_MSG: Final = struct.Struct("<IIQQIIIHHQIIQII")
+#: Replies with ``fuse_out_header`` + ``fuse_ioctl_out`` + one or four iovecs, or + the struct.
+_RETRY_1: Final = struct.Struct("<IiQiIIIQQ")
+_RETRY_4: Final = struct.Struct("<IiQiIIIQQQQQQQQ")
+_FINAL: Final = struct.Struct("<IiQiIIIQQQQ")
+
+
 def nsm_ioctl(msg: Ioctl, handler: Handler) -> bytes:
     """The reply to one FUSE_IOCTL message (one step of the retry protocol above)."""
-    unique = msg.header.unique
-    if msg.cmd != NSM_IOCTL_RAW:
+    return nsm_ioctl_step(msg.header.unique, msg.flags, msg.cmd, msg.arg, msg.out_size,
+                          msg.data, handler)
+
+
+def nsm_ioctl_step(unique: int, flags: int, cmd: int, arg: int, out_size: int, data: bytes,
+                   handler: Handler) -> bytes:
+    """:func:`nsm_ioctl` on the message's fields (``data``: the ``in_size`` bytes copied in).
+
+    The three replies are packed in one go each: every retry costs a round trip
+    through the kernel and two context switches, and Python time on top counts."""
+    if cmd != NSM_IOCTL_RAW:
         return reply_error(unique, errno.EINVAL)  # nsm_dev_ioctl: any other cmd
-    if not msg.flags & FUSE_IOCTL_UNRESTRICTED:
+    if not flags & FUSE_IOCTL_UNRESTRICTED:
         # a restricted ioctl cannot fetch the request bytes (never the case after our INIT)
         return reply_error(unique, errno.EIO)
-    compat = bool(msg.flags & FUSE_IOCTL_COMPAT)
-    data = msg.data
-    if msg.in_size == 0:
-        return reply_ioctl_retry(unique, [(msg.arg, NSM_RAW.size)], [], compat=compat)
-    if len(data) < NSM_RAW.size:
+    size = NSM_RAW.size
+    n_in = len(data)
+    if n_in == 0:
+        return _RETRY_1.pack(_RETRY_1.size, 0, unique, 0, FUSE_IOCTL_RETRY, 1, 0, arg, size)
+    if n_in < size:
         return reply_error(unique, errno.EIO)  # not what we asked for
     req_addr, req_len, resp_addr, resp_len = NSM_RAW.unpack_from(data)
     if req_len > MAX_REQUEST_SIZE:
         return reply_error(unique, errno.EMSGSIZE)
-    resp_cap = min(resp_len, MAX_RESPONSE_SIZE)
-    if (msg.out_size == NSM_RAW.size + resp_cap and len(data) == NSM_RAW.size + req_len
-            and msg.out_size > 0):
-        request = data[NSM_RAW.size:]
+    resp_cap = resp_len if resp_len < MAX_RESPONSE_SIZE else MAX_RESPONSE_SIZE
+    if out_size == size + resp_cap and n_in == size + req_len:
         try:
-            response = handler(request)
+            response = handler(data[size:])
         except Exception:  # the device never raises; if it did, fail this ioctl only
             log.exception("the NSM device failed on a request")
             return reply_error(unique, errno.EIO)
         n = min(resp_cap, len(response))
-        raw = NSM_RAW.pack(req_addr, req_len, resp_addr, n)
-        return reply_ioctl(unique, 0, raw + response[:n])
+        return _FINAL.pack(_FINAL.size + n, 0, unique, 0, 0, 0, 0, req_addr, req_len, resp_addr,
+                           n) + response[:n]
     # step 2 (or the caller's struct changed since the last step): name the memory.
     # An empty range is never touched (copy_from_user(.., 0) succeeds whatever the address).
     req_base = req_addr if req_len else 0
     resp_base = resp_addr if resp_cap else 0
-    if compat and (req_base + req_len > _COMPAT_MAX + 1 or resp_base + resp_cap > _COMPAT_MAX + 1):
+    if flags & FUSE_IOCTL_COMPAT and (req_base + req_len > _COMPAT_MAX + 1
+                                      or resp_base + resp_cap > _COMPAT_MAX + 1):
         return reply_error(unique, errno.EFAULT)  # beyond a 32-bit caller's address space
-    return reply_ioctl_retry(
-        unique,
-        [(msg.arg, NSM_RAW.size), (req_base, req_len)],
-        [(msg.arg, NSM_RAW.size), (resp_base, resp_cap)],
-        compat=compat,
-    )
+    return _RETRY_4.pack(_RETRY_4.size, 0, unique, 0, FUSE_IOCTL_RETRY, 2, 2,
+                         arg, size, req_base, req_len, arg, size, resp_base, resp_cap)
 
 
 class CuseSession:
@@ -152,6 +164,15 @@ class CuseSession:
     def receive(self, message: bytes | bytearray | memoryview) -> bytes | None:
         """The reply to one message (``None``: the message takes no reply)."""
         self.messages += 1
+        if len(message) >= _IOCTL_MSG.size:  # the hot path: FUSE_IOCTL without objects
+            (length, opcode, unique, _node, _uid, _gid, _pid, _ext, _pad,
+             fh, flags, cmd, arg, in_size, out_size) = _IOCTL_MSG.unpack_from(message)
+            if opcode == FUSE_IOCTL and length == len(message) == _IOCTL_MSG.size + in_size:
+                self.ioctl_calls += 1
+                if fh not in self.open_files:
+                    return reply_error(unique, errno.EBADF)
+                return nsm_ioctl_step(unique, flags, cmd, arg, out_size,
+                                      bytes(message[_IOCTL_MSG.size:]), self._handle)
         try:
             msg = parse_request(message)
         except ProtocolError as exc:

@@ -141,6 +141,12 @@ def test_read_write_and_other_ioctls_refused_as_by_nsm_ko() -> None:
             with pytest.raises(OSError) as exc:
                 op()
             assert exc.value.errno == errno.EINVAL
+        import select
+
+        mask = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
+        poller = select.poll()
+        poller.register(fd, mask)
+        assert poller.poll(0) == [(fd, mask)]  # no poll method: the default mask
         for cmd in (0xC0200A01, 0x80200A00, 0xC0100A00):
             with pytest.raises(OSError) as exc:
                 fcntl.ioctl(fd, cmd, bytearray(32), True)

@@ -336,6 +336,36 @@ def test_request_at_the_size_limit(nsm: RawNsm) -> None:
     assert list(r) == ["ExtendPCR"]
 
 
+def test_concurrent_openers_are_served_one_request_at_a_time() -> None:
+    """Four openers (own fds, own threads) interleave ExtendPCR on their own PCR with
+    DescribeNSM: every answer is whole and each PCR ends at its serial value."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        dev = RawNsm()
+        try:
+            value = describe_pcr(dev, index)["data"]
+            for k in range(12):
+                data = f"{index}-{k}".encode()
+                r = dev.call({"ExtendPCR": {"index": index, "data": data}})
+                value = hashlib.sha384(value + data).digest()
+                assert r == {"ExtendPCR": {"data": value}}, (index, k)
+                assert dev.call("DescribeNSM")["DescribeNSM"]["max_pcrs"] == 32
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            dev.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (24, 25, 26, 27)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+
+
 # --------------------------------------------------------------------------- attestation
 
 

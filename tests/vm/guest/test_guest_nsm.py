@@ -167,9 +167,9 @@ def test_bad_pointers_are_efault() -> None:
                 fcntl.ioctl(fd, NSM_IOCTL_RAW, bytearray(struct.pack("<QQQQ", *raw)), True)
             assert exc.value.errno == errno.EFAULT
         if CUSE:
-            # The struct pointer itself. Not tried on nsm.ko: Linux 6.12's nsm_dev_ioctl
-            # jumps from a failed copy of the struct to a mutex_unlock() of a mutex it has
-            # not locked (possibly the hwrng thread's), so we do not poke it there.
+            # The struct pointer itself. Not tried on nsm.ko: upstream nsm_dev_ioctl jumps
+            # from a failed copy of the struct to a mutex_unlock() of a mutex it has not
+            # locked (possibly the hwrng thread's), so we do not poke it there.
             with pytest.raises(OSError) as exc:
                 fcntl.ioctl(fd, NSM_IOCTL_RAW, bad)
             assert exc.value.errno == errno.EFAULT

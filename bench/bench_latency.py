@@ -22,6 +22,11 @@ hits all of them; each figure is the median over ``--runs`` runs.
 
 (``-v`` puts the polling trials' decisions in the backend log, kept in ``--json``.)
 
+``--cuse`` also starts ``nsm cuse --ephemeral`` inside each guest and times the same
+ops on its CUSE device, after the ``/dev/nsm`` loops of the same boot (floor, ``nsm.ko``
+over the vhost-user backend and CUSE side by side); "CPU us/req" is then the CUSE
+server's own CPU inside the guest.
+
 A variant is ``LABEL=COMMAND``: the command starts a backend and gets
 ``--vhost-user SOCK`` appended (``python`` is this interpreter; run it from any
 tree with ``env PYTHONPATH=/other/src python -m virtio_nsm serve``).  ``--qemu``
@@ -142,7 +147,40 @@ def _loop(fd: int, op: str, n: int, cpu: HostCpu) -> dict[str, Any]:
             "cpu_us_per_req": None if c0 is None or c1 is None else (c1 - c0) / n * 1e6}
 
 
-def guest_main(n: int, ops: list[str], share: str, idle: float) -> None:
+class GuestCpu:
+    """CPU time of a process inside the guest (the CUSE server), from its schedstat."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __call__(self) -> float | None:
+        with contextlib.suppress(OSError, ValueError):
+            return backend_cpu_seconds(self.pid)
+        return None
+
+
+def cuse_loops(n: int, ops: list[str]) -> dict[str, Any]:
+    """Start ``nsm cuse`` here (in the guest) and time the ops on its device."""
+    node = "/dev/nsm-bench"
+    server = subprocess.Popen([sys.executable, "-m", "virtio_nsm", "cuse", "--name", "nsm-bench",
+                               "--ephemeral", "-q"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(node):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"nsm cuse did not create {node}")
+            time.sleep(0.05)
+        fd = os.open(node, os.O_RDWR)
+        cpu = GuestCpu(server.pid)
+        results = {op: _loop(fd, op, n, cpu) for op in ["floor", *ops]}
+        os.close(fd)
+        return results
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def guest_main(n: int, ops: list[str], share: str, idle: float, cuse: bool = False) -> None:
     cpu = HostCpu(share)
     fd = os.open("/dev/nsm", os.O_RDWR)
     results: dict[str, Any] = {}
@@ -155,8 +193,10 @@ def guest_main(n: int, ops: list[str], share: str, idle: float) -> None:
         c1 = cpu()
         idle_cpu = None if c0 is None or c1 is None else c1 - c0
     os.close(fd)
+    cuse_results = cuse_loops(n, ops) if cuse else None
     print("BENCH-JSON " + json.dumps({"results": results, "idle_s": idle, "idle_cpu_s": idle_cpu,
-                                      "kernel": os.uname().release}), flush=True)
+                                      "kernel": os.uname().release, "cuse": cuse_results}),
+          flush=True)
 
 
 # --------------------------------------------------------------------------- host side
@@ -269,6 +309,8 @@ def one_run(label: str, command: str | None, args: argparse.Namespace) -> dict[s
         out = GuestOutput(share, proc.pid if proc else None, tmp / "backend.log" if proc else None)
         guest = [sys.executable, str(HERE), "--guest", "-n", str(args.n), "--ops",
                  ",".join(args.ops), "--share", str(share), "--idle", str(args.idle)]
+        if args.cuse:
+            guest.append("--cuse")
         result = run(load_or_setup(), RunOptions(command=guest, device=device, shares=[share],
                                                  timeout=args.timeout, quiet=True,
                                                  kernel_args=args.kernel_args,
@@ -302,7 +344,7 @@ def summarize(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"runs": len(runs), "ops": {}}
     for op in runs[0]["results"]:
         rs = [r["results"][op] for r in runs]
-        summary["ops"][op] = {key: _med([x[key] for x in rs])
+        summary["ops"][op] = {key: _med([x.get(key) for x in rs])
                               for key in ("rps", "p50_us", "p90_us", "p99_us", "cpu_us_per_req",
                                           "turn_p50_us")}
         summary["ops"][op]["p50_over_floor"] = _med(
@@ -345,6 +387,10 @@ def host_main(args: argparse.Namespace) -> int:
                 print(f"run {i + 1}/{args.runs} {label}: {exc}", file=sys.stderr, flush=True)
                 continue
             raw[label].append(data)
+            if data.get("cuse"):
+                raw.setdefault(f"{label}+cuse", []).append(
+                    {"results": data["cuse"], "idle_s": 0.0, "idle_cpu_s": None,
+                     "vhost_user": data["results"]})
             for ln in data.get("backend_log", "").splitlines():
                 if "DEBUG" in ln:
                     print(label, ln)
@@ -356,6 +402,9 @@ def host_main(args: argparse.Namespace) -> int:
                   f"floor p50 {data['results']['floor']['p50_us']:.1f} us, "
                   f"DescribeNSM p50 {dn.get('p50_us', float('nan')):.1f} us {stats}", flush=True)
     report: dict[str, Any] = {"n": args.n, "runs": args.runs, "variants": {}}
+    if args.cuse:
+        variants += [(f"{label}+cuse", f"nsm cuse in the guest (same boots as {label})")
+                     for label, _ in list(variants) if f"{label}+cuse" in raw]
     for label, command in variants:
         if not raw[label]:
             print(f"\n== {label}: no successful run")
@@ -363,6 +412,12 @@ def host_main(args: argparse.Namespace) -> int:
         s = summarize(label, raw[label])
         report["variants"][label] = {"command": command, "summary": s, "raw": raw[label]}
         print_summary(label, command, s, args.n)
+        if label.endswith("+cuse"):
+            ratios = {op: _med([r["results"][op]["p50_us"] / r["vhost_user"][op]["p50_us"]
+                                for r in raw[label]]) for op in args.ops}
+            report["variants"][label]["p50_over_vhost_user"] = ratios
+            print("   CUSE p50 / vhost-user p50, same boot (median over runs): "
+                  + ", ".join(f"{op} {v:.2f}" for op, v in ratios.items() if v is not None))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
@@ -380,6 +435,8 @@ def main() -> int:
                     help="LABEL=COMMAND starting a backend (repeatable; "
                          "default ours='python -m virtio_nsm serve')")
     ap.add_argument("--qemu", action="store_true", help="also QEMU's built-in C device")
+    ap.add_argument("--cuse", action="store_true",
+                    help="also time `nsm cuse` (a CUSE device) inside each guest")
     ap.add_argument("--idle", type=float, default=10.0,
                     help="idle seconds at the end of each guest run (backend CPU measured)")
     ap.add_argument("--kernel-args", default="",
@@ -391,7 +448,7 @@ def main() -> int:
     if bad:
         ap.error(f"unknown op(s) {bad}")
     if args.guest:
-        guest_main(args.n, args.ops, args.share, args.idle)
+        guest_main(args.n, args.ops, args.share, args.idle, args.cuse)
         return 0
     return host_main(args)
 

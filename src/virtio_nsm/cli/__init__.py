@@ -16,6 +16,7 @@ def main() -> None:
 
 
 # Command modules register themselves on `main` when imported.
+from . import cuse as _cuse  # noqa: E402,F401
 from . import demo as _demo  # noqa: E402,F401
 from . import device as _device  # noqa: E402,F401
 from . import serve as _serve  # noqa: E402,F401

@@ -16,7 +16,7 @@ from .. import persist
 from ..cuse.server import CuseServer, CuseUnavailable
 from ..durable import DurableNsm
 from ..errors import ConfigurationError
-from ..nsm.pki import ROOT_CERT_FILE, CertificateAuthority
+from ..persist import ROOT_CERT_FILE, load_ca
 from . import main
 
 
@@ -45,7 +45,7 @@ def open_device(state_dir: Path | None, ephemeral: bool, ca_dir: Path | None) ->
     (Boot measurement options, once ``nsm serve`` has them, apply here too: they
     shape the device before its first request, whatever the transport.)
     """
-    ca = CertificateAuthority.load(ca_dir) if ca_dir is not None else None
+    ca = load_ca(ca_dir) if ca_dir is not None else None
     if ephemeral:
         return DurableNsm.ephemeral(ca)
     directory = state_dir if state_dir is not None else persist.default_state_dir()

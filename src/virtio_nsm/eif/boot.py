@@ -1,0 +1,130 @@
+"""Boot measurements of a production enclave, for the device to report.
+
+A Nitro enclave's NSM starts with PCR0-15 locked: PCR0/1/2 (and PCR8 when the
+image is signed) measure the image, PCR3 the parent instance's IAM role (zero
+without one), PCR4 the parent instance id; the other boot PCRs are zero. An
+enclave started in debug mode reports all of them as zeros.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from .format import EifError
+from .measure import PCR_SIZE, pcr_of_instance, pcr_of_role
+from .reader import EifImage, read_eif
+from .signature import load_certificate
+
+#: PCRs a device measures at boot (and locks).
+BOOT_PCRS: Final = 16
+
+
+def instance_of_module(module_id: str) -> str:
+    """The parent instance id in a module id ``i-...-enc...`` (the whole id otherwise)."""
+    return module_id.split("-enc", 1)[0]
+
+
+def module_id_for_instance(instance_id: str) -> str:
+    """A fresh module id of an enclave on ``instance_id``: ``<instance>-enc<16 hex>``."""
+    return f"{instance_id}-enc{secrets.token_hex(8)}"
+
+
+def check_image_bootable(image: EifImage, now: dt.datetime | None = None) -> None:
+    """Refuse what nitro-cli would not start: a damaged image or a bad signature.
+
+    The CRC must match (QEMU's loader checks it too) and a signed image needs
+    a valid signature by a certificate valid now (nitro-cli checks both).
+    """
+    if not image.crc_ok:
+        raise EifError(f"the image's CRC is wrong (header 0x{image.header.crc:08x}, contents "
+                       f"0x{image.computed_crc:08x}): the file is damaged")
+    check = image.signature_check()
+    if check is not None:
+        if not check.valid:
+            raise EifError(f"the image's signature is not valid: {check.reason}")
+        certificate = load_certificate(image.signatures[0].signing_certificate)
+        when = now or dt.datetime.now(dt.UTC)
+        if not certificate.not_valid_before_utc <= when <= certificate.not_valid_after_utc:
+            raise EifError(f"the image's signing certificate is not valid now (valid "
+                           f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+                           f"{certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)")
+
+
+def boot_measurements(
+    image: EifImage | None,
+    *,
+    parent_instance_id: str,
+    parent_role_arn: str | None = None,
+    debug_mode: bool = False,
+    pcrs: Mapping[int, bytes] | None = None,
+) -> dict[int, bytes]:
+    """PCR0-15 at boot for ``NsmDevice(boot_measurements=...)`` (SHA-384 values).
+
+    Without an image PCR0-2 are zero (as the device reports by default).
+    ``pcrs`` sets explicit values last, over whatever the image gave.
+    """
+    zero = bytes(PCR_SIZE)
+    values = dict.fromkeys(range(BOOT_PCRS), zero)
+    if not debug_mode:
+        if image is not None:
+            values.update(image.measurements.as_dict())
+        if parent_role_arn is not None:
+            values[3] = pcr_of_role(parent_role_arn)
+        values[4] = pcr_of_instance(parent_instance_id)
+    for index, value in (pcrs or {}).items():
+        if not 0 <= index < BOOT_PCRS:
+            raise ValueError(f"PCR{index}: only PCR0-{BOOT_PCRS - 1} are set at boot")
+        if len(value) != PCR_SIZE:
+            raise ValueError(f"PCR{index} is {len(value)} bytes, SHA-384 PCRs are {PCR_SIZE}")
+        values[index] = bytes(value)
+    return values
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    """A production enclave's boot configuration, as ``nsm serve --eif ...`` takes it.
+
+    ``resolve()`` reads and checks the image and gives the module id and the
+    boot PCRs. A config with nothing set (:meth:`is_default`) means "the
+    device's defaults": a random module id and the debug-style PCR layout.
+    """
+
+    eif: str | None = None
+    parent_instance_id: str | None = None
+    parent_role_arn: str | None = None
+    debug_mode: bool = False
+    pcrs: Mapping[int, bytes] = field(default_factory=dict)
+    module_id: str | None = None
+
+    def is_default(self) -> bool:
+        return (self.eif is None and self.parent_instance_id is None and self.parent_role_arn is None
+                and not self.debug_mode and not self.pcrs and self.module_id is None)
+
+    def sets_measurements(self) -> bool:
+        """Whether this config decides the boot PCRs (not only the module id)."""
+        return (self.eif is not None or self.parent_instance_id is not None
+                or self.parent_role_arn is not None or self.debug_mode or bool(self.pcrs))
+
+    def resolve(self, now: dt.datetime | None = None) -> tuple[str, dict[int, bytes]]:
+        """(module id, boot PCRs); raises :class:`EifError`/ValueError/OSError on bad input."""
+        if self.parent_instance_id is not None and not self.parent_instance_id:
+            raise ValueError("the parent instance id is empty")
+        if self.module_id is not None:
+            module_id = self.module_id
+            instance = self.parent_instance_id or instance_of_module(module_id)
+        else:
+            instance = self.parent_instance_id or f"i-{secrets.token_hex(9)[:17]}"
+            module_id = module_id_for_instance(instance)
+        image = None
+        if self.eif is not None:
+            image = read_eif(os.fspath(self.eif))
+            check_image_bootable(image, now)
+        return module_id, boot_measurements(
+            image, parent_instance_id=instance, parent_role_arn=self.parent_role_arn,
+            debug_mode=self.debug_mode, pcrs=self.pcrs,
+        )

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -101,9 +102,16 @@ def decode_signature_section(data: bytes) -> list[PcrSignature]:
 
 def load_certificate(pem: bytes, what: str = "signing certificate") -> x509.Certificate:
     try:
-        return x509.load_pem_x509_certificate(pem)
-    except ValueError as exc:
-        raise EifError(f"{what} is not a PEM X.509 certificate ({exc})") from None
+        certificate = x509.load_pem_x509_certificate(pem)
+        # cryptography parses fields lazily: touch every one used later so a
+        # damaged certificate fails here, with this message
+        _ = (certificate.issuer, certificate.subject, certificate.not_valid_before_utc,
+             certificate.not_valid_after_utc, certificate.signature_algorithm_oid,
+             certificate.signature)
+        certificate.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise EifError(f"{what} is not a usable PEM X.509 certificate ({exc})") from None
+    return certificate
 
 
 def certificate_der(pem: bytes) -> bytes:

@@ -38,10 +38,12 @@ def test_random_sections_round_trip(parts) -> None:
     kernel, cmdline, ramdisks, metadata = parts
     out = io.BytesIO()
     result = build_stream(out, kernel=io.BytesIO(kernel), cmdline=cmdline,
-                          ramdisks=[io.BytesIO(r) for r in ramdisks], metadata=None)
+                          ramdisks=[io.BytesIO(r) for r in ramdisks], metadata=metadata)
     data = out.getvalue()
     raw_cmdline = cmdline.encode()
-    assert len(data) == 548 + 12 * (2 + len(ramdisks)) + len(kernel) + len(raw_cmdline) + sum(map(len, ramdisks))
+    meta_size = 0 if metadata is None else 12 + len(metadata)
+    assert len(data) == (548 + 12 * (2 + len(ramdisks)) + len(kernel) + len(raw_cmdline)
+                         + sum(map(len, ramdisks)) + meta_size)
     assert zlib.crc32(data[:544] + data[548:]) == int.from_bytes(data[544:548], "big") == result.crc
     image = read_stream(io.BytesIO(data))
     assert image.crc_ok
@@ -50,8 +52,8 @@ def test_random_sections_round_trip(parts) -> None:
     assert m.pcr0 == _extend_hash(kernel + raw_cmdline + b"".join(ramdisks))
     assert m.pcr1 == _extend_hash(kernel + raw_cmdline + ramdisks[0])
     assert m.pcr2 == _extend_hash(b"".join(ramdisks[1:]))
-    assert [s.type for s in image.sections] == [SectionType.KERNEL, SectionType.CMDLINE] + [
-        SectionType.RAMDISK] * len(ramdisks)
+    assert [s.type for s in image.sections] == [SectionType.KERNEL, SectionType.CMDLINE] + (
+        [] if metadata is None else [SectionType.METADATA]) + [SectionType.RAMDISK] * len(ramdisks)
 
 
 @settings(max_examples=200, deadline=None)

@@ -116,7 +116,7 @@ def test_tampered_signature_is_reported(make_image, signer) -> None:
 
 def test_signature_of_another_pcr0_is_reported(make_image, signer) -> None:
     data = make_image(signer=signer)
-    start, section = _signature_section(data)
+    start, _ = _signature_section(data)
     other = signer.signature_section(bytes(48))
     # a valid signature over a different PCR0 put in the image
     tampered = bytearray(data[:start] + other)
@@ -201,7 +201,7 @@ def test_malformed_signature_sections(section: bytes, message: str) -> None:
 
 def test_signed_image_with_malformed_section_is_refused(make_image, signer) -> None:
     data = make_image(signer=signer)
-    start, section = _signature_section(data)
+    start, _ = _signature_section(data)
     broken = bytearray(data)
     broken[start] = 0x82  # the array claims two entries
     with pytest.raises(EifError, match="signature section"):

@@ -8,7 +8,7 @@ import struct
 import zlib
 
 from virtio_nsm.eif import pcr_of_instance, pcr_of_role, read_stream
-from virtio_nsm.eif.signature import encode_signature_section, pcr_info_payload, PcrSignature
+from virtio_nsm.eif.signature import PcrSignature, encode_signature_section, pcr_info_payload
 
 ZERO = bytes(48)
 

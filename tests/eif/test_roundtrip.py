@@ -26,7 +26,7 @@ sections = st.tuples(
     st.binary(max_size=3000),
     st.text(alphabet=st.characters(blacklist_characters="\0"), max_size=200),
     st.lists(st.binary(max_size=2000), min_size=1, max_size=5),
-    st.one_of(st.none(), st.binary(max_size=300).map(lambda b: json.dumps(b.hex()).encode())),
+    st.one_of(st.none(), st.binary(max_size=300).map(lambda b: json.dumps({"k": b.hex()}).encode())),
 )
 
 
@@ -103,6 +103,15 @@ def test_files_on_disk_round_trip(tmp_path, signer) -> None:
     assert again.crc_ok and again.signature_check().valid  # type: ignore[union-attr]
     assert (output.stat().st_mode & 0o777) == 0o640
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_metadata_that_the_reader_refuses_is_not_written() -> None:
+    import pytest
+
+    from virtio_nsm.eif import EifError, build_stream
+    with pytest.raises(EifError, match="not a JSON object"):
+        build_stream(io.BytesIO(), kernel=io.BytesIO(b"k"), cmdline="", ramdisks=[io.BytesIO(b"r")],
+                     metadata=b"[]")
 
 
 def test_failed_build_leaves_no_file(tmp_path) -> None:

@@ -40,7 +40,7 @@ from .format import (
     encode_section_header,
 )
 from .measure import Measurements, Measurer
-from .metadata import Identity
+from .metadata import Identity, parse_metadata_section
 from .reader import CHUNK_SIZE, read_stream
 from .signature import Signer
 
@@ -148,6 +148,8 @@ def build_stream(
     if not (0 <= default_mem < 1 << 64 and 0 <= default_cpus < 1 << 64):
         raise ValueError("default memory and CPU count must fit in 64 bits")
     raw_metadata = metadata.to_json() if isinstance(metadata, Identity) else metadata
+    if raw_metadata is not None:
+        parse_metadata_section(raw_metadata)  # never write what the reader would refuse
     sections = _Sections(out)
     sections.add_stream(SectionType.KERNEL, kernel, _stream_size(kernel), "the kernel")
     sections.add_bytes(SectionType.CMDLINE, raw_cmdline)

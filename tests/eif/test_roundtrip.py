@@ -144,3 +144,23 @@ def test_build_time_and_kernel_config_like_nitro_cli() -> None:
     assert rfc3339(dt.datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=utc)) == "2026-01-02T03:04:05.123456+00:00"
     config = "#\n# Automatically generated file; DO NOT EDIT.\n# Linux/x86_64 6.12.48-1-amd64 Kernel Configuration\n"
     assert kernel_config_identity(config) == ("Linux", "6.12.48")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 3 << 20), min_size=1, max_size=3), st.integers(0, 3 << 20))
+def test_two_thread_hashing_gives_the_same_image(ramdisk_sizes, kernel_size) -> None:
+    """Chunk boundaries, double buffering and thread hand-offs never change a value."""
+    from virtio_nsm.eif import build_stream
+
+    rng = __import__("random").Random(kernel_size * 31 + sum(ramdisk_sizes))
+    kernel = rng.randbytes(kernel_size)
+    ramdisks = [rng.randbytes(n) for n in ramdisk_sizes]
+    out = io.BytesIO()
+    build_stream(out, kernel=io.BytesIO(kernel), cmdline="c", ramdisks=[io.BytesIO(r) for r in ramdisks],
+                 metadata=None)
+    data = out.getvalue()
+    parallel = read_stream(io.BytesIO(data), parallel=True)
+    single = read_stream(io.BytesIO(data), parallel=False)
+    assert parallel == single and parallel.crc_ok
+    assert parallel.measurements.pcr0 == _extend_hash(kernel + b"c" + b"".join(ramdisks))
+    assert parallel.measurements.pcr2 == _extend_hash(b"".join(ramdisks[1:]))

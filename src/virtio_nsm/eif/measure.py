@@ -99,6 +99,11 @@ class Measurer:
         else:
             self._targets = ()
 
+    @property
+    def targets(self) -> tuple[hashlib._Hash, ...]:
+        """The hashes the current section's data goes into (for callers that feed them in parallel)."""
+        return self._targets
+
     def update(self, chunk: bytes | memoryview) -> None:
         for target in self._targets:
             target.update(chunk)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -20,6 +20,7 @@ from .format import (
     Arch,
     EifError,
     Header,
+    SectionSlot,
     SectionType,
     check_layout,
     crc32,
@@ -39,6 +40,8 @@ from .signature import (
 )
 
 CHUNK_SIZE: Final = 1 << 20
+#: Files this large are hashed on two threads.
+PARALLEL_THRESHOLD: Final = 8 << 20
 _SINGLE: Final = (SectionType.KERNEL, SectionType.CMDLINE, SectionType.METADATA, SectionType.SIGNATURE)
 _REQUIRED: Final = (SectionType.KERNEL, SectionType.CMDLINE, SectionType.RAMDISK)
 
@@ -109,18 +112,58 @@ class EifImage:
         return out
 
 
-def _chunks(
-    stream: io.BufferedIOBase, size: int, buffer: bytearray, view: memoryview
-) -> Iterator[memoryview]:
-    remaining = size
-    while remaining:
-        want = min(remaining, len(buffer))
-        got = stream.readinto(view[:want])
-        if not got:
-            raise EifError(f"truncated file: it ended {remaining} bytes before the end of a section "
-                           f"(it changed while being read?)")
-        remaining -= got
-        yield view[:got]
+def _read_chunk(stream: io.BufferedIOBase, view: memoryview, remaining: int) -> memoryview:
+    got = stream.readinto(view[: min(remaining, len(view))])
+    if not got:
+        raise EifError(f"truncated file: it ended {remaining} bytes before the end of a section "
+                       f"(did it change while being read?)")
+    return view[:got]
+
+
+class _Feeder:
+    """Streams section data into the CRC and the measurer's hashes.
+
+    Large images are hashed on two worker threads (hashlib and zlib release
+    the GIL on large buffers): each hash gets its chunks in order, one update
+    in flight at a time, while this thread computes the CRC and reads the next
+    chunk into the other of two buffers. Small ones are hashed inline.
+    """
+
+    def __init__(self, stream: io.BufferedIOBase, parallel: bool, file_size: int) -> None:
+        self.stream = stream
+        size = min(CHUNK_SIZE, max(file_size, 1))
+        self.views = [memoryview(bytearray(size)) for _ in range(2 if parallel else 1)]
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="eif-hash") if parallel else None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def feed(self, size: int, crc: int, measurer: Measurer) -> int:
+        remaining = size
+        if self.pool is None:
+            while remaining:
+                chunk = _read_chunk(self.stream, self.views[0], remaining)
+                remaining -= len(chunk)
+                crc = crc32(chunk, crc)
+                measurer.update(chunk)
+            return crc
+        pending: list[Future[None]] = []
+        turn = 0
+        try:
+            while remaining:
+                # the buffer read into now was hashed two chunks ago: done (waited below)
+                chunk = _read_chunk(self.stream, self.views[turn], remaining)
+                remaining -= len(chunk)
+                for future in pending:
+                    future.result()
+                pending = [self.pool.submit(target.update, chunk) for target in measurer.targets]
+                crc = crc32(chunk, crc)
+                turn ^= 1
+        finally:
+            for future in pending:
+                future.result()
+        return crc
 
 
 def _read_exact(stream: io.BufferedIOBase, size: int) -> bytes:
@@ -130,8 +173,11 @@ def _read_exact(stream: io.BufferedIOBase, size: int) -> bytes:
     return data
 
 
-def read_stream(stream: io.BufferedIOBase) -> EifImage:
-    """Read and check an EIF image from a seekable binary stream positioned anywhere."""
+def read_stream(stream: io.BufferedIOBase, *, parallel: bool | None = None) -> EifImage:
+    """Read and check an EIF image from a seekable binary stream positioned anywhere.
+
+    ``parallel`` hashes on two threads (default: for files of 8 MiB or more).
+    """
     file_size = stream.seek(0, os.SEEK_END)
     stream.seek(0)
     raw_header = stream.read(HEADER_SIZE)
@@ -139,8 +185,17 @@ def read_stream(stream: io.BufferedIOBase) -> EifImage:
     slots = check_layout(header, file_size)
     crc = crc32(raw_header[:CRC_OFFSET])
     measurer = Measurer()
-    buffer = bytearray(min(CHUNK_SIZE, max(file_size, 1)))
-    view = memoryview(buffer)
+    if parallel is None:
+        parallel = file_size >= PARALLEL_THRESHOLD
+    feeder = _Feeder(stream, parallel, file_size)
+    try:
+        return _read_sections(stream, header, slots, crc, measurer, feeder, file_size)
+    finally:
+        feeder.close()
+
+
+def _read_sections(stream: io.BufferedIOBase, header: Header, slots: list[SectionSlot], crc: int,
+                   measurer: Measurer, feeder: _Feeder, file_size: int) -> EifImage:
     sections: list[Section] = []
     seen: dict[SectionType, int] = {}
     metadata: dict[str, Any] | None = None
@@ -167,9 +222,7 @@ def read_stream(stream: io.BufferedIOBase) -> EifImage:
                 signatures = tuple(decode_signature_section(data))
             continue
         measurer.begin(section_type)
-        for chunk in _chunks(stream, slot.size, buffer, view):
-            crc = crc32(chunk, crc)
-            measurer.update(chunk)
+        crc = feeder.feed(slot.size, crc, measurer)
     for required in _REQUIRED:
         if required not in seen:
             raise EifError(f"missing {required.label} section (an enclave image needs a kernel, "
@@ -178,7 +231,7 @@ def read_stream(stream: io.BufferedIOBase) -> EifImage:
     return EifImage(header, tuple(sections), file_size, crc, measurer.result(der), metadata, signatures)
 
 
-def read_eif(path: str | os.PathLike[str]) -> EifImage:
+def read_eif(path: str | os.PathLike[str], *, parallel: bool | None = None) -> EifImage:
     """Read and check the EIF image at ``path`` (see :func:`read_stream`)."""
     with open(path, "rb") as stream:
-        return read_stream(stream)
+        return read_stream(stream, parallel=parallel)

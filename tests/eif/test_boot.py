@@ -94,3 +94,24 @@ def test_default_config() -> None:
     assert BootConfig().is_default() and not BootConfig().sets_measurements()
     assert not BootConfig(module_id="i-1-enc2").sets_measurements()
     assert BootConfig(debug_mode=True).sets_measurements()
+
+
+def test_differences_of_an_existing_device(image_path) -> None:
+    config = BootConfig(eif=str(image_path), parent_instance_id=INSTANCE)
+    module_id, values = config.resolve()
+    device = NsmDevice(module_id=module_id, boot_measurements=values)
+    pcrs = device.state.pcrs.values
+    image = config.load_image()
+    assert config.differences(module_id, pcrs, image) == []
+    # restarting without --parent-instance-id: PCR4 comes from the stored module id
+    assert BootConfig(eif=str(image_path)).differences(module_id, pcrs, image) == []
+    assert BootConfig().differences(module_id, pcrs, None) == []  # defaults accept any device
+    assert BootConfig(eif=str(image_path), debug_mode=True).differences(module_id, pcrs, image) == [
+        "PCR0, PCR1, PCR2, PCR4 differ"]
+    assert BootConfig(eif=str(image_path), parent_role_arn=ROLE).differences(module_id, pcrs, image) == [
+        "PCR3 differ"]
+    assert BootConfig(module_id="i-0-enc1").differences(module_id, pcrs, None) == [
+        f"module id {module_id} (asked for i-0-enc1)"]
+    # a device started with the defaults (no image): an --eif restart is refused
+    plain = NsmDevice(module_id=module_id)
+    assert config.differences(module_id, plain.state.pcrs.values, image) == ["PCR0, PCR1, PCR2 differ"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -110,21 +110,49 @@ class BootConfig:
         return (self.eif is not None or self.parent_instance_id is not None
                 or self.parent_role_arn is not None or self.debug_mode or bool(self.pcrs))
 
-    def resolve(self, now: dt.datetime | None = None) -> tuple[str, dict[int, bytes]]:
-        """(module id, boot PCRs); raises :class:`EifError`/ValueError/OSError on bad input."""
+    def new_module_id(self) -> str:
+        """The module id of a new device: ``--module-id``, else ``<instance>-enc<16 hex>``."""
+        if self.module_id is not None:
+            return self.module_id
+        return module_id_for_instance(self.parent_instance_id or f"i-{secrets.token_hex(9)[:17]}")
+
+    def load_image(self, now: dt.datetime | None = None) -> EifImage | None:
+        """Read and check the image (None without ``eif``); EifError/OSError on bad input."""
+        if self.eif is None:
+            return None
+        image = read_eif(os.fspath(self.eif))
+        check_image_bootable(image, now)
+        return image
+
+    def measurements(self, module_id: str, image: EifImage | None) -> dict[int, bytes]:
+        """PCR0-15 of a device with ``module_id`` booted from ``image`` (see :meth:`load_image`).
+
+        PCR4 measures ``parent_instance_id``, else the instance in the module id.
+        """
         if self.parent_instance_id is not None and not self.parent_instance_id:
             raise ValueError("the parent instance id is empty")
-        if self.module_id is not None:
-            module_id = self.module_id
-            instance = self.parent_instance_id or instance_of_module(module_id)
-        else:
-            instance = self.parent_instance_id or f"i-{secrets.token_hex(9)[:17]}"
-            module_id = module_id_for_instance(instance)
-        image = None
-        if self.eif is not None:
-            image = read_eif(os.fspath(self.eif))
-            check_image_bootable(image, now)
-        return module_id, boot_measurements(
-            image, parent_instance_id=instance, parent_role_arn=self.parent_role_arn,
-            debug_mode=self.debug_mode, pcrs=self.pcrs,
+        return boot_measurements(
+            image, parent_instance_id=self.parent_instance_id or instance_of_module(module_id),
+            parent_role_arn=self.parent_role_arn, debug_mode=self.debug_mode, pcrs=self.pcrs,
         )
+
+    def resolve(self, now: dt.datetime | None = None) -> tuple[str, dict[int, bytes]]:
+        """(module id, boot PCRs) of a new device; EifError/ValueError/OSError on bad input."""
+        module_id = self.new_module_id()
+        return module_id, self.measurements(module_id, self.load_image(now))
+
+    def differences(self, module_id: str, pcrs: Sequence[bytes], image: EifImage | None) -> list[str]:
+        """How an existing device (``module_id``, its PCR values) differs from this config.
+
+        Empty when the device could have been booted from it. A default config
+        matches every device; without ``--module-id`` any module id matches.
+        """
+        problems = []
+        if self.module_id is not None and self.module_id != module_id:
+            problems.append(f"module id {module_id} (asked for {self.module_id})")
+        if self.sets_measurements():
+            expected = self.measurements(module_id, image)
+            changed = [f"PCR{i}" for i in range(BOOT_PCRS) if i >= len(pcrs) or pcrs[i] != expected[i]]
+            if changed:
+                problems.append(f"{', '.join(changed)} differ")
+        return problems

@@ -115,3 +115,21 @@ def test_differences_of_an_existing_device(image_path) -> None:
     # a device started with the defaults (no image): an --eif restart is refused
     plain = NsmDevice(module_id=module_id)
     assert config.differences(module_id, plain.state.pcrs.values, image) == ["PCR0, PCR1, PCR2 differ"]
+
+
+def test_prepared_boot_initial_state_and_restart_check(image_path) -> None:
+    from virtio_nsm import ConfigurationError
+
+    prepared = BootConfig(eif=str(image_path), parent_instance_id=INSTANCE).prepare()
+    state = prepared.initial_state()
+    assert state is not None and state.module_id == prepared.module_id
+    assert state.pcrs.values[0].hex() == FACTS_PCR0 and state.pcrs.locked == 0xFFFF
+    prepared.check(state, "/state")  # the same config: accepted
+    BootConfig().prepare().check(state, "/state")  # no boot options: whatever the state holds
+    assert BootConfig().prepare().initial_state() is None
+    other = BootConfig(eif=str(image_path), parent_instance_id="i-00000000000000000").prepare()
+    with pytest.raises(ConfigurationError) as info:
+        other.check(state, "/state")
+    message = str(info.value)
+    assert "different boot configuration" in message and "PCR4 differ" in message
+    assert "remove /state or use another --state-dir" in message

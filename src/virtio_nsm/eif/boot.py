@@ -15,6 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..errors import ConfigurationError
+from ..nsm.device import DeviceState
+from ..nsm.pcr import Digest
 from .format import EifError
 from .measure import PCR_SIZE, pcr_of_instance, pcr_of_role
 from .reader import EifImage, read_eif
@@ -156,3 +159,42 @@ class BootConfig:
             if changed:
                 problems.append(f"{', '.join(changed)} differ")
         return problems
+
+    def prepare(self, now: dt.datetime | None = None) -> PreparedBoot:
+        """Read and check the image once; EifError/ValueError/OSError on bad input."""
+        image = self.load_image(now)
+        module_id = self.new_module_id()
+        return PreparedBoot(self, image, module_id, self.measurements(module_id, image))
+
+
+@dataclass(frozen=True)
+class PreparedBoot:
+    """A boot configuration with its image read: the state of a new device, checks of an old one."""
+
+    config: BootConfig
+    image: EifImage | None
+    module_id: str
+    pcrs: dict[int, bytes]
+
+    def initial_state(self) -> DeviceState | None:
+        """The boot state of a new device (None: the device's defaults)."""
+        if self.config.is_default():
+            return None
+        return DeviceState.at_boot(self.module_id, Digest.SHA384, self.pcrs)
+
+    def check(self, state: DeviceState, where: str) -> None:
+        """Refuse to serve ``state`` (loaded from ``where``) unless this config could have booted it.
+
+        A restart must never re-measure a live device: giving it new boot PCRs
+        would be an unlock.
+        """
+        if state.pcrs.digest is not Digest.SHA384 and self.config.sets_measurements():
+            raise ConfigurationError(f"{where} holds a {state.pcrs.digest.value} device; "
+                                     "boot measurements are SHA-384")
+        problems = self.config.differences(state.module_id, state.pcrs.values, self.image)
+        if problems:
+            raise ConfigurationError(
+                f"{where} holds a device started with a different boot configuration "
+                f"({'; '.join(problems)}); a restart never re-measures a device (that would unlock "
+                f"its PCRs). To start fresh, remove {where} or use another --state-dir (or --ephemeral)."
+            )

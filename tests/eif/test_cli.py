@@ -169,3 +169,38 @@ def test_bad_metadata_file(inputs, tmp_path) -> None:
     metadata.write_text("{" + " " * 5000 + "}")
     code, _, err = _build(inputs, tmp_path / "a.eif", "--metadata", metadata)
     assert code == 2 and "4096" in err
+
+
+def _boot_command():
+    import click
+
+    from virtio_nsm.cli.eif import boot_argv, boot_config, boot_options
+
+    @click.command()
+    @boot_options
+    def cmd(**values) -> None:
+        click.echo(json.dumps(boot_argv(boot_config(**values))))
+
+    return cmd
+
+
+def test_boot_options_round_trip(tmp_path, make_image) -> None:
+    image = tmp_path / "a.eif"
+    image.write_bytes(make_image())
+    args = ["--eif", str(image), "--parent-instance-id", "i-0123456789abcdef0", "--parent-role-arn",
+            "arn:aws:iam::1:role/x", "--debug-mode", "--pcr", f"7={'ab' * 48}", "--pcr", f"0=0x{'00' * 48}",
+            "--module-id", "i-0123456789abcdef0-enc0000000000000001"]
+    result = CliRunner().invoke(_boot_command(), args)
+    assert result.exit_code == 0, result.output
+    argv = json.loads(result.stdout)
+    assert argv[:2] == ["--eif", str(image.resolve())]
+    assert "--debug-mode" in argv and f"7={'ab' * 48}" in argv
+
+
+@pytest.mark.parametrize(("pcr", "message"), [
+    ("16=" + "00" * 48, "only PCR0-15"), ("1=" + "00" * 47, "47 bytes"), ("1=zz", "not hexadecimal"),
+    ("x", "not N=HEX"),
+])
+def test_boot_pcr_option_errors(pcr, message) -> None:
+    result = CliRunner().invoke(_boot_command(), ["--pcr", pcr])
+    assert result.exit_code == 2 and message in result.output

@@ -18,7 +18,8 @@ from typing import Any
 
 import click
 
-from ..eif import Arch, EifError, EifImage, Identity, Signer, build_eif, read_eif, sign_eif
+from ..eif import Arch, BootConfig, EifError, EifImage, Identity, Signer, build_eif, read_eif, sign_eif
+from ..eif.boot import PreparedBoot
 from ..eif.format import DEFAULT_CPUS, DEFAULT_MEMORY
 from ..eif.measure import Measurements, extend
 from ..eif.metadata import kernel_config_identity, parse_custom_metadata, rfc3339
@@ -237,3 +238,93 @@ def pcr(input_path: Path | None, signing_certificate: Path | None, as_json: bool
             fail(f"cannot read {input_path}: {exc.strerror or exc}")
         value, key = extend(digest.digest()), "PCR"
     _emit(as_json, {key: value.hex()}, f"{key}  {value.hex()}")
+
+
+# --- boot options for `nsm serve` and `nsm vm run` --------------------------------
+
+
+def _parse_boot_pcrs(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[int, bytes]:
+    pcrs: dict[int, bytes] = {}
+    for item in values:
+        index_text, sep, hex_value = item.partition("=")
+        if not sep or not index_text.strip().isdigit():
+            raise click.BadParameter(f"{item!r} is not N=HEX", param=param)
+        index = int(index_text)
+        if not 0 <= index <= 15:
+            raise click.BadParameter(f"PCR{index}: only PCR0-15 are set at boot", param=param)
+        if index in pcrs:
+            raise click.BadParameter(f"PCR{index} given twice", param=param)
+        try:
+            value = bytes.fromhex(hex_value.strip().removeprefix("0x"))
+        except ValueError:
+            raise click.BadParameter(f"PCR{index}: {hex_value!r} is not hexadecimal", param=param) from None
+        if len(value) != 48:
+            raise click.BadParameter(f"PCR{index} is {len(value)} bytes, SHA-384 PCRs are 48", param=param)
+        pcrs[index] = value
+    return pcrs
+
+
+BOOT_OPTION_NAMES = ("eif", "parent_instance_id", "parent_role_arn", "debug_mode", "boot_pcrs", "module_id")
+
+
+def boot_options(f: Any) -> Any:
+    """The options of a production enclave's boot configuration (``nsm serve``, ``nsm vm run``)."""
+    for option in reversed((
+        click.option("--eif", type=_FILE, default=None,
+                     help="Report this enclave image's measurements: PCR0/1/2 (and PCR8 if signed), "
+                          "PCR3/4 from the parent, other boot PCRs zero, PCR0-15 locked."),
+        click.option("--parent-instance-id", default=None, metavar="ID",
+                     help="Parent instance id (PCR4, and the module id <ID>-enc<16 hex>); "
+                          "default: a random one."),
+        click.option("--parent-role-arn", default=None, metavar="ARN",
+                     help="The parent instance's IAM role (PCR3; zero without one)."),
+        click.option("--debug-mode", is_flag=True,
+                     help="A debug-mode enclave: every boot PCR (0-15) reads zero."),
+        click.option("--pcr", "boot_pcrs", multiple=True, metavar="N=HEX", callback=_parse_boot_pcrs,
+                     help="Set boot PCR N (0-15) to HEX (48 bytes), over the image's value; repeatable."),
+        click.option("--module-id", default=None, help="The device's module id."),
+    )):
+        f = option(f)
+    return f
+
+
+def boot_config(eif: Path | None, parent_instance_id: str | None, parent_role_arn: str | None,
+                debug_mode: bool, boot_pcrs: dict[int, bytes], module_id: str | None) -> BootConfig:
+    """The :class:`BootConfig` of the :func:`boot_options` values."""
+    if module_id is not None and not 1 <= len(module_id.encode("utf-8")) <= 256:
+        raise click.BadParameter("must be 1 to 256 bytes of text", param_hint="--module-id")
+    if parent_instance_id is not None and not parent_instance_id:
+        raise click.BadParameter("is empty", param_hint="--parent-instance-id")
+    return BootConfig(eif=None if eif is None else str(eif), parent_instance_id=parent_instance_id,
+                      parent_role_arn=parent_role_arn, debug_mode=debug_mode, pcrs=dict(boot_pcrs),
+                      module_id=module_id)
+
+
+def boot_argv(config: BootConfig) -> list[str]:
+    """``nsm serve`` arguments that give the same boot configuration."""
+    argv: list[str] = []
+    if config.eif is not None:
+        argv += ["--eif", str(Path(config.eif).resolve())]
+    if config.parent_instance_id is not None:
+        argv += ["--parent-instance-id", config.parent_instance_id]
+    if config.parent_role_arn is not None:
+        argv += ["--parent-role-arn", config.parent_role_arn]
+    if config.debug_mode:
+        argv.append("--debug-mode")
+    for index, value in sorted(config.pcrs.items()):
+        argv += ["--pcr", f"{index}={value.hex()}"]
+    if config.module_id is not None:
+        argv += ["--module-id", config.module_id]
+    return argv
+
+
+def prepare_boot(config: BootConfig) -> PreparedBoot:
+    """Read and check the image of ``config``; a one-line error (exit 2) if it cannot boot."""
+    try:
+        return config.prepare()
+    except EifError as exc:
+        fail(f"{config.eif}: {exc}")
+    except ValueError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot read {config.eif}: {exc.strerror or exc}")

@@ -164,3 +164,20 @@ def test_two_thread_hashing_gives_the_same_image(ramdisk_sizes, kernel_size) -> 
     assert parallel == single and parallel.crc_ok
     assert parallel.measurements.pcr0 == _extend_hash(kernel + b"c" + b"".join(ramdisks))
     assert parallel.measurements.pcr2 == _extend_hash(b"".join(ramdisks[1:]))
+
+
+def test_metadata_json_is_as_strict_as_serde_json() -> None:
+    import pytest
+
+    from virtio_nsm.eif import EifError
+    from virtio_nsm.eif.metadata import parse_custom_metadata, parse_metadata_section
+    for bad, message in [(b'{"a": NaN}', "not JSON"), (b"[" * 129 + b"]" * 129, "deeper than 128"),
+                         (b"\xff", "not JSON")]:
+        with pytest.raises(ValueError, match=message):
+            parse_custom_metadata(bad)
+        with pytest.raises(EifError, match=message):
+            parse_metadata_section(bad)
+    assert parse_custom_metadata(b"[" * 128 + b"]" * 128) is not None
+    deep = b'{"a":' * 2000 + b"1" + b"}" * 2000
+    with pytest.raises(EifError):
+        parse_metadata_section(deep)

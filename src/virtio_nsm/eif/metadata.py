@@ -145,14 +145,46 @@ def kernel_config_identity(config: str) -> tuple[str, str]:
     return (words[1] if len(words) > 1 else "Unknown", words[3] if len(words) > 3 else "Unknown")
 
 
+#: serde_json's recursion limit: deeper documents do not parse in AWS's tools.
+MAX_DEPTH: Final = 128
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        nested: list[Any] = []
+        for item in level:
+            if isinstance(item, dict):
+                nested.extend(item.values())
+            elif isinstance(item, list):
+                nested.extend(item)
+        level = [v for v in nested if isinstance(v, dict | list)]
+        if not level:
+            return depth if isinstance(value, dict | list) else 0
+    return depth
+
+
+def loads(text: bytes, what: str) -> Any:
+    """Strict JSON (UTF-8, no NaN/Infinity, at most 128 levels deep, as serde_json)."""
+    try:
+        value = json.loads(text.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{what} is not JSON: {exc}") from None
+    if _depth(value) > MAX_DEPTH:
+        raise ValueError(f"{what} nests deeper than {MAX_DEPTH} levels")
+    return value
+
+
 def parse_custom_metadata(data: bytes) -> Any:
     """A ``--metadata`` file: JSON, at most 4096 bytes (nitro-cli's limit)."""
     if len(data) > MAX_CUSTOM_METADATA:
         raise ValueError(f"metadata file is {len(data)} bytes, the limit is {MAX_CUSTOM_METADATA}")
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"metadata file is not JSON: {exc}") from None
+    return loads(data, "metadata file")
 
 
 def parse_metadata_section(data: bytes) -> dict[str, Any]:
@@ -161,9 +193,9 @@ def parse_metadata_section(data: bytes) -> dict[str, Any]:
         raise EifError(f"metadata section of {len(data)} bytes is larger than the "
                        f"{MAX_METADATA_SECTION}-byte limit")
     try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise EifError(f"metadata section is not JSON: {exc}") from None
+        value = loads(data, "metadata section")
+    except ValueError as exc:
+        raise EifError(str(exc)) from None
     if not isinstance(value, dict):
         raise EifError("metadata section is not a JSON object")
     return value

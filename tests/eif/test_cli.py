@@ -204,3 +204,17 @@ def test_boot_options_round_trip(tmp_path, make_image) -> None:
 def test_boot_pcr_option_errors(pcr, message) -> None:
     result = CliRunner().invoke(_boot_command(), ["--pcr", pcr])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_describe_of_mutated_images_never_crashes(tmp_path, make_image, signer) -> None:
+    original = make_image(signer=signer, metadata=b'{"ImageName":"m"}')
+    path = tmp_path / "m.eif"
+    for position in range(0, len(original), 5):
+        data = bytearray(original)
+        data[position] ^= 0xA5
+        path.write_bytes(bytes(data))
+        code, out, err = run("eif", "describe", "--eif-path", path, "--json")
+        if code == 0:
+            assert json.loads(out)["CheckCRC"] is False, position
+        else:
+            assert code == 2 and err.startswith("nsm: ") and err.count("\n") == 1, (position, err)

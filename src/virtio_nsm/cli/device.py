@@ -14,8 +14,9 @@ import click
 
 from ..client import DEFAULT_DEVICE, DEVICE_ENV, Nsm
 from ..errors import ConfigurationError, DeviceNotFoundError, NsmError, TransportError
-from ..nsm.pki import CertificateAuthority, default_ca_dir
+from ..nsm.pki import CertificateAuthority
 from ..nsm.protocol import MAX_REQUEST_SIZE
+from ..persist import default_ca_dir, load_ca, save_ca
 from . import main
 from .inputs import InputError, read_input
 
@@ -245,7 +246,7 @@ def ca_init(directory: Path | None) -> None:
     """Create a persistent CA (root key 0600) that `nsm serve` loads."""
     directory = directory or default_ca_dir()
     try:
-        CertificateAuthority.generate().save(directory)
+        save_ca(CertificateAuthority.generate(), directory)
     except (ConfigurationError, OSError) as exc:
         fail(str(exc))
     click.echo(f"created CA in {directory}")
@@ -268,7 +269,7 @@ def ca_root(directory: Path | None, state_dir: Path | None) -> None:
     if directory is None:
         directory = (state_dir or default_state_dir()) / CA_DIR
     try:
-        authority = CertificateAuthority.load(directory)
+        authority = load_ca(directory)
     except ConfigurationError as exc:
         fail(f"{exc} (start `nsm serve` once, or create a CA with `nsm ca init`)")
     click.echo(authority.certificate_pem.decode("ascii"), nl=False)

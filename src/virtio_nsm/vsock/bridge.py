@@ -531,6 +531,11 @@ class VsockBridge:
             s.queued = True
             self._ready.append(s)
 
+    @property
+    def event_pending(self) -> bool:
+        """Whether :meth:`take_event` has a record for the event queue."""
+        return self._event_pending
+
     def take_event(self) -> bytes | None:
         """The event-queue record owed to the guest (TRANSPORT_RESET), if any."""
         if not self._event_pending:
@@ -556,8 +561,12 @@ class VsockBridge:
         """A host program connected to the hybrid socket; returns its ``host_id``."""
         s = self._new_stream(_State.AWAIT_LINE, None)
         if len(self._streams) > self.limits.max_streams:
-            log.warning("vsock: host connection refused: %d streams open", len(self._streams) - 1)
             self.stats["host_refused"] += 1
+            count = self.stats["host_refused"]
+            if count <= _LOG_FIRST or count % 1000 == 0:
+                log.warning(
+                    "vsock: host connection refused (#%d): %d streams open", count, len(self._streams) - 1
+                )
             self._close_host(s, flush=False)
         return s.host_id
 

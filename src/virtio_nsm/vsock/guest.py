@@ -158,6 +158,14 @@ class GuestTransport:
             sock.reset = sock.aborted = True
             self._drop(sock)
 
+    def transport_reset(self) -> None:
+        """``VIRTIO_VSOCK_EVENT_TRANSPORT_RESET``: every connection is gone (as Linux resets them)."""
+        for sock in list(self.sockets.values()):
+            sock.reset = True
+            self._drop(sock)
+        self._control.clear()
+        self._ready.clear()
+
     # ------------------------------------------------------------ device side
     def next_tx(self) -> bytes | None:
         """The next packet for the device's tx queue."""

@@ -67,6 +67,8 @@ class RunOptions:
     kernel_args: str = ""
     quiet: bool = False
     stdout: BinaryIO | None = None
+    #: More QEMU arguments (e.g. another vhost-user device: ``-chardev ... -device ...``).
+    extra_qemu_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -278,7 +280,7 @@ def qemu_argv(tc: Toolchain, opts: RunOptions, run_dir: Path, sock: str | None,
                  "-device", "vhost-user-test-device-pci,chardev=nsm0,virtio-id=33,num_vqs=1"]
     elif opts.device == "qemu":
         argv += ["-device", "virtio-nsm-pci"]
-    return argv
+    return argv + opts.extra_qemu_args
 
 
 def run(tc: Toolchain, opts: RunOptions) -> RunResult:

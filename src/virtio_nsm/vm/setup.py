@@ -515,6 +515,9 @@ _MODULE_PATHS = {
     "9p": "kernel/fs/9p/9p.ko",
     "overlay": "kernel/fs/overlayfs/overlay.ko",
     "nsm": "kernel/drivers/misc/nsm.ko",
+    "vsock": "kernel/net/vmw_vsock/vsock.ko",
+    "vmw_vsock_virtio_transport_common": "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+    "vmw_vsock_virtio_transport": "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
 }
 
 

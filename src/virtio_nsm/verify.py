@@ -9,10 +9,13 @@ collects every reason and raises one :class:`VerificationError` listing them.
 
 1. **Syntax** (:func:`parse_unverified`, also what ``nsm inspect`` shows): the
    COSE structure (untagged or tag 18, the protected header exactly ``{1: -35}``,
-   an unprotected map, a 96-byte signature) and the payload, read with a strict
-   decoder (:mod:`virtio_nsm._strict_cbor`: no tags, no duplicate keys, definite
-   or indefinite lengths, any key order). Required fields and their types and
-   sizes: ``module_id`` non-empty text; ``digest`` one of SHA256/SHA384/SHA512;
+   an unprotected map, a 96-byte signature) and the payload, both read with a
+   strict decoder (:mod:`virtio_nsm._strict_cbor`: no tags but the outer 18 --
+   so no shared references, whose expansion could be exponential -- no
+   duplicate keys, definite or indefinite lengths, any key order, cost linear in
+   the size; a tag in the unprotected header makes the document unreadable).
+   Required fields and their types and sizes: ``module_id`` non-empty text;
+   ``digest`` one of SHA256/SHA384/SHA512;
    ``timestamp`` an unsigned integer > 0 (milliseconds); ``pcrs`` 1..32 entries,
    index < 32, each value as long as ``digest`` says (32/48/64 bytes);
    ``certificate`` 1..1024 bytes; ``cabundle`` 1..16 entries of 1..1024 bytes.
@@ -325,7 +328,7 @@ class _Syntax:
 
     def digest(self, value: Any) -> None:
         if not isinstance(value, str) or value not in DIGEST_SIZES:
-            shown = repr(value) if isinstance(value, str) else _type_name(value)
+            shown = _strict_cbor.shown(value) if isinstance(value, str) else _type_name(value)
             self.problems.append(f"digest is {shown}, not one of {', '.join(DIGEST_SIZES)}")
         else:
             self.values["digest"] = value
@@ -350,7 +353,7 @@ class _Syntax:
         good: dict[int, bytes] = {}
         for index, pcr in value.items():
             if not _is_uint(index) or index >= MAX_PCRS:
-                self.problems.append(f"pcrs has an invalid index {index!r}")
+                self.problems.append(f"pcrs has an invalid index {_strict_cbor.shown(index)}")
                 continue
             if not isinstance(pcr, bytes):
                 self.problems.append(f"PCR{index} is {_type_name(pcr)}, not bytes")
@@ -437,7 +440,7 @@ def parse_unverified(doc: bytes) -> UnverifiedDocument:
     try:
         syntax.cose(bytes(doc))
     except Exception as exc:  # fail closed: a decoder bug must not escape as a crash
-        syntax.problems.append(f"internal error while decoding: {exc!r}")
+        syntax.problems.append(f"internal error while decoding: {_strict_cbor.shown(exc, 200)}")
     return UnverifiedDocument(**syntax.values, problems=tuple(syntax.problems))
 
 
@@ -694,7 +697,7 @@ def verify_document(
             unverified, reasons, trusted, when, pcr_policy, expected_nonce, age_limit, skew
         )
     except Exception as exc:  # fail closed
-        reasons.append(f"internal error while verifying: {exc!r}")
+        reasons.append(f"internal error while verifying: {_strict_cbor.shown(exc, 200)}")
         chain = None
     if reasons or chain is None:
         raise VerificationError(reasons)

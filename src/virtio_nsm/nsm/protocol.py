@@ -27,14 +27,12 @@ fields may come in any order and unknown inner fields are ignored.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import cbor2
-
-from .. import cbor
+from .. import _strict_cbor, cbor
+from .._strict_cbor import shown
 from ..errors import ErrorCode, NsmError
 
 #: Largest request the device accepts (the request buffer of the spec).
@@ -170,40 +168,30 @@ DIGEST_NAMES: Final = ("SHA256", "SHA384", "SHA512")
 _DESCRIBE_PCR_PREFIX: Final = b"\xa1" + cbor.tstr("DescribePCR") + b"\xa1" + cbor.tstr("index")
 
 
-def _reject_tag(decoder: Any, tag: Any) -> Any:
-    raise ValueError(f"CBOR tag {tag.tag} is not part of any NSM request")
-
-
-def _reject_semantic_tag(decoder: Any) -> Any:
-    raise ValueError("CBOR tags are not part of any NSM request")
-
-
-# Tags that cbor2 would silently turn into plain ints; every other tag either
-# reaches the tag hook or yields a type no field accepts.
-_SEMANTIC_REJECTS: Final = {2: _reject_semantic_tag, 3: _reject_semantic_tag,
-                            55799: _reject_semantic_tag}
+#: Nesting the decoder accepts: NSM messages nest three levels; the rest is
+#: headroom for unknown (ignored) inner fields.
+MAX_DEPTH: Final = 64
 
 
 def load_exact(data: bytes) -> Any:
     """Decode exactly one CBOR item that spans all of ``data``.
 
-    Tags and duplicate map keys are refused (serde_cbor refuses duplicate
-    struct fields; no NSM message uses tags). Raises ``ValueError``.
+    Uses the strict reader (:mod:`virtio_nsm._strict_cbor`): no tag is
+    accepted -- no NSM message uses one, and tags 28/29 (shared references)
+    would let a few hundred bytes build an exponential structure -- nor a
+    duplicate map key (serde_cbor refuses duplicate struct fields). The cost is
+    linear in ``len(data)``. ``undefined`` and unassigned simple values decode
+    to :class:`~virtio_nsm._strict_cbor.Simple`, a type no field accepts.
+    Raises ``ValueError`` with a short message.
     """
-    stream = io.BytesIO(data)
     try:
-        item = cbor2.CBORDecoder(
-            stream,
-            tag_hook=_reject_tag,
-            semantic_decoders=_SEMANTIC_REJECTS,
-            allow_duplicate_keys=False,
-            max_depth=64,
-        ).decode()
-    except Exception as exc:  # cbor2 raises several types (and RecursionError) on bad input
-        raise ValueError(f"invalid CBOR: {exc}") from exc
-    if stream.tell() != len(data):
-        raise ValueError(f"{len(data) - stream.tell()} bytes after the CBOR item")
-    return item
+        return _strict_cbor.loads(data, max_depth=MAX_DEPTH, allow_simple=True)
+    except _strict_cbor.TrailingBytes as exc:
+        raise ValueError(f"{exc.count} bytes after the CBOR item") from None
+    except _strict_cbor.StrictCborError as exc:
+        raise ValueError(f"invalid CBOR: {exc}") from None
+    except RecursionError:  # not reachable with MAX_DEPTH; fail closed all the same
+        raise ValueError("invalid CBOR: nested too deeply") from None
 
 
 def _invalid(reason: str) -> RequestRejected:
@@ -249,6 +237,60 @@ _DESCRIBE_NSM: Final = DescribeNSM()
 _GET_RANDOM: Final = GetRandom()
 
 
+#: How every ExtendPCR in the AWS client's shape starts (see :func:`canonical_extend`).
+EXTEND_PCR_PREFIX: Final = b"\xa1" + cbor.tstr("ExtendPCR") + b"\xa2" + cbor.tstr("index")
+_EXTEND_PCR_PREFIX: Final = EXTEND_PCR_PREFIX
+_DATA_KEY: Final = cbor.tstr("data")
+
+
+def canonical_extend(data: bytes) -> tuple[int, bytes] | None:
+    """``(index, data)`` of an ExtendPCR in the AWS client's exact shape, else ``None``.
+
+    ``None`` means: not this shape, use :func:`decode_request` (which reads the
+    same bytes to the same request when this function does not return ``None``).
+    The shape is ``{"ExtendPCR": {"index": u16, "data": bytes}}`` with exactly
+    these two fields in this order, each head one of the forms read here, and the
+    byte string ending exactly at the end of ``data``: there is no other way to
+    read such bytes, so the answer is the general decoder's.
+    """
+    if not data.startswith(_EXTEND_PCR_PREFIX):
+        return None
+    return canonical_extend_after_prefix(data)
+
+
+def canonical_extend_after_prefix(data: bytes) -> tuple[int, bytes] | None:
+    """:func:`canonical_extend` for ``data`` known to start with :data:`EXTEND_PCR_PREFIX`.
+
+    """
+    try:
+        pos = len(_EXTEND_PCR_PREFIX)
+        head = data[pos]
+        if head < 24:
+            index, pos = head, pos + 1
+        elif head == 0x18:
+            index, pos = data[pos + 1], pos + 2
+        elif head == 0x19:
+            index, pos = (data[pos + 1] << 8) | data[pos + 2], pos + 3
+        else:
+            return None
+        if data[pos:pos + 5] != _DATA_KEY:
+            return None
+        head = data[pos + 5]
+        if 0x40 <= head < 0x58:
+            length, pos = head - 0x40, pos + 6
+        elif head == 0x58:
+            length, pos = data[pos + 6], pos + 7
+        elif head == 0x59:
+            length, pos = (data[pos + 6] << 8) | data[pos + 7], pos + 8
+        else:
+            return None
+    except IndexError:  # shorter than its heads: the decoder says why
+        return None
+    if len(data) - pos != length:
+        return None
+    return index, data[pos:]
+
+
 def decode_request(data: bytes) -> Request:
     """Decode one request, or raise :class:`RequestRejected` with the device's error."""
     if len(data) > MAX_REQUEST_SIZE:
@@ -268,6 +310,10 @@ def decode_request(data: bytes) -> Request:
             return DescribePCR(rest[0])
         if len(rest) == 2 and rest[0] == 0x18 and rest[1] >= 24:
             return DescribePCR(rest[1])
+    elif data.startswith(_EXTEND_PCR_PREFIX):
+        canonical = canonical_extend_after_prefix(data)
+        if canonical is not None:
+            return ExtendPCR(*canonical)
     try:
         item = load_exact(data)
     except ValueError as exc:
@@ -277,7 +323,7 @@ def decode_request(data: bytes) -> Request:
             return DescribeNSM()
         if item == "GetRandom":
             return GetRandom()
-        raise _invalid(f"unknown request {item!r}")
+        raise _invalid(f"unknown request {shown(item)}")
     if not isinstance(item, dict):
         raise _invalid(f"a request is a text or a one-entry map, got {type(item).__name__}")
     if len(item) != 1:
@@ -302,7 +348,7 @@ def decode_request(data: bytes) -> Request:
             nonce=_optional_bytes(fields, "nonce"),
             public_key=_optional_bytes(fields, "public_key"),
         )
-    raise _invalid(f"unknown request {name!r}")
+    raise _invalid(f"unknown request {shown(name)}")
 
 
 # --------------------------------------------------------------------------
@@ -364,6 +410,15 @@ _R_DESCRIBE_NSM_KEYS: Final = tuple(
 )
 
 
+_R_EXTEND_PCR_HEADS: Final = {n: _R_EXTEND_PCR + cbor.head(cbor.MAJOR_BYTES, n) for n in (32, 48, 64)}
+
+
+def encode_extend_pcr(value: bytes) -> bytes:
+    """``{"ExtendPCR": {"data": value}}``; the PCR sizes have their prefix ready."""
+    prefix = _R_EXTEND_PCR_HEADS.get(len(value))
+    return _R_EXTEND_PCR + cbor.bstr(value) if prefix is None else prefix + value
+
+
 def encode_describe_pcr(lock: bool, data: bytes) -> bytes:
     return _R_DESCRIBE_PCR + (cbor.TRUE if lock else cbor.FALSE) + _K_DATA + cbor.bstr(data)
 
@@ -378,7 +433,7 @@ def encode_response(response: Response) -> bytes:
         case DescribePCRResponse(lock, data):
             return encode_describe_pcr(lock, data)
         case ExtendPCRResponse(data):
-            return _R_EXTEND_PCR + cbor.bstr(data)
+            return encode_extend_pcr(data)
         case LockPCRResponse():
             return _R_LOCK_PCR
         case LockPCRsResponse():
@@ -448,13 +503,13 @@ def decode_response(data: bytes) -> Response:
             return LockPCRResponse()
         if item == "LockPCRs":
             return LockPCRsResponse()
-        raise _bad(f"unknown response {item!r}")
+        raise _bad(f"unknown response {shown(item)}")
     if not isinstance(item, dict):
         raise _bad(f"a response is a text or a one-entry map, got {type(item).__name__}")
     ((name, value),) = item.items()
     if name == "Error":
         if type(value) is not str or value not in ErrorCode.__members__ or value == "Success":
-            raise _bad(f"unknown error code {value!r}")
+            raise _bad(f"unknown error code {shown(value)}")
         return ErrorResponse(ErrorCode[value])
     if not isinstance(value, dict):
         raise _bad(f"{name}: expected a map of fields")
@@ -469,7 +524,7 @@ def decode_response(data: bytes) -> Response:
             raise _bad("DescribeNSM.locked_pcrs: expected a list of u16")
         digest = _field(value, "digest", str, name)
         if digest not in DIGEST_NAMES:
-            raise _bad(f"DescribeNSM.digest: unknown digest {digest!r}")
+            raise _bad(f"DescribeNSM.digest: unknown digest {shown(digest)}")
         return DescribeNSMResponse(
             version_major=_uint_field(value, "version_major", name, _U16_MAX),
             version_minor=_uint_field(value, "version_minor", name, _U16_MAX),
@@ -483,4 +538,4 @@ def decode_response(data: bytes) -> Response:
         return AttestationResponse(_field(value, "document", bytes, name))
     if name == "GetRandom":
         return GetRandomResponse(_field(value, "random", bytes, name))
-    raise _bad(f"unknown response {name!r}")
+    raise _bad(f"unknown response {shown(name)}")

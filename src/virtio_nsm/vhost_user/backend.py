@@ -6,10 +6,11 @@ Theory of operation
 kick notifications (:meth:`kick`) and keeps everything a vhost-user device needs:
 negotiated features, protocol features, the mapped memory table, and per vring its
 size, addresses, base, kick/call/err descriptors and enabled/started state.  It is
-device-agnostic: what to do with the chains of a ready vring is delegated to a
-:class:`QueueWorker` made by the ``worker_factory`` from the queue and a callback
-that interrupts the driver mid-pass if it asked for it (for NSM see
-:mod:`virtio_nsm.vhost_user.daemon`).  It does no socket I/O (the event loop owns
+device-agnostic: the device (a :class:`~.device.VhostUserDevice`) supplies its
+queue count, device features and configuration space (``GET_CONFIG`` /
+``SET_CONFIG``), and a :class:`~.device.QueueWorker` per ready vring, made from
+the ring's index, the queue and a callback that interrupts the driver mid-pass
+if it asked for it (for the NSM see :mod:`virtio_nsm.nsm.virtio`).  It does no socket I/O (the event loop owns
 the socket), but it does map memory and write to call/err eventfds.
 
 Dispatch is a table from request code to method; payload syntax was already
@@ -28,6 +29,13 @@ contents break the rules is marked broken, ``VIRTIO_CONFIG_S_NEEDS_RESET`` is se
 the status, the err fd is signalled and the reason is logged; the ring stays dead
 until the frontend resets or reprograms it.
 
+Descriptors from the frontend are checked before use: guest memory and inflight
+regions must be memfds sealed against shrinking (a file shrunk under our mapping
+means SIGBUS; ``allow_file_memory`` waives this for memory), and kick, call and err
+eventfds are made non-blocking, so a drained kick or a saturated call counter
+never blocks the event loop.  An inflight region may cover at most the device's
+queues at its largest ring size.
+
 The device object behind the workers is not owned here: :meth:`disconnect` and
 virtio resets drop transport state only, never device state (PCRs, locks).
 
@@ -40,7 +48,7 @@ with a region, the heads the previous backend took but never returned are
 handed to the worker for resubmission, and the ring continues at ``used->idx``
 plus their number (whatever ``SET_VRING_BASE`` said, as libvhost-user does).
 
-With a ``device_state`` object the backend also offers
+When the device has a ``device_state`` handler the backend also offers
 ``VHOST_USER_PROTOCOL_F_DEVICE_STATE``: ``SET_DEVICE_STATE_FD`` (only while every
 ring is stopped, phase "stopped") writes the saved state into the given fd, or
 remembers the fd to load from; ``CHECK_DEVICE_STATE`` reads a load to its end,
@@ -56,12 +64,20 @@ import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from ..virtio import spec
-from ..virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion, VirtioError
+from ..virtio.memory import (
+    NOT_A_FILE,
+    GuestMemory,
+    GuestMemoryError,
+    MemoryRegion,
+    VirtioError,
+    shrink_hazard,
+)
 from ..virtio.queue import DeviceQueue, RingLayout
-from .inflight import InflightError, InflightQueue, InflightRegion
+from .connection import SLICE
+from .device import ConfigError, QueueWorker, VhostUserDevice
+from .inflight import InflightError, InflightRegion
 from .message import (
     U64,
     VHOST_TRANSFER_STATE_DIRECTION_LOAD,
@@ -69,8 +85,10 @@ from .message import (
     VHOST_TRANSFER_STATE_PHASE_STOPPED,
     VHOST_USER_DEVICE_STATE_NOFD,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_MAX_CONFIG_SIZE,
     VHOST_USER_REPLY_MASK,
     VHOST_USER_VERSION,
+    DeviceConfig,
     DeviceStateTransfer,
     FrontendRequest,
     Inflight,
@@ -88,18 +106,17 @@ from .message import (
 
 __all__ = [
     "MAX_MEM_SLOTS",
-    "OFFERED_FEATURES",
     "OFFERED_PROTOCOL_FEATURES",
+    "TRANSPORT_FEATURES",
     "BackendError",
-    "DeviceStateHandler",
-    "QueueWorker",
     "VhostUserBackend",
     "Vring",
 ]
 
 log = logging.getLogger("virtio_nsm.vhost_user")
 
-OFFERED_FEATURES = (
+#: The feature bits of the transport (the device adds its own, see ``VhostUserDevice.features``).
+TRANSPORT_FEATURES = (
     1 << spec.VIRTIO_F_VERSION_1
     | 1 << VHOST_USER_F_PROTOCOL_FEATURES
     | 1 << spec.VIRTIO_RING_F_INDIRECT_DESC
@@ -128,34 +145,6 @@ MAX_DEVICE_STATE = 1 << 20
 
 class BackendError(Exception):
     """A well-formed request that this backend cannot honour in its current state."""
-
-
-class QueueWorker(Protocol):
-    """Device-specific processing of one started vring."""
-
-    def process(self) -> bool:
-        """Handle every available chain; return whether used entries were published."""
-        ...
-
-    def rewind(self) -> int:
-        """Give back any chain taken but not answered; return the next available index."""
-        ...
-
-    def track_inflight(self, tracker: InflightQueue, resubmit: list[int]) -> None:
-        """Record taken/returned chains in ``tracker``; first serve the heads in ``resubmit``."""
-        ...
-
-
-class DeviceStateHandler(Protocol):
-    """The device's side of VHOST_USER_PROTOCOL_F_DEVICE_STATE."""
-
-    def save_state(self) -> bytes:
-        """The device state to migrate (raise to report a failed save)."""
-        ...
-
-    def load_state(self, data: bytes) -> None:
-        """Adopt a state produced by :meth:`save_state` (raise to refuse it)."""
-        ...
 
 
 @dataclass(eq=False)
@@ -203,22 +192,54 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
+def _nonblocking(fd: int) -> int:
+    """Make a frontend's eventfd non-blocking (its open file is shared with the frontend).
+
+    The frontend can drain a kick fd between our readiness check and our read, or
+    leave a call fd's counter at its maximum: a blocking read or write would then
+    stop the whole backend (and its signal handling) indefinitely.
+    """
+    with contextlib.suppress(OSError):  # not our business if it is no fd at all
+        os.set_blocking(fd, False)
+    return fd
+
+
 class VhostUserBackend:
     """Protocol state of one vhost-user device, across connections."""
 
-    def __init__(
-        self,
-        worker_factory: Callable[[DeviceQueue, Callable[[], None]], QueueWorker],
-        *,
-        num_queues: int = 1,
-        device_state: DeviceStateHandler | None = None,
-    ) -> None:
-        self._worker_factory = worker_factory
+    def __init__(self, device: VhostUserDevice, *, allow_file_memory: bool = False) -> None:
+        self.device = device
+        num_queues = device.num_queues
+        if not 1 <= num_queues <= 0x100:
+            raise ValueError(f"a vhost-user device has 1..256 queues, not {num_queues}")
         self.num_queues = num_queues
-        self.device_state = device_state
+        #: Largest ring the device accepts (also bounds an inflight region).
+        size = self.max_queue_size = device.max_queue_size
+        if not 1 <= size <= spec.VIRTQ_MAX_SIZE or size & (size - 1):
+            raise ValueError(f"maximum queue size {size} is not a power of two up to 32768")
+        if device.features & TRANSPORT_FEATURES:
+            raise ValueError(f"device features {device.features:#x} overlap the transport's")
+        if not 0 <= device.config_size <= VHOST_USER_MAX_CONFIG_SIZE:
+            raise ValueError(
+                f"config space of {device.config_size} bytes (at most {VHOST_USER_MAX_CONFIG_SIZE})"
+            )
+        #: Feature bits offered: the transport's and the device's.
+        self.offered_features = TRANSPORT_FEATURES | device.features
+        #: Map guest memory that could shrink under us (see :meth:`_map`).
+        self.allow_file_memory = allow_file_memory
+        #: Set by the event loop: true once the backend is shutting down, which ends
+        #: any wait for the frontend (a device state load) early.
+        self.interrupted: Callable[[], bool] = lambda: False
+        #: Called with a kick fd just before the backend closes it, so that the event
+        #: loop stops watching it while it can: once closed here, epoll still watches
+        #: the frontend's copy of the eventfd and could no longer be told to stop.
+        self.kick_closing: Callable[[int], None] = lambda fd: None
+        self.device_state = device.device_state
         self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
-        if device_state is not None:
+        if self.device_state is not None:
             self.offered_protocol_features |= 1 << _PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE
+        if device.config_size:
+            self.offered_protocol_features |= 1 << _PF.VHOST_USER_PROTOCOL_F_CONFIG
         self.inflight: InflightRegion | None = None
         self._reply_fds: list[int] = []
         self._state_load_fd: int | None = None
@@ -262,6 +283,8 @@ class VhostUserBackend:
             R.VHOST_USER_SET_INFLIGHT_FD: self._set_inflight_fd,
             R.VHOST_USER_SET_DEVICE_STATE_FD: self._set_device_state_fd,
             R.VHOST_USER_CHECK_DEVICE_STATE: self._check_device_state,
+            R.VHOST_USER_GET_CONFIG: self._get_config,
+            R.VHOST_USER_SET_CONFIG: self._set_config,
         }
 
     def __repr__(self) -> str:
@@ -345,9 +368,7 @@ class VhostUserBackend:
     def drop_kick(self, index: int) -> None:
         """The kick fd of vring ``index`` is unusable: close it and stop the ring."""
         vring = self.vrings[index]
-        if vring.kick_fd is not None:
-            _close(vring.kick_fd)
-            vring.kick_fd = None
+        self._close_kick(vring)
         vring.drop_queue()
         vring.started = False
 
@@ -359,19 +380,17 @@ class VhostUserBackend:
         """The frontend went away: drop all transport state (not device state)."""
         for vring in self.vrings:
             vring.drop_queue()
+            self._close_kick(vring)
             vring.close_fds()
         self.vrings = [Vring(i) for i in range(self.num_queues)]
         self.memory.close()
         self.memory = GuestMemory()
+        self.device.reset()
         self.features = self.protocol_features = self.status = 0
         self.owner = False
         self._drop_inflight()
         self._end_state_transfer()
         self.polling = False
-
-    @property
-    def needs_reset(self) -> bool:
-        return bool(self.status & spec.VIRTIO_CONFIG_S_NEEDS_RESET)
 
     # -- ring processing ----------------------------------------------------------
 
@@ -386,12 +405,15 @@ class VhostUserBackend:
         published = False
         try:
             while True:
+                seen = queue.avail_idx
                 published |= vring.worker.process()
                 queue.publish_avail_event()
                 # A chain made available while we published avail_event must not wait
                 # for a kick that the driver may have decided not to send (when we poll,
-                # the next look at the ring finds it anyway).
-                if not queue.kicks_wanted or not queue.available():
+                # the next look at the ring finds it anyway).  Chains the worker left
+                # on the ring on purpose (a receive queue with nothing to deliver) do
+                # not count: only the driver moving the index again does.
+                if not queue.kicks_wanted or queue.avail_idx == seen:
                     break
             if published and queue.needs_notify():
                 self._signal(vring)
@@ -435,7 +457,11 @@ class VhostUserBackend:
             if not self._track(vring, layout):
                 return None
         else:
-            vring.worker = self._worker_factory(vring.queue, lambda: self._interrupt(vring))
+            try:
+                vring.worker = self.device.worker(vring.index, vring.queue, lambda: self._interrupt(vring))
+            except VirtioError as exc:
+                self._break(vring, f"the device refused the ring: {exc}")
+                return None
         log.info(
             "vring %d started: size %d, avail index %d, desc %#x avail %#x used %#x",
             vring.index,
@@ -479,8 +505,12 @@ class VhostUserBackend:
             )
         if resubmit:
             log.warning("vring %d: resubmitting inflight chains %s", vring.index, resubmit)
-        vring.worker = self._worker_factory(queue, lambda: self._interrupt(vring))
-        vring.worker.track_inflight(tracker, resubmit)
+        try:
+            vring.worker = self.device.worker(vring.index, queue, lambda: self._interrupt(vring))
+            vring.worker.track_inflight(tracker, resubmit)
+        except VirtioError as exc:  # e.g. a device that keeps no inflight record
+            self._break(vring, f"inflight tracking refused: {exc}")
+            return False
         return True
 
     def _interrupt(self, vring: Vring) -> None:
@@ -496,6 +526,10 @@ class VhostUserBackend:
         self.interrupts += 1
         try:
             os.write(vring.call_fd, _EVENTFD_ONE)
+        except BlockingIOError:
+            # The counter is at its maximum: the frontend has an interrupt pending
+            # already, which is all this write would have said.
+            pass
         except OSError as exc:
             log.warning("vring %d: cannot signal the call fd: %s", vring.index, exc)
         self.last_interrupt_ns = time.monotonic_ns()
@@ -516,6 +550,14 @@ class VhostUserBackend:
             with contextlib.suppress(OSError):
                 os.write(vring.err_fd, _EVENTFD_ONE)
 
+    def _close_kick(self, vring: Vring) -> None:
+        """Close a ring's kick fd, telling the event loop first (see ``kick_closing``)."""
+        fd = vring.kick_fd
+        if fd is not None:
+            vring.kick_fd = None
+            self.kick_closing(fd)
+            _close(fd)
+
     def _invalidate(self, vring: Vring) -> None:
         vring.drop_queue()
         vring.broken = None
@@ -523,8 +565,10 @@ class VhostUserBackend:
     def _reset_vrings(self) -> None:
         for vring in self.vrings:
             vring.drop_queue()
+            self._close_kick(vring)
             vring.close_fds()
         self.vrings = [Vring(i) for i in range(self.num_queues)]
+        self.device.reset()
         self.status &= ~spec.VIRTIO_CONFIG_S_NEEDS_RESET
         # What was in flight belongs to the rings just reset: the frontend brings
         # a new (or reset) region with SET_INFLIGHT_FD before starting them again.
@@ -556,6 +600,20 @@ class VhostUserBackend:
         return self.vrings[index]
 
     def _map(self, desc: MemoryRegionDescription, fd: int) -> MemoryRegion:
+        # A file the frontend can shrink under our mapping turns our next access into
+        # SIGBUS, which kills the process: only memfds sealed against shrinking are
+        # mapped unless the operator accepted that risk (nsm serve --allow-file-memory).
+        hazard = shrink_hazard(fd)
+        if hazard == NOT_A_FILE:
+            raise BackendError(f"guest memory fd is {hazard}")
+        if hazard is not None:
+            if not self.allow_file_memory:
+                raise BackendError(
+                    f"guest memory is {hazard}: the frontend could shrink it and kill this "
+                    "backend (SIGBUS); use QEMU's -object memory-backend-memfd,...,share=on "
+                    "(sealed by default), or accept the risk with --allow-file-memory"
+                )
+            log.warning("guest memory is %s: mapped anyway (--allow-file-memory)", hazard)
         try:
             return MemoryRegion.from_fd(
                 fd,
@@ -578,15 +636,16 @@ class VhostUserBackend:
     # -- request handlers -------------------------------------------------------------
 
     def _get_features(self, message: Message, payload: Payload) -> Payload:
-        return U64(OFFERED_FEATURES)
+        return U64(self.offered_features)
 
     def _set_features(self, message: Message, payload: Payload) -> None:
         assert isinstance(payload, U64)
-        if payload.value & ~OFFERED_FEATURES:
-            raise BackendError(f"features {payload.value & ~OFFERED_FEATURES:#x} were not offered")
+        if payload.value & ~self.offered_features:
+            raise BackendError(f"features {payload.value & ~self.offered_features:#x} were not offered")
         if not payload.value & (1 << spec.VIRTIO_F_VERSION_1):
             log.warning("frontend did not accept VIRTIO_F_VERSION_1 (legacy is not supported)")
         self.features = payload.value
+        self.device.features_acked(payload.value)
         self._drop_all_queues()
         self._process_all()
 
@@ -645,8 +704,8 @@ class VhostUserBackend:
         assert isinstance(payload, VringState)
         vring = self._vring(payload.index)
         num = payload.num
-        if not 1 <= num <= spec.VIRTQ_MAX_SIZE or num & (num - 1):
-            raise BackendError(f"vring size {num} is not a power of two in 1..32768")
+        if not 1 <= num <= self.max_queue_size or num & (num - 1):
+            raise BackendError(f"vring size {num} is not a power of two in 1..{self.max_queue_size}")
         self._invalidate(vring)
         vring.num = num
 
@@ -670,9 +729,7 @@ class VhostUserBackend:
         vring = self._vring(payload.index)
         vring.drop_queue()
         vring.started = False
-        if vring.kick_fd is not None:
-            _close(vring.kick_fd)
-            vring.kick_fd = None
+        self._close_kick(vring)
         log.info("vring %d stopped at avail index %d", vring.index, vring.base)
         return VringState(vring.index, vring.base)
 
@@ -681,9 +738,8 @@ class VhostUserBackend:
         vring = self._vring(payload.index)
         if payload.nofd:
             raise BackendError("polling (no kick fd) is not supported")
-        if vring.kick_fd is not None:
-            _close(vring.kick_fd)
-        vring.kick_fd = message.fds.pop()
+        self._close_kick(vring)
+        vring.kick_fd = _nonblocking(message.fds.pop())
         vring.started = True
         self.process(vring)
 
@@ -692,7 +748,7 @@ class VhostUserBackend:
         vring = self._vring(payload.index)
         if vring.call_fd is not None:
             _close(vring.call_fd)
-        vring.call_fd = None if payload.nofd else message.fds.pop()
+        vring.call_fd = None if payload.nofd else _nonblocking(message.fds.pop())
         if vring.signal_pending and vring.call_fd is not None:
             self._signal(vring)
 
@@ -701,7 +757,7 @@ class VhostUserBackend:
         vring = self._vring(payload.index)
         if vring.err_fd is not None:
             _close(vring.err_fd)
-        vring.err_fd = None if payload.nofd else message.fds.pop()
+        vring.err_fd = None if payload.nofd else _nonblocking(message.fds.pop())
 
     def _get_protocol_features(self, message: Message, payload: Payload) -> Payload:
         return U64(self.offered_protocol_features)
@@ -759,6 +815,7 @@ class VhostUserBackend:
     def _get_inflight_fd(self, message: Message, payload: Payload) -> Payload:
         assert isinstance(payload, Inflight)
         self._require(_PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, message)
+        self._check_inflight_geometry(payload)
         try:
             region = InflightRegion.create(payload.num_queues, payload.queue_size)
         except (InflightError, OSError) as exc:
@@ -772,6 +829,11 @@ class VhostUserBackend:
     def _set_inflight_fd(self, message: Message, payload: Payload) -> None:
         assert isinstance(payload, Inflight)
         self._require(_PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, message)
+        self._check_inflight_geometry(payload)
+        hazard = shrink_hazard(message.fds[0])
+        if hazard is not None:
+            # Ours (GET_INFLIGHT_FD) are sealed; a region that can shrink could kill us.
+            raise BackendError(f"inflight region refused: it is {hazard}")
         fd = message.fds.pop()
         try:
             region = InflightRegion.from_fd(
@@ -783,6 +845,38 @@ class VhostUserBackend:
         self.inflight = region
         log.info("inflight region set: %r", region)
         self._process_all()
+
+    def _get_config(self, message: Message, payload: Payload) -> Payload:
+        assert isinstance(payload, DeviceConfig)
+        self._require(_PF.VHOST_USER_PROTOCOL_F_CONFIG, message)
+        try:
+            data = self.device.get_config(payload.offset, payload.size)
+            if len(data) != payload.size:
+                raise ConfigError(f"device returned {len(data)} bytes of config for {payload.size}")
+        except ConfigError as exc:
+            log.error("GET_CONFIG %d+%d refused: %s", payload.offset, payload.size, exc)
+            return DeviceConfig(payload.offset, 0, payload.flags, b"")  # size 0: failed
+        return DeviceConfig(payload.offset, payload.size, payload.flags, bytes(data))
+
+    def _set_config(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, DeviceConfig)
+        self._require(_PF.VHOST_USER_PROTOCOL_F_CONFIG, message)
+        try:
+            self.device.set_config(payload.offset, payload.data)
+        except ConfigError as exc:
+            raise BackendError(f"SET_CONFIG {payload.offset}+{payload.size} refused: {exc}") from exc
+
+    def _check_inflight_geometry(self, payload: Inflight) -> None:
+        """An inflight region covers at most the device's queues, at its largest ring size."""
+        if not 1 <= payload.num_queues <= self.num_queues:
+            raise BackendError(
+                f"inflight region for {payload.num_queues} queues (device has {self.num_queues})"
+            )
+        size = payload.queue_size
+        if not 1 <= size <= self.max_queue_size or size & (size - 1):
+            raise BackendError(
+                f"inflight region for queue size {size} (a power of two up to {self.max_queue_size})"
+            )
 
     def _set_device_state_fd(self, message: Message, payload: Payload) -> Payload:
         assert isinstance(payload, DeviceStateTransfer)
@@ -799,7 +893,7 @@ class VhostUserBackend:
             if payload.direction == VHOST_TRANSFER_STATE_DIRECTION_SAVE:
                 self._save_state(fd)
             elif payload.direction == VHOST_TRANSFER_STATE_DIRECTION_LOAD:
-                self._state_load_fd, fd = fd, -1
+                self._state_load_fd, fd = _nonblocking(fd), -1
                 self._state_error = "no CHECK_DEVICE_STATE yet"
             else:
                 raise BackendError(f"transfer direction {payload.direction} is unknown")
@@ -854,9 +948,16 @@ class VhostUserBackend:
         try:
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not poller.poll(left * 1000):
+                if left <= 0:
                     return f"the frontend did not finish sending the state within {STATE_LOAD_TIMEOUT} s"
-                chunk = os.read(fd, 65536)
+                if not poller.poll(min(left, SLICE) * 1000):
+                    if self.interrupted():
+                        return "the backend is stopping"
+                    continue
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue  # the frontend holds the pipe too and drained it meanwhile
                 if not chunk:
                     break
                 total += len(chunk)
@@ -865,6 +966,8 @@ class VhostUserBackend:
                 chunks.append(chunk)
         except OSError as exc:
             return f"reading the device state failed: {exc}"
+        if any(v.started for v in self.vrings):  # started since SET_DEVICE_STATE_FD
+            return "a ring was started during the transfer; load refused"
         try:
             self.device_state.load_state(b"".join(chunks))
         except Exception as exc:
@@ -888,5 +991,6 @@ _REPLYING = frozenset(
         FrontendRequest.VHOST_USER_GET_INFLIGHT_FD,
         FrontendRequest.VHOST_USER_SET_DEVICE_STATE_FD,
         FrontendRequest.VHOST_USER_CHECK_DEVICE_STATE,
+        FrontendRequest.VHOST_USER_GET_CONFIG,
     }
 )

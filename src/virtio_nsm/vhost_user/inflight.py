@@ -25,10 +25,10 @@ Every queue region is rounded up to 64 bytes, as libvhost-user and DPDK do.
   resubmits the heads still marked inflight in counter order, and continues on
   the available ring at ``used->idx`` plus their number.
 
-The counter is what makes a request recognisable across a crash: the pair
-``(head, counter)`` names one submission, and survives the backend.  Counters
-start at a random 62-bit value in every new region (the spec leaves the start
-open; it only orders entries), so two regions -- e.g. before and after a VM
+The counter is what makes a request recognisable across a crash: head and
+counter (a :class:`~virtio_nsm.request.RequestToken`) name one submission, and
+survive the backend.  Counters start at a random 62-bit value in every new
+region (the spec leaves the start open; it only orders entries), so two regions -- e.g. before and after a VM
 reset, which gets a new region -- never produce the same pair, and a durable
 record of "the last request I applied" (:mod:`virtio_nsm.persist`) can tell a
 resubmission from a new request that happens to use the same head.
@@ -41,12 +41,14 @@ being trusted.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import secrets
 import struct
 from typing import Final
 
+from ..request import RequestToken
 from ..virtio.memory import VirtioError
 
 __all__ = [
@@ -100,9 +102,10 @@ class InflightQueue:
 
     def _initialise(self) -> None:
         base = secrets.randbits(62)
-        self._view[: queue_region_size(self.size)] = bytes(queue_region_size(self.size))
-        for i in range(self.size):
-            _ENTRY.pack_into(self._view, _HEADER.size + i * _ENTRY.size, 0, 0, base)
+        size = queue_region_size(self.size)
+        entries = _ENTRY.pack(0, 0, base) * self.size
+        padding = size - _HEADER.size - len(entries)
+        self._view[:size] = bytes(_HEADER.size) + entries + bytes(padding)
         _HEADER.pack_into(self._view, 0, 0, INFLIGHT_VERSION, self.size, 0, 0)
 
     def release(self) -> None:
@@ -129,9 +132,9 @@ class InflightQueue:
     def used_idx(self) -> int:
         return int(struct.unpack_from("<H", self._view, 14)[0])
 
-    def token(self, head: int) -> tuple[int, int]:
+    def token(self, head: int) -> RequestToken:
         """What names the submission of chain ``head`` across backend restarts."""
-        return (head, self.counter_of(head))
+        return RequestToken(head, self.counter_of(head))
 
     # -- the protocol ------------------------------------------------------------
 
@@ -165,10 +168,6 @@ class InflightQueue:
         struct.pack_into("<Q", self._view, self._entry(head) + _COUNTER_OFFSET, self.counter)
         self.counter += 1
         self._flags[head] = 1
-
-    def given_back(self, head: int) -> None:
-        """Chain ``head`` was given back untouched (it will be taken again)."""
-        self._flags[head] = 0
 
     def returned(self, head: int) -> None:
         """Chain ``head`` is on the used ring, not yet published."""
@@ -216,9 +215,12 @@ class InflightRegion:
     def create(cls, num_queues: int, queue_size: int) -> InflightRegion:
         """A new zeroed region in a memfd (what GET_INFLIGHT_FD hands out)."""
         size = cls._check_geometry(num_queues, queue_size)
-        fd = os.memfd_create("virtio-nsm-inflight", os.MFD_CLOEXEC)
+        fd = os.memfd_create("virtio-nsm-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            # The frontend keeps this fd and hands it to the next backend, which maps
+            # it: sealed, nobody can shrink it under a mapping (SIGBUS).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)

@@ -14,11 +14,14 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+#: Linux's virtio-vsock driver (for a vsock device, e.g. ``nsm vsock serve``), in load order.
+VSOCK_MODULES: tuple[str, ...] = ("vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")
 #: Kernel modules the guest needs, in load order (names without ``.ko``).
 #: Debian's generic kernel builds virtio, virtio-pci, the 8250 UART and the
 #: hwrng core in; these are modules. ``cuse`` (FUSE itself is built in) gives
 #: the guest ``/dev/cuse`` for ``nsm cuse``.
-GUEST_MODULES: tuple[str, ...] = ("netfs", "9pnet", "9pnet_virtio", "9p", "overlay", "cuse", "nsm")
+GUEST_MODULES: tuple[str, ...] = (
+    "netfs", "9pnet", "9pnet_virtio", "9p", "overlay", "cuse", "nsm", *VSOCK_MODULES)
 
 #: Marker the init prints on the kernel console with the command's exit status.
 EXIT_MARKER = "NSM-VM-EXIT:"
@@ -56,6 +59,9 @@ insmod /lib/modules/cuse.ko || fail "insmod cuse failed"
 if [ "$NSMMOD" = 1 ]; then
     insmod /lib/modules/nsm.ko || fail "insmod nsm failed"
 fi
+for m in vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport; do
+    insmod /lib/modules/$m.ko || echo "nsm-vm-init: insmod $m failed" > /dev/console
+done
 
 O=trans=virtio,version=9p2000.L,msize=262144
 mkdir -p /mnt

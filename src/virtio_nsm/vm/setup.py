@@ -516,6 +516,9 @@ _MODULE_PATHS = {
     "overlay": "kernel/fs/overlayfs/overlay.ko",
     "cuse": "kernel/fs/fuse/cuse.ko",
     "nsm": "kernel/drivers/misc/nsm.ko",
+    "vsock": "kernel/net/vmw_vsock/vsock.ko",
+    "vmw_vsock_virtio_transport_common": "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+    "vmw_vsock_virtio_transport": "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
 }
 
 

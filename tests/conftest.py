@@ -4,13 +4,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import FakeClock, shared_data_missing
+from support import FakeClock
 
 from virtio_nsm import NsmDevice
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-AWS_TESTDATA = SHARED / "testdata" / "aws"
+#: Real AWS documents, their sources and expected verdicts (NOTICE.md), shipped with the tests.
+AWS_TESTDATA = REPO / "tests" / "data" / "aws"
 
 
 @pytest.fixture
@@ -25,8 +25,6 @@ def device(clock: FakeClock) -> NsmDevice:
 
 @pytest.fixture
 def aws_testdata() -> Path:
-    if not AWS_TESTDATA.is_dir():
-        shared_data_missing(AWS_TESTDATA)
     return AWS_TESTDATA
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 
 class FakeClock:
     """A settable clock (seconds since the epoch) for devices and CAs."""
@@ -17,14 +15,3 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self.now += seconds
 
-
-def shared_data_missing(path: object) -> NoReturn:
-    """Skip when ../shared is absent on a developer machine; in CI it must be there."""
-    import os
-
-    import pytest
-
-    message = f"shared AWS test data not found at {path}"
-    if os.environ.get("CI"):
-        pytest.fail(message + " (CI must run with ../shared beside the clone)")
-    pytest.skip(message)

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +14,31 @@ from virtio_nsm import NsmDevice
 REPO = Path(__file__).resolve().parent.parent
 #: Real AWS documents, their sources and expected verdicts (NOTICE.md), shipped with the tests.
 AWS_TESTDATA = REPO / "tests" / "data" / "aws"
+
+
+#: Where the tests' default CA and default state directory go (never the user's own).
+_XDG = ("XDG_DATA_HOME", "XDG_STATE_HOME")
+_saved_env: dict[str, str | None] = {}
+_private_home: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point the default CA and state directory (and children's) at a private temp dir."""
+    home = tempfile.mkdtemp(prefix="virtio-nsm-tests-")
+    _private_home.append(home)
+    for name in _XDG:
+        _saved_env[name] = os.environ.get(name)
+        os.environ[name] = os.path.join(home, name.lower())
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for name, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    for home in _private_home:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import click
 from .. import persist
 from ..durable import DurableNsm
 from ..errors import ConfigurationError
-from ..nsm.pki import ROOT_CERT_FILE, CertificateAuthority
+from ..nsm.pki import ROOT_CERT_FILE, CertificateAuthority, default_ca_dir
 from ..vhost_user import cpu_qos
 from ..vhost_user.daemon import DEFAULT_POLL_US, VhostUserDaemon
 from . import main
@@ -49,6 +49,29 @@ def qemu_options(path: Path, memory: str = "512M") -> str:
     )
 
 
+def _new_state_dir(directory: Path) -> bool:
+    """Whether ``nsm serve`` would initialise ``directory`` (it holds no state and no CA)."""
+    return not (directory / persist.STATE_FILE).exists() and not (directory / persist.CA_DIR).exists()
+
+
+def _default_ca(*, create: bool) -> tuple[CertificateAuthority | None, bytes | None]:
+    """The default CA and its certificate (PEM); announces it when this call created it."""
+    from .device import default_ca
+
+    authority, created = default_ca(create=create)
+    if created:
+        click.echo(f"nsm: created the default CA in {default_ca_dir()} (`nsm ca root` prints "
+                   "its root)", err=True)
+    return authority, None if authority is None else authority.certificate_pem
+
+
+def _is_default_root(certificate_pem: bytes) -> bool:
+    try:
+        return (default_ca_dir() / ROOT_CERT_FILE).read_bytes() == certificate_pem
+    except OSError:
+        return False
+
+
 @main.command()
 @click.option(
     "--vhost-user",
@@ -69,8 +92,9 @@ def qemu_options(path: Path, memory: str = "512M") -> str:
 @click.option(
     "--ephemeral",
     is_flag=True,
-    help="Keep the device state in memory only (fresh PCRs and CA every start; "
-    "a crash loses it).",
+    help="Keep the device state in memory only (fresh PCRs every start; a crash loses "
+    "it). Writes nothing: signs with the default CA if it exists, else with a throwaway "
+    "root that it prints.",
 )
 @click.option(
     "--ca-dir",
@@ -161,10 +185,23 @@ def serve(
                 qos.close()
             click.echo(f"nsm: {exc}", err=True)
             sys.exit(2)
+    directory = state_dir if state_dir is not None else persist.default_state_dir()
+    default_root: bytes | None = None  # the default CA's certificate, when it signs
+    if ca is None and (ephemeral or _new_state_dir(directory)):
+        # One CA signs everything by default (see `nsm ca --help`): a new state
+        # directory starts with a copy of it (created if need be); --ephemeral,
+        # which writes nothing, uses it only if it exists. An existing state
+        # directory keeps the root it has.
+        try:
+            ca, default_root = _default_ca(create=not ephemeral)
+        except ConfigurationError as exc:
+            if qos is not None:
+                qos.close()
+            click.echo(f"nsm: {exc}", err=True)
+            sys.exit(2)
     if ephemeral:
         nsm = DurableNsm.ephemeral(ca)
     else:
-        directory = state_dir if state_dir is not None else persist.default_state_dir()
         try:
             nsm = DurableNsm.open(directory, ca=ca)
         except persist.StateError as exc:
@@ -200,15 +237,31 @@ def serve(
     click.echo(f"vhost-user NSM backend listening on {socket_path}")
     click.echo(f"QEMU options (size must match -m): {qemu_options(socket_path)}")
     click.echo(f"Client without a VM: nsm describe --device vhost-user:{socket_path}")
+    signing_root = nsm.device.ca.certificate_pem
     if nsm.store is not None:
         root = nsm.store.directory / persist.CA_DIR / ROOT_CERT_FILE
         click.echo(f"Device state in {nsm.store.directory}; documents chain to {root} "
                    f"(nsm verify --root {root})")
+        if ca_dir is None:
+            if _is_default_root(signing_root):
+                click.echo("That is the default CA's root: `nsm ca root` prints it")
+            else:
+                click.echo(f"That is not the default CA's root (this state directory was made "
+                           f"with another one): `nsm ca root --state-dir {nsm.store.directory}` "
+                           "prints it")
     else:
         click.echo("Device state in memory only (--ephemeral): lost when this process ends")
         if ca_dir is not None:
             root = ca_dir / ROOT_CERT_FILE
             click.echo(f"Documents chain to {root} (nsm verify --root {root})")
+        elif default_root is not None:
+            click.echo(f"Documents chain to the default CA's root {default_ca_dir() / ROOT_CERT_FILE} "
+                       "(`nsm ca root` prints it)")
+        else:
+            click.echo("Documents chain to this throwaway root (no default CA exists; "
+                       "`nsm ca init` makes one); save it to verify them with "
+                       "nsm verify DOC --root FILE:")
+            click.echo(signing_root.decode("ascii"), nl=False)
     if qos is not None:
         click.echo(f"CPU latency QoS: idle CPUs kept responsive ({qos.path} at 0 us) while "
                    f"requests flow, released {qos.linger_ns // 1_000_000} ms after the last answer")

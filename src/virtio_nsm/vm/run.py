@@ -83,6 +83,8 @@ class RunResult:
     kept: bool
     backend_cpu_s: float | None = None
     """CPU time (user+system) of the backend ``nsm vm run`` started, if it did"""
+    error: str | None = None
+    """Why the run failed, when ``nsm vm run`` knows (also printed unless quiet)"""
 
 
 def _package_parent() -> str:
@@ -376,6 +378,7 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
 
     backend: _Backend | None = None
     boot: _BootProgress | None = None
+    error: str | None = None
     sock: str | None = None
     status = EXIT_VM_FAILURE
     qemu_rc: int | None = None
@@ -424,8 +427,9 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
                 proc.kill()
                 proc.wait()
                 relay_thread.join(5)
-                progress(f"timeout: the guest did not finish within {opts.timeout:.0f} s "
+                error = (f"timeout: the guest did not finish within {opts.timeout:.0f} s "
                          f"(console log: {console})")
+                progress(error)
                 status = EXIT_TIMEOUT
                 raise _Done from None
             relay_thread.join(5)
@@ -439,12 +443,14 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
             qtail = (run_dir / "qemu.log").read_text(errors="replace").strip()
             ctail = "\n".join(console.read_text(errors="replace").splitlines()[-15:]) \
                 if console.exists() else "(no console output)"
-            progress(f"the guest reported no exit status (QEMU exit {qemu_rc}).\n"
+            error = (f"the guest reported no exit status (QEMU exit {qemu_rc}).\n"
                      f"QEMU: {qtail or '(nothing)'}\nconsole tail:\n{ctail}")
+            progress(error)
     except _Done:
         pass
     except (VmError, SetupError) as exc:
-        progress(str(exc))
+        error = str(exc)
+        progress(error)
         status = EXIT_VM_FAILURE
     finally:
         if boot is not None:
@@ -452,7 +458,9 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
         if backend is not None:
             brc = backend.stop()
             if brc not in (0, None, -signal.SIGTERM):
-                progress(f"the backend exited with {brc}; log: {backend.log_path}")
+                note = f"the backend exited with {brc}; log: {backend.log_path}"
+                error = note if error is None else f"{error}\n{note}"
+                progress(note)
     seconds = time.monotonic() - t0
     failed = status != 0
     started = (run_dir / "qemu.log").exists()  # QEMU was started (its console may be empty)
@@ -465,7 +473,8 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
     if not kept:
         shutil.rmtree(run_dir, ignore_errors=True)
     return RunResult(status=status, run_dir=run_dir, console_log=console, seconds=seconds,
-                     kept=kept, backend_cpu_s=backend.cpu_s if backend is not None else None)
+                     kept=kept, backend_cpu_s=backend.cpu_s if backend is not None else None,
+                     error=error)
 
 
 class _Done(Exception):

@@ -73,15 +73,20 @@ class DurableNsm:
         where = self.store.directory if self.store is not None else "memory"
         return f"<DurableNsm {self.device.state.module_id} in {where}>"
 
-    def handle(self, request: bytes, token: object = None) -> bytes:
-        """Answer one request; a resubmitted, already applied one from the record."""
+    def handle(self, request: bytes, token: object = None, *,
+               max_response: int | None = None) -> bytes:
+        """Answer one request; a resubmitted, already applied one from the record.
+
+        ``max_response``: the response buffer's size, see :meth:`NsmDevice.handle`
+        (a change whose answer would not fit is not applied).
+        """
         if self.store is not None and isinstance(token, tuple):
             recorded = self.store.replay(request, token)
             if recorded is not None:
                 self.replayed += 1
                 log.warning("request %s was applied before a restart: answered from the record", token)
                 return recorded
-        return self.device.handle(request, token)
+        return self.device.handle(request, token, max_response=max_response)
 
     # -- VHOST_USER_PROTOCOL_F_DEVICE_STATE ------------------------------------------
 

@@ -28,6 +28,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,11 +318,20 @@ class StateStore:
 
 
 def _read(path: Path) -> bytes:
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; only a regular file is read.
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror}; refusing to start") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StateError(f"cannot read {path}: not a regular file; refusing to start")
+        with open(fd, "rb", closefd=False) as fh:
             data = fh.read(MAX_STATE_FILE + 1)
     except OSError as exc:
         raise StateError(f"cannot read {path}: {exc.strerror}; refusing to start") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_STATE_FILE:
         raise StateError(f"{path}: larger than any state file; refusing to use it")
     return data

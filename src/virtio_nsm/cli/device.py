@@ -17,7 +17,9 @@ from ..client import DEFAULT_DEVICE, DEVICE_ENV, LOCAL_DEVICE, Nsm
 from ..errors import ConfigurationError, DeviceNotFoundError, NsmError, TransportError
 from ..nsm.device import NsmDevice
 from ..nsm.pki import ROOT_CERT_FILE, ROOT_KEY_FILE, CertificateAuthority, default_ca_dir
+from ..nsm.protocol import MAX_REQUEST_SIZE
 from . import main
+from .inputs import InputError, read_input
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -95,11 +97,16 @@ def hex_or_file(value: str | None, what: str) -> bytes | None:
     if value is None:
         return None
     if value.startswith("@"):
-        try:
-            return Path(value[1:]).read_bytes()
-        except OSError as exc:
-            raise click.BadParameter(f"cannot read {what} file {value[1:]}: {exc.strerror}") from None
+        return read_small_input(value[1:], f"{what} file {value[1:]}", allow_stdin=False)
     return parse_hex(value, what)
+
+
+def read_small_input(path: str, what: str, *, allow_stdin: bool = True) -> bytes:
+    """A file's bytes for one request field: capped at the request size limit."""
+    try:
+        return read_input(path, limit=MAX_REQUEST_SIZE, what=what, allow_stdin=allow_stdin)
+    except InputError as exc:
+        fail(str(exc))
 
 
 def pcr_index(f: Callable[P, T]) -> Callable[P, T]:
@@ -182,8 +189,7 @@ def pcr_extend(nsm: Nsm, as_json: bool, index: int, data_hex: str | None,
         data = parse_hex(data_hex, "--data")
     else:
         assert data_file is not None
-        with click.open_file(data_file, "rb") as fh:
-            data = fh.read()
+        data = read_small_input(data_file, "standard input" if data_file == "-" else data_file)
     value = nsm.extend_pcr(index, data)
     emit(as_json, {"index": index, "data": value.hex()}, f"PCR{index} {value.hex()}")
 

@@ -11,6 +11,7 @@ import click
 from .. import persist
 from . import main
 from .device import fail
+from .inputs import InputError, read_input
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -59,15 +60,17 @@ def state_import(state_dir: Path | None, snapshot: str, replace: bool) -> None:
     """Install SNAPSHOT (from `nsm state export`) into a state directory."""
     directory = state_dir or persist.default_state_dir()
     try:
-        with click.open_file(snapshot, "rb") as fh:
-            data = fh.read(persist.MAX_STATE_FILE + 1)
-    except OSError as exc:
-        fail(f"cannot read {snapshot}: {exc.strerror}")
-    had_ca = (Path(directory) / persist.CA_DIR).exists()
+        data = read_input(snapshot, limit=persist.MAX_STATE_FILE,
+                          what="standard input" if snapshot == "-" else snapshot)
+    except InputError as exc:
+        fail(str(exc))
     try:
+        had_ca = (Path(directory) / persist.CA_DIR).exists()
         snap = persist.import_state(directory, data, replace=replace)
     except persist.StateError as exc:
         fail(str(exc))
+    except OSError as exc:  # e.g. a state directory under a file, or in /proc
+        fail(f"cannot use state directory {directory}: {exc.strerror or exc}")
     click.echo(f"imported state of {snap.state.module_id} into {directory}")
     if not had_ca:
         click.echo(f"note: {directory} had no CA; a new one was created, so documents will "

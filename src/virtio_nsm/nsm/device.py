@@ -11,6 +11,14 @@ it current. If anything fails before that point -- a rejected request, a
 failing hook, a bug -- the current value is untouched and the answer is an
 error. PCRs and locks only ever move forward: nothing here unlocks or resets
 a PCR, and a transport's reset does not reach this object.
+
+Response buffer: the transport says how many bytes the driver's response
+buffer holds (``max_response``). An answer that does not fit is replaced by
+``{"Error": "BufferTooSmall"}`` if that fits, else by nothing (``b""``), and a
+state change whose answer does not fit is *not applied*: the answer of a
+mutating request is known before the change is committed, and the size check
+comes first. A driver that retries with a larger buffer therefore never
+extends twice.
 """
 
 from __future__ import annotations
@@ -131,6 +139,17 @@ def _digest(value: Digest | str) -> Digest:
 _DOCUMENT_OVERHEAD: Final = protocol.MAX_REQUEST_SIZE + 512
 
 
+class _NoRoom(Exception):
+    """The answer of a state change does not fit the response buffer."""
+
+
+_BUFFER_TOO_SMALL: Final = protocol.encode_error(ErrorCode.BufferTooSmall)
+
+
+def _too_small(room: int) -> bytes:
+    return _BUFFER_TOO_SMALL if len(_BUFFER_TOO_SMALL) <= room else b""
+
+
 class NsmDevice:
     """A sans-IO NitroSecureModule.
 
@@ -166,6 +185,7 @@ class NsmDevice:
         self._lock = threading.Lock()
         self._request: bytes = b""
         self._token: object = None
+        self._room = MAX_RESPONSE_SIZE
         self._state = state
         # DescribeNSM's answer depends on the state only, which is an immutable value
         # replaced on every change: keep the last answer with the state it describes.
@@ -202,6 +222,8 @@ class NsmDevice:
         return dt.datetime.fromtimestamp(self._clock(), dt.UTC)
 
     def _apply(self, new: DeviceState, response: bytes) -> bytes:
+        if len(response) > self._room:  # the driver could not read the answer: change nothing
+            raise _NoRoom
         if self._commit is not None:
             try:
                 self._commit(Commit(new, self._request, response, self._token))
@@ -213,23 +235,36 @@ class NsmDevice:
 
     # -- requests ------------------------------------------------------
 
-    def handle(self, request: bytes, token: object = None) -> bytes:
+    def handle(self, request: bytes, token: object = None, *,
+               max_response: int | None = None) -> bytes:
         """Answer one request (CBOR bytes) with the response bytes. Never raises.
 
         ``token`` is passed through to the commit hook (see :class:`Commit`).
+        ``max_response`` is the size of the driver's response buffer (default
+        and upper bound: ``MAX_RESPONSE_SIZE``); see the module docstring for
+        what happens to an answer that does not fit.
         """
+        room = MAX_RESPONSE_SIZE if max_response is None else max(0, min(max_response, MAX_RESPONSE_SIZE))
         with self._lock:
-            self._request, self._token = request, token
+            self._request, self._token, self._room = request, token, room
             try:
                 response = self._dispatch(protocol.decode_request(request))
             except RequestRejected as exc:
-                return protocol.encode_error(exc.code)
+                response = protocol.encode_error(exc.code)
+            except _NoRoom:
+                log.warning("a state change was not applied: its answer does not fit the "
+                            "%d-byte response buffer", room)
+                return _too_small(room)
             except Exception:
                 log.exception("internal error while handling a request")
-                return protocol.encode_error(ErrorCode.InternalError)
-        if len(response) > MAX_RESPONSE_SIZE:  # excluded at construction; kept as a guard
-            log.error("response of %d bytes does not fit the response buffer", len(response))
-            return protocol.encode_error(ErrorCode.InternalError)
+                response = protocol.encode_error(ErrorCode.InternalError)
+        if len(response) > room:
+            if len(response) > MAX_RESPONSE_SIZE:  # excluded at construction; kept as a guard
+                log.error("response of %d bytes does not fit the response buffer", len(response))
+                response = protocol.encode_error(ErrorCode.InternalError)
+                if len(response) <= room:
+                    return response
+            return _too_small(room)
         return response
 
     def _dispatch(self, request: Request) -> bytes:

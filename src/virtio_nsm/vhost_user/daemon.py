@@ -28,7 +28,8 @@ put on the used ring.
 Requests longer than ``MAX_REQUEST_SIZE`` are passed on truncated to one byte more
 than the limit, so the device answers ``InputTooLarge`` without us copying
 arbitrary amounts of guest memory.  A response chain too small for the answer
-gets ``{"Error": "BufferTooSmall"}`` if that fits, otherwise nothing (length 0).
+gets ``{"Error": "BufferTooSmall"}`` if that fits, otherwise nothing (length 0);
+the handler is told the buffer's size first, so such a request changes nothing.
 
 Event loop
 ----------
@@ -77,6 +78,7 @@ of a round trip spent in QEMU and the guest).  :meth:`VhostUserDaemon.request_st
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import selectors
@@ -110,8 +112,18 @@ __all__ = [
 log = logging.getLogger("virtio_nsm.vhost_user")
 
 #: ``handler(request) -> response``; on a ring with inflight tracking it is called
-#: as ``handler(request, token)`` (``NsmDevice.handle`` takes both forms).
+#: as ``handler(request, token)`` (``NsmDevice.handle`` takes both forms). A handler
+#: with a ``max_response`` keyword (``NsmDevice.handle``, ``DurableNsm.handle``) is
+#: told the response buffer's size, so it can refuse a change whose answer would
+#: not fit instead of applying it.
 Handler = Callable[..., bytes]
+
+
+def _takes_max_response(handler: Handler) -> bool:
+    try:
+        return "max_response" in inspect.signature(handler).parameters
+    except (TypeError, ValueError):  # no signature to inspect
+        return False
 
 #: ``nsm serve``'s polling window after activity, in microseconds (module docstring).
 #: The class itself does not poll unless asked: a daemon run in a thread of a process
@@ -140,6 +152,7 @@ class NsmQueueWorker:
     ) -> None:
         self.queue = queue
         self.handler = handler
+        self.sized = _takes_max_response(handler)
         self.notify = notify
         self.pending: Chain | None = None
         self.tracker: InflightQueue | None = None
@@ -224,7 +237,10 @@ class NsmQueueWorker:
     def _serve(self, request_chain: Chain, capacity: int) -> bytes:
         request = request_chain.read(self.queue.memory, MAX_REQUEST_SIZE + 1)
         try:
-            if self.tracker is None:
+            if self.sized:
+                token = None if self.tracker is None else self.tracker.token(request_chain.head)
+                response = self.handler(request, token, max_response=capacity)
+            elif self.tracker is None:
                 response = self.handler(request)
             else:
                 response = self.handler(request, self.tracker.token(request_chain.head))

@@ -270,7 +270,7 @@ def ca() -> None:
     (a new state directory keeps a copy of it), `nsm serve --ephemeral` (when it
     exists) and `nsm attest --device local`. `nsm ca init` creates it; so does
     the first `nsm serve` or local attestation that needs it. `nsm ca root`
-    prints its certificate:  nsm verify doc.cose --root <(nsm ca root)
+    prints its certificate:  nsm ca root > root.pem; nsm verify doc.cose --root root.pem
     """
 
 

@@ -278,7 +278,8 @@ def _hints(reasons: Sequence[str], data: bytes, trusted: Sequence[x509.Certifica
         hints.append(
             f"the document's chain {top}, but only {names} is trusted. Documents from AWS "
             "verify with no --root; documents from this project's devices verify with their "
-            "root: --root <(nsm ca root), or --root DIR/ca/root.pem for `nsm serve --state-dir DIR`"
+            "root: `nsm ca root > root.pem` then --root root.pem, or --root DIR/ca/root.pem for "
+            "`nsm serve --state-dir DIR`"
         )
     absent = [m.group(1) for r in reasons if (m := _PCR_ABSENT.fullmatch(r))]
     if absent:

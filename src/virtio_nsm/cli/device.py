@@ -16,8 +16,9 @@ import click
 from ..client import DEFAULT_DEVICE, DEVICE_ENV, LOCAL_DEVICE, Nsm
 from ..errors import ConfigurationError, DeviceNotFoundError, NsmError, TransportError
 from ..nsm.device import NsmDevice
-from ..nsm.pki import ROOT_CERT_FILE, ROOT_KEY_FILE, CertificateAuthority, default_ca_dir
+from ..nsm.pki import CertificateAuthority
 from ..nsm.protocol import MAX_REQUEST_SIZE
+from ..persist import ROOT_CERT_FILE, ROOT_KEY_FILE, default_ca_dir, load_ca, save_ca
 from . import main
 from .inputs import InputError, read_input
 
@@ -285,14 +286,14 @@ def default_ca(*, create: bool) -> tuple[CertificateAuthority | None, bool]:
         if not create:
             return None, False
         try:
-            CertificateAuthority.generate().save(directory)
-            return CertificateAuthority.load(directory), True
+            save_ca(CertificateAuthority.generate(), directory)
+            return load_ca(directory), True
         except ConfigurationError:
             pass  # created meanwhile by another process: load that one
         except OSError as exc:
             raise ConfigurationError(f"cannot create the default CA in {directory}: "
                                      f"{exc.strerror or exc}") from None
-    return CertificateAuthority.load(directory), False
+    return load_ca(directory), False
 
 
 def local_device() -> NsmDevice:
@@ -320,7 +321,7 @@ def ca_init(directory: Path | None) -> None:
     """Create a CA (root key 0600, certificate); by default the one that signs everything."""
     directory = directory or default_ca_dir()
     try:
-        CertificateAuthority.generate().save(directory)
+        save_ca(CertificateAuthority.generate(), directory)
     except ConfigurationError as exc:
         where = "" if directory == default_ca_dir() else f" --dir {directory}"
         fail(f"{exc} (`nsm ca root{where}` prints its root)")
@@ -355,7 +356,7 @@ def ca_root(directory: Path | None, state_dir: Path | None) -> None:
             fail(f"no default CA in {directory} yet: create it with `nsm ca init` (the first "
                  "`nsm serve` or `nsm attest --device local` also does)")
     try:
-        authority = CertificateAuthority.load(directory)
+        authority = load_ca(directory)
     except ConfigurationError as exc:
         fail(f"{exc} (a CA directory holds root.pem and root-key.pem, e.g. from `nsm ca init "
              f"--dir {directory}`)")

@@ -35,7 +35,7 @@ from typing import Final
 
 from ..errors import ConfigurationError, ErrorCode
 from . import attestation, protocol
-from .pcr import MAX_PCRS, Digest, PcrBank
+from .pcr import BOOT_LOCKED_PCRS, MAX_PCRS, Digest, PcrBank
 from .pki import CertificateAuthority, SigningChain
 from .protocol import (
     MAX_RESPONSE_SIZE,
@@ -86,6 +86,58 @@ class DeviceState:
             raise ConfigurationError("module_id must be 1 to 256 bytes of text")
         if len(self.version) != 3 or not all(0 <= v <= 0xFFFF for v in self.version):
             raise ConfigurationError("version must be three u16 numbers")
+
+    # -- validation of a state that comes from outside (state file, snapshot) --
+
+    def check_reachable(self) -> None:
+        """Raise :class:`ConfigurationError` unless some device could be in this state.
+
+        Every device starts with PCR0-15 measured and locked and at least 16 PCRs;
+        nothing a guest can do unlocks a PCR, so a state without those locks was
+        made by hand (or by an attacker) and is never used.
+        """
+        bank = self.pcrs
+        if bank.max_pcrs < BOOT_LOCKED_PCRS:
+            raise ConfigurationError(
+                f"{bank.max_pcrs} PCRs: a device has {BOOT_LOCKED_PCRS} to {MAX_PCRS}")
+        boot = (1 << BOOT_LOCKED_PCRS) - 1
+        if bank.locked & boot != boot:
+            unlocked = [i for i in range(BOOT_LOCKED_PCRS) if not bank.is_locked(i)]
+            raise ConfigurationError(
+                f"boot PCR{unlocked[0]} is unlocked: PCR0-{BOOT_LOCKED_PCRS - 1} are locked from boot")
+
+    def check_successor(self, new: DeviceState, *, adopt: bool = False) -> None:
+        """Raise :class:`ConfigurationError` unless this device could continue as ``new``.
+
+        ``new`` must be reachable (:meth:`check_reachable`), use this device's digest,
+        PCR count and version, and keep every PCR that is locked now locked; with the
+        same module id, a locked PCR also keeps its value. ``adopt=True`` (a device
+        that never changed, taking over a migrated identity) allows another module id
+        and other boot measurements, never fewer locks.
+        """
+        new.check_reachable()
+        mine, theirs = self.pcrs, new.pcrs
+        if theirs.digest is not mine.digest:
+            raise ConfigurationError(
+                f"{theirs.digest.value} PCRs, this device's are {mine.digest.value}")
+        if theirs.max_pcrs != mine.max_pcrs:
+            raise ConfigurationError(f"{theirs.max_pcrs} PCRs, this device has {mine.max_pcrs}")
+        if new.version != self.version:
+            raise ConfigurationError(
+                f"version {'.'.join(map(str, new.version))}, this device is "
+                f"{'.'.join(map(str, self.version))}")
+        if new.module_id != self.module_id and not adopt:
+            raise ConfigurationError(
+                f"module id {new.module_id!r}, this device is {self.module_id!r} "
+                "(only a device that never changed may take over another identity)")
+        lost = mine.locked & ~theirs.locked
+        if lost:
+            index = (lost & -lost).bit_length() - 1
+            raise ConfigurationError(f"PCR{index} is locked and would be unlocked")
+        if new.module_id == self.module_id:
+            for index in mine.locked_indices():
+                if theirs.values[index] != mine.values[index]:
+                    raise ConfigurationError(f"PCR{index} is locked and would change")
 
     @classmethod
     def at_boot(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import virtio_nsm
-from virtio_nsm.nsm.pki import ROOT_KEY_FILE
+from virtio_nsm.persist import ROOT_KEY_FILE
 from virtio_nsm.vm.initramfs import EXIT_MARKER
 from virtio_nsm.vm.setup import SetupError, Toolchain, stderr_progress
 

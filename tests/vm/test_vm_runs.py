@@ -66,10 +66,12 @@ def test_qemu_device_without_builtin_names_the_setup_and_no_console_log(
 def test_failed_boot_is_kept_with_its_console_log_and_progress(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     tc = _fake_toolchain(tmp_path, monkeypatch)
-    tc.qemu = ["sh", "-c", 'sleep 0.6; for a; do case "$a" in file:*) : > "${a#file:}";; esac; done',
-               "qemu"]
+    # a "QEMU" that boots (the init's marker on the console) but never reports a status
+    tc.qemu = ["sh", "-c", 'for a; do case "$a" in file:*) c="${a#file:}";; esac; done; '
+               'sleep 0.3; echo "nsm-vm-init: running cmd.sh" > "$c"; sleep 0.6', "qemu"]
     result = run.run(tc, run.RunOptions(command=["true"], device="none"))
     err = capsys.readouterr().err
     assert result.status == run.EXIT_VM_FAILURE and result.kept
-    assert "[nsm vm] booting a guest (Linux 6.12-test, 512 MiB, no NSM device)" in err
+    assert "[nsm vm] booting a guest: Linux 6.12-test, 512 MiB, no NSM device;" in err
+    assert "[nsm vm] guest booted in " in err
     assert f"console log: {result.console_log}" in err and result.console_log.exists()

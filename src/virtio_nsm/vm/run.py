@@ -182,7 +182,7 @@ class _BootProgress:
         self._t0 = time.monotonic()
 
     def start(self, what: str) -> None:
-        self._say(f"booting {what} (TCG: 10-20 s)")
+        self._say(f"booting {what}; under TCG that takes 10-20 s")
         self._t0 = time.monotonic()
         self._thread.start()
 
@@ -404,7 +404,7 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
                 boot = _BootProgress(console, progress)
                 device = {"ours": "nsm serve", "qemu": "QEMU's virtio-nsm-pci",
                           "none": "no NSM device"}.get(opts.device, opts.device)
-                boot.start(f"a guest (Linux {kernel.version}, {opts.memory_mb} MiB, {device})")
+                boot.start(f"a guest: Linux {kernel.version}, {opts.memory_mb} MiB, {device}")
             assert proc.stdout is not None
             fd = proc.stdout.fileno()
 

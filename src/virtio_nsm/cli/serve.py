@@ -66,6 +66,26 @@ def _default_ca(*, create: bool) -> tuple[CertificateAuthority | None, bytes | N
     return authority, None if authority is None else authority.certificate_pem
 
 
+def _echo_default_root_note(signing_root: bytes, default_root: bytes | None,
+                            store: persist.StateStore | None) -> None:
+    """Which root documents chain to, when no --ca-dir said so (see `nsm ca --help`)."""
+    if store is not None:
+        if _is_default_root(signing_root):
+            click.echo("That is the default CA's root: `nsm ca root` prints it")
+        else:
+            click.echo(f"That is not the default CA's root (this state directory was made "
+                       f"with another one): `nsm ca root --state-dir {store.directory}` "
+                       "prints it")
+    elif default_root is not None:
+        click.echo(f"Documents chain to the default CA's root {default_ca_dir() / ROOT_CERT_FILE} "
+                   "(`nsm ca root` prints it)")
+    else:
+        click.echo("Documents chain to this throwaway root (no default CA exists; "
+                   "`nsm ca init` makes one); save it to verify them with "
+                   "nsm verify DOC --root FILE:")
+        click.echo(signing_root.decode("ascii"), nl=False)
+
+
 def _is_default_root(certificate_pem: bytes) -> bool:
     try:
         return (default_ca_dir() / ROOT_CERT_FILE).read_bytes() == certificate_pem
@@ -247,34 +267,20 @@ def serve(
     click.echo(f"vhost-user NSM backend listening on {socket_path}")
     click.echo(f"QEMU options (size must match -m): {qemu_options(socket_path)}")
     click.echo(f"Client without a VM: nsm describe --device vhost-user:{socket_path}")
-    signing_root = nsm.device.ca.certificate_pem
     if nsm.store is not None:
         root = nsm.store.directory / persist.CA_DIR / persist.ROOT_CERT_FILE
         click.echo(f"Device state in {nsm.store.directory}; documents chain to {root} "
                    f"(nsm verify --root {root})")
-        if ca_dir is None:
-            if _is_default_root(signing_root):
-                click.echo("That is the default CA's root: `nsm ca root` prints it")
-            else:
-                click.echo(f"That is not the default CA's root (this state directory was made "
-                           f"with another one): `nsm ca root --state-dir {nsm.store.directory}` "
-                           "prints it")
     else:
         click.echo("Device state in memory only (--ephemeral): lost when this process ends")
         if ca_dir is not None:
             root = ca_dir / persist.ROOT_CERT_FILE
             click.echo(f"Documents chain to {root} (nsm verify --root {root})")
-        elif default_root is not None:
-            click.echo(f"Documents chain to the default CA's root {default_ca_dir() / ROOT_CERT_FILE} "
-                       "(`nsm ca root` prints it)")
-        else:
-            click.echo("Documents chain to this throwaway root (no default CA exists; "
-                       "`nsm ca init` makes one); save it to verify them with "
-                       "nsm verify DOC --root FILE:")
-            click.echo(signing_root.decode("ascii"), nl=False)
     if qos is not None:
         click.echo(f"CPU latency QoS: idle CPUs kept responsive ({qos.path} at 0 us) while "
                    f"requests flow, released {qos.linger_ns // 1_000_000} ms after the last answer")
+    if ca_dir is None:
+        _echo_default_root_note(nsm.device.ca.certificate_pem, default_root, nsm.store)
     sys.stdout.flush()
     try:
         daemon.serve_forever()

@@ -3,18 +3,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from support import FakeClock
 
 from virtio_nsm import NsmDevice
-
-REPO = Path(__file__).resolve().parent.parent
-#: Real AWS documents, their sources and expected verdicts (NOTICE.md), shipped with the tests.
-AWS_TESTDATA = REPO / "tests" / "data" / "aws"
-
 
 #: Where the tests' default CA and default state directory go (never the user's own).
 _XDG = ("XDG_DATA_HOME", "XDG_STATE_HOME")
@@ -49,11 +42,3 @@ def clock() -> FakeClock:
 @pytest.fixture
 def device(clock: FakeClock) -> NsmDevice:
     return NsmDevice(module_id="i-0123456789abcdef0-enc0123456789abcdef", clock=clock)
-
-
-@pytest.fixture
-def aws_testdata() -> Path:
-    return AWS_TESTDATA
-
-
-DeviceFactory = Callable[..., NsmDevice]

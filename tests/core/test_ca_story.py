@@ -97,7 +97,8 @@ def test_ephemeral_prints_a_throwaway_root_or_uses_the_default(home: Path, tmp_p
     assert not (home / "data").exists() and not (home / "state").exists()  # wrote nothing
     assert run("ca", "init")[0] == 0
     lines, _ = serve_banner(home, "--ephemeral")
-    assert lines[-1].startswith(f"Documents chain to the default CA's root {default_root(home)}")
+    assert f"Documents chain to {default_root(home)} (nsm verify --root {default_root(home)})" in lines
+    assert lines[-1] == "That is the default CA's root: `nsm ca root` prints it"
 
 
 def test_local_attestation_verifies_with_nsm_ca_root(home: Path, tmp_path: Path) -> None:

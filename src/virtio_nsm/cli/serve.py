@@ -2,95 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from types import FrameType
 
 import click
 
 from .. import persist
-from ..durable import DurableNsm
 from ..errors import ConfigurationError
 from ..nsm.pki import CertificateAuthority
 from ..persist import ROOT_CERT_FILE, default_ca_dir
+from ..serving import ServeConfig, Served, qemu_options, serving
 from ..vhost_user import cpu_qos
-from ..vhost_user.daemon import DEFAULT_POLL_US, VhostUserDaemon
+from ..vhost_user.daemon import DEFAULT_POLL_US
 from . import main
-
-SOCKET_NAME = "nsm.sock"
-
-
-def default_socket_path() -> tuple[Path, Path | None]:
-    """``$XDG_RUNTIME_DIR/virtio-nsm/nsm.sock``, else a fresh private temp dir.
-
-    Returns the path and the directory to remove afterwards (if we created it).
-    """
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and Path(runtime).is_dir():
-        directory = Path(runtime) / "virtio-nsm"
-        directory.mkdir(mode=0o700, exist_ok=True)
-        return directory / SOCKET_NAME, None
-    directory = Path(tempfile.mkdtemp(prefix="virtio-nsm-"))
-    return directory / SOCKET_NAME, directory
-
-
-def qemu_options(path: Path, memory: str = "512M") -> str:
-    """The QEMU (>= 10.2) options that attach this backend as a PCI device."""
-    chardev_path = str(path).replace(",", ",,")  # QEMU's option escaping
-    return (
-        f"-object memory-backend-memfd,id=mem,size={memory},share=on "
-        "-machine memory-backend=mem "
-        f"-chardev socket,id=nsm0,path={chardev_path} "
-        "-device vhost-user-test-device-pci,chardev=nsm0,virtio-id=33,num_vqs=1"
-    )
-
-
-def _new_state_dir(directory: Path) -> bool:
-    """Whether ``nsm serve`` would initialise ``directory`` (it holds no state and no CA)."""
-    return not (directory / persist.STATE_FILE).exists() and not (directory / persist.CA_DIR).exists()
-
-
-def _default_ca(*, create: bool) -> tuple[CertificateAuthority | None, bytes | None]:
-    """The default CA and its certificate (PEM); announces it when this call created it."""
-    from .device import default_ca
-
-    authority, created = default_ca(create=create)
-    if created:
-        click.echo(f"nsm: created the default CA in {default_ca_dir()} (`nsm ca root` prints "
-                   "its root)", err=True)
-    return authority, None if authority is None else authority.certificate_pem
-
-
-def _echo_default_root_note(signing_root: bytes, default_root: bytes | None,
-                            store: persist.StateStore | None) -> None:
-    """Which root documents chain to, when no --ca-dir said so (see `nsm ca --help`)."""
-    if store is not None:
-        if _is_default_root(signing_root):
-            click.echo("That is the default CA's root: `nsm ca root` prints it")
-        else:
-            click.echo(f"That is not the default CA's root (this state directory was made "
-                       f"with another one): `nsm ca root --state-dir {store.directory}` "
-                       "prints it")
-    elif default_root is not None:
-        click.echo(f"Documents chain to the default CA's root {default_ca_dir() / ROOT_CERT_FILE} "
-                   "(`nsm ca root` prints it)")
-    else:
-        click.echo("Documents chain to this throwaway root (no default CA exists; "
-                   "`nsm ca init` makes one); save it to verify them with "
-                   "nsm verify DOC --root FILE:")
-        click.echo(signing_root.decode("ascii"), nl=False)
-
-
-def _is_default_root(certificate_pem: bytes) -> bool:
-    try:
-        return (default_ca_dir() / ROOT_CERT_FILE).read_bytes() == certificate_pem
-    except OSError:
-        return False
 
 
 @main.command()
@@ -100,7 +28,8 @@ def _is_default_root(certificate_pem: bytes) -> bool:
     "socket_path",
     metavar="SOCK",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Unix socket to listen on (created mode 0600). "
+    help="Unix socket to listen on (created mode 0600; missing parent directories are "
+    "created mode 0700). "
     "Default: $XDG_RUNTIME_DIR/virtio-nsm/nsm.sock, else a new temp dir.",
 )
 @click.option(
@@ -188,104 +117,125 @@ def serve(
         format="nsm serve: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    cleanup: Path | None = None
-    if socket_path is None:
-        try:
-            socket_path, cleanup = default_socket_path()
-        except OSError as exc:
-            click.echo(f"nsm: no place for a default socket ({exc}); use --vhost-user SOCK", err=True)
-            sys.exit(2)
-    if ephemeral and state_dir is not None:
-        click.echo("nsm: --ephemeral and --state-dir exclude each other", err=True)
+    try:
+        config = ServeConfig.validate(
+            socket_path=socket_path,
+            state_dir=state_dir,
+            ephemeral=ephemeral,
+            ca_dir=ca_dir,
+            poll_us=poll_us,
+            adaptive_polling=poll_adaptive,
+            cpu_qos_device=cpu_qos.DEVICE if cpu_latency_qos else None,
+            allow_file_memory=allow_file_memory,
+        )
+    except ConfigurationError as exc:
+        click.echo(f"nsm: {exc}", err=True)
         sys.exit(2)
-    qos = None
-    if cpu_latency_qos:
-        try:
-            qos = cpu_qos.CpuLatencyQos.open()
-        except cpu_qos.QosUnavailable as exc:
-            click.echo(f"nsm: --cpu-latency-qos: {exc.strerror or exc}", err=True)
-            sys.exit(2)
-    ca = None
-    if ca_dir is not None:
-        try:
-            ca = persist.load_ca(ca_dir)
-        except ConfigurationError as exc:
-            if qos is not None:
-                qos.close()
-            click.echo(f"nsm: {exc}", err=True)
-            sys.exit(2)
-    directory = state_dir if state_dir is not None else persist.default_state_dir()
     default_root: bytes | None = None  # the default CA's certificate, when it signs
-    if ca is None and (ephemeral or _new_state_dir(directory)):
+    if ca_dir is None and (ephemeral or (config.state_dir is not None
+                                         and _new_state_dir(config.state_dir))):
         # One CA signs everything by default (see `nsm ca --help`): a new state
         # directory starts with a copy of it (created if need be); --ephemeral,
         # which writes nothing, uses it only if it exists. An existing state
         # directory keeps the root it has.
         try:
-            ca, default_root = _default_ca(create=not ephemeral)
+            authority, default_root = _default_ca(create=not ephemeral)
         except ConfigurationError as exc:
-            if qos is not None:
-                qos.close()
             click.echo(f"nsm: {exc}", err=True)
             sys.exit(2)
-    if ephemeral:
-        nsm = DurableNsm.ephemeral(ca)
-    else:
-        try:
-            nsm = DurableNsm.open(directory, ca=ca)
-        except persist.StateError as exc:
-            if qos is not None:
-                qos.close()
-            click.echo(f"nsm: {exc}", err=True)
-            sys.exit(1)
-    daemon = VhostUserDaemon(
-        socket_path,
-        nsm.handle,
-        device_state=nsm,
-        poll_us=poll_us,
-        adaptive_polling=poll_adaptive,
-        cpu_qos=qos,
-        allow_file_memory=allow_file_memory,
-    )
+        if authority is not None:
+            config = dataclasses.replace(config, ca_dir=default_ca_dir())
     try:
-        daemon.bind()
-    except OSError as exc:
-        daemon.close()
-        nsm.close()
-        click.echo(f"nsm: cannot listen on {socket_path}: {exc}", err=True)
+        with serving(config) as served:
+            daemon = served.daemon
+
+            def stop(signum: int, frame: FrameType | None) -> None:
+                daemon.stop()
+
+            def stats(signum: int, frame: FrameType | None) -> None:
+                daemon.request_stats()
+
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
+            signal.signal(signal.SIGUSR1, stats)
+            _announce(served)  # once signals stop us cleanly: a reader may SIGTERM at once
+            if ca_dir is None:
+                _announce_default_root(served, default_root)
+            daemon.serve_forever()
+    except persist.StateError as exc:
+        click.echo(f"nsm: {exc}", err=True)
+        sys.exit(1)
+    except cpu_qos.QosUnavailable as exc:
+        click.echo(f"nsm: --cpu-latency-qos: {exc.strerror or exc}", err=True)
+        sys.exit(2)
+    except (ConfigurationError, OSError) as exc:
+        where = config.socket_path or "a temporary socket"
+        click.echo(f"nsm: cannot serve on {where}: {exc}", err=True)
         sys.exit(2)
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        daemon.stop()
 
-    def stats(signum: int, frame: FrameType | None) -> None:
-        daemon.request_stats()
+def _new_state_dir(directory: Path) -> bool:
+    """Whether ``nsm serve`` would initialise ``directory`` (it holds no state and no CA)."""
+    return not (directory / persist.STATE_FILE).exists() and not (directory / persist.CA_DIR).exists()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGUSR1, stats)
-    click.echo(f"vhost-user NSM backend listening on {socket_path}")
-    click.echo(f"QEMU options (size must match -m): {qemu_options(socket_path)}")
-    click.echo(f"Client without a VM: nsm describe --device vhost-user:{socket_path}")
+
+def _default_ca(*, create: bool) -> tuple[CertificateAuthority | None, bytes | None]:
+    """The default CA and its certificate (PEM); announces it when this call created it."""
+    from .device import default_ca
+
+    authority, created = default_ca(create=create)
+    if created:
+        click.echo(f"nsm: created the default CA in {default_ca_dir()} (`nsm ca root` prints "
+                   "its root)", err=True)
+    return authority, None if authority is None else authority.certificate_pem
+
+
+def _announce_default_root(served: Served, default_root: bytes | None) -> None:
+    """Which root documents chain to, when no --ca-dir said so (see `nsm ca --help`)."""
+    nsm = served.nsm
+    if nsm is None:
+        return
+    signing_root = nsm.device.ca.certificate_pem
     if nsm.store is not None:
+        if _is_default_root(signing_root):
+            click.echo("That is the default CA's root: `nsm ca root` prints it")
+        else:
+            click.echo(f"That is not the default CA's root (this state directory was made "
+                       f"with another one): `nsm ca root --state-dir {nsm.store.directory}` "
+                       "prints it")
+    elif default_root is not None:
+        click.echo("That is the default CA's root: `nsm ca root` prints it")
+    else:
+        click.echo("Documents chain to this throwaway root (no default CA exists; "
+                   "`nsm ca init` makes one); save it to verify them with "
+                   "nsm verify DOC --root FILE:")
+        click.echo(signing_root.decode("ascii"), nl=False)
+    sys.stdout.flush()
+
+
+def _is_default_root(certificate_pem: bytes) -> bool:
+    try:
+        return (default_ca_dir() / ROOT_CERT_FILE).read_bytes() == certificate_pem
+    except OSError:
+        return False
+
+
+def _announce(served: Served) -> None:
+    socket_path, nsm, config = served.socket_path, served.nsm, served.config
+    click.echo(f"vhost-user NSM backend listening on {socket_path}")
+    click.echo(f"QEMU options (size must match -m): {qemu_options(served)}")
+    click.echo(f"Client without a VM: nsm describe --device vhost-user:{socket_path}")
+    if nsm is not None and nsm.store is not None:
         root = nsm.store.directory / persist.CA_DIR / persist.ROOT_CERT_FILE
         click.echo(f"Device state in {nsm.store.directory}; documents chain to {root} "
                    f"(nsm verify --root {root})")
     else:
         click.echo("Device state in memory only (--ephemeral): lost when this process ends")
-        if ca_dir is not None:
-            root = ca_dir / persist.ROOT_CERT_FILE
+        if config.ca_dir is not None:
+            root = config.ca_dir / persist.ROOT_CERT_FILE
             click.echo(f"Documents chain to {root} (nsm verify --root {root})")
+    qos = served.daemon.cpu_qos
     if qos is not None:
         click.echo(f"CPU latency QoS: idle CPUs kept responsive ({qos.path} at 0 us) while "
                    f"requests flow, released {qos.linger_ns // 1_000_000} ms after the last answer")
-    if ca_dir is None:
-        _echo_default_root_note(nsm.device.ca.certificate_pem, default_root, nsm.store)
     sys.stdout.flush()
-    try:
-        daemon.serve_forever()
-    finally:
-        daemon.close()
-        nsm.close()
-        if cleanup is not None:
-            shutil.rmtree(cleanup, ignore_errors=True)

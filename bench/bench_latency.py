@@ -16,7 +16,7 @@ spent in QEMU and the guest (and in waking them up), which the backend does not
 control.  Variants run interleaved (A B A B ...) so that drift on a shared machine
 hits all of them; each figure is the median over ``--runs`` runs.
 
-    PYTHONPATH=src python bench/bench_latency.py -n 2000 --runs 5 \\
+    .venv/bin/python bench/bench_latency.py -n 2000 --runs 5 \\
         --variant off='python -m virtio_nsm serve --poll-us 0' \\
         --variant default='python -m virtio_nsm serve -v' --qemu
 
@@ -28,9 +28,15 @@ over the vhost-user backend and CUSE side by side); "CPU us/req" is then the CUS
 server's own CPU inside the guest.
 
 A variant is ``LABEL=COMMAND``: the command starts a backend and gets
-``--vhost-user SOCK`` appended (``python`` is this interpreter; run it from any
-tree with ``env PYTHONPATH=/other/src python -m virtio_nsm serve``).  ``--qemu``
-adds QEMU's built-in C device (``nsm vm setup --with-builtin-nsm``) as a reference.
+``--vhost-user SOCK`` appended, and, for ``nsm serve``, ``--state-dir`` a fresh
+temporary directory (unless it has ``--state-dir`` or ``--ephemeral``): a
+benchmark never touches your default state directory or CA (``XDG_STATE_HOME``
+and ``XDG_DATA_HOME`` point into that temporary directory as well).  ``python``
+is this interpreter; run it from any tree with ``env PYTHONPATH=/other/src python
+-m virtio_nsm serve``.  ``--qemu`` adds QEMU's built-in C device as a reference; it
+needs ``nsm vm setup --with-builtin-nsm`` first (it builds QEMU from Debian's
+source).  Needs root (QEMU guests).  Ctrl-C, SIGTERM or a failure stop every
+backend and guest it started and remove its temporary files.
 """
 
 from __future__ import annotations
@@ -272,26 +278,43 @@ class GuestOutput:
 TURNAROUND = re.compile(r"turnaround p10 (\d+) / p50 (\d+) / p90 (\d+) us over (\d+)")
 
 
-def _start_backend(command: str, sock: Path, log: Path) -> subprocess.Popen[bytes]:
-    argv = shlex.split(command)
-    argv = [sys.executable if a == "python" else a for a in argv]
-    env = dict(os.environ)
-    if "PYTHONPATH" not in env:
-        env["PYTHONPATH"] = str(REPO / "src")
+def is_nsm_serve(argv: list[str]) -> bool:
+    """Whether a variant's command runs our ``nsm serve`` (which takes ``--state-dir``)."""
+    words = [Path(a).name for a in argv]
+    return "serve" in words and ("virtio_nsm" in words or "nsm" in words)
+
+
+def backend_argv(command: str, sock: Path, tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """A variant's command line and environment: private state, never the user's."""
+    argv = [sys.executable if a == "python" else a for a in shlex.split(command)]
+    argv += ["--vhost-user", str(sock)]
+    if is_nsm_serve(argv) and not {"--state-dir", "--ephemeral"} & set(argv):
+        argv += ["--state-dir", str(tmp / "state")]
+    from _harness import child_env
+
+    env = child_env(tmp)
+    if "PYTHONPATH" in os.environ:  # a variant run from another tree keeps its own
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return argv, env
+
+
+def _start_backend(command: str, sock: Path, tmp: Path) -> subprocess.Popen[bytes]:
+    argv, env = backend_argv(command, sock, tmp)
+    log = tmp / "backend.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*argv, "--vhost-user", str(sock)], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 30
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"backend `{command}` did not start:\n{log.read_text()}")
+            why = "exited with " + str(proc.returncode) if proc.poll() is not None else "timed out"
+            raise SystemExit(f"backend `{shlex.join(argv)}` did not start ({why}):\n"
+                             f"{log.read_text(errors='replace').strip() or '(no output)'}")
         time.sleep(0.05)
     return proc
 
 
 def one_run(label: str, command: str | None, args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO / "src"))
     from virtio_nsm.vm.run import RunOptions, run
     from virtio_nsm.vm.setup import load_or_setup
 
@@ -304,7 +327,7 @@ def one_run(label: str, command: str | None, args: argparse.Namespace) -> dict[s
             device = "qemu"
         else:
             sock = tmp / "nsm.sock"
-            proc = _start_backend(command, sock, tmp / "backend.log")
+            proc = _start_backend(command, sock, tmp)
             device = f"vhost-user:{sock}"
         out = GuestOutput(share, proc.pid if proc else None, tmp / "backend.log" if proc else None)
         guest = [sys.executable, str(HERE), "--guest", "-n", str(args.n), "--ops",
@@ -317,8 +340,14 @@ def one_run(label: str, command: str | None, args: argparse.Namespace) -> dict[s
                                                  stdout=out))  # type: ignore[arg-type]
         line = next((ln for ln in out.lines if ln.startswith("BENCH-JSON ")), None)
         if result.status != 0 or line is None:
-            tail = "\n".join(out.lines[-20:])
-            raise SystemExit(f"{label}: guest failed (exit {result.status}):\n{tail}")
+            why = [result.error or "", "\n".join(out.lines[-20:])]
+            if proc is not None:
+                why.append("backend log tail:\n" + "\n".join(
+                    (tmp / "backend.log").read_text(errors="replace").splitlines()[-10:]))
+            if result.kept:
+                why.append(f"logs kept in {result.run_dir}")
+            text = "\n".join(w for w in why if w.strip()) or "(no output)"
+            raise SystemExit(f"guest failed (exit {result.status}):\n{text}")
         data: dict[str, Any] = json.loads(line.removeprefix("BENCH-JSON "))
         for i, op in enumerate(["floor", *args.ops]):  # question 2i+2 ends op i's timed loop
             m = TURNAROUND.search(out.stats.get(2 * i + 2, ""))
@@ -368,7 +397,25 @@ def print_summary(label: str, command: str | None, s: dict[str, Any], n: int) ->
               f"{r['p99_us']:>7.1f} {r['p50_over_floor']:>9.1f} {cpu:>10} {turn:>8}")
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """Refuse early, saying what to run, instead of failing every boot alike."""
+    from virtio_nsm.vm.setup import SetupError, load_or_setup
+
+    if os.geteuid() != 0:
+        raise SystemExit("bench_latency.py boots QEMU guests: run it as root")
+    try:
+        tc = load_or_setup()
+    except SetupError as exc:
+        raise SystemExit(f"no VM toolchain: {exc} (run `nsm vm setup` as root)") from None
+    if args.qemu and tc.builtin_nsm_device is None:
+        raise SystemExit(f"--qemu needs QEMU's own C virtio-nsm-pci, which {tc.qemu_version} "
+                         "lacks (Debian builds QEMU without libcbor): run `nsm vm setup "
+                         "--with-builtin-nsm` once (it builds QEMU from Debian's source), or "
+                         "drop --qemu")
+
+
 def host_main(args: argparse.Namespace) -> int:
+    preflight(args)
     variants: list[tuple[str, str | None]] = []
     for spec in args.variant or ["ours=python -m virtio_nsm serve"]:
         label, sep, command = spec.partition("=")
@@ -450,7 +497,15 @@ def main() -> int:
     if args.guest:
         guest_main(args.n, args.ops, args.share, args.idle, args.cuse)
         return 0
-    return host_main(args)
+    import _harness
+
+    try:
+        with _harness.children_cleaned_up():
+            return host_main(args)
+    except KeyboardInterrupt as exc:
+        print(f"bench_latency: interrupted ({exc or 'SIGINT'}); every backend and guest it "
+              "started is stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def _memfd_from(name: str, parts: list[dict[str, Any]]) -> int:
         with open(part["path"], "rb") as src:
             offset, left = int(part["offset"]), int(part["size"])
             while left > 0:
-                n = os.copy_file_range(src.fileno(), fd, min(left, 1 << 24), offset)
+                n = os.sendfile(fd, src.fileno(), offset, min(left, 1 << 24))
                 if n <= 0:
                     raise OSError(f"{part['path']}: image ended early")
                 offset += n

@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from virtio_nsm.vm.initramfs import build_cpio
 from virtio_nsm.vm.setup import (
@@ -290,3 +291,25 @@ def build_parts(tc: Toolchain, out_dir: Path, *, command: Sequence[str] = ("/app
         busybox, tool, command, {"HOME": "/root", **(env or {})},
         sample_app_files() if files is None else files)))
     return ImageParts(kernel=Path(k.vmlinuz), cmdline=cmdline, ramdisks=[boot, app])
+
+
+#: The sample image's defaults in its EIF header (a TCG guest needs little).
+SAMPLE_MEMORY_MIB = 256
+SAMPLE_CPUS = 1
+SAMPLE_NAME = "nsm-sample-enclave"
+
+
+def build_sample_eif(tc: Toolchain, output: Path, *, name: str = SAMPLE_NAME,
+                     progress: Progress = stderr_progress) -> dict[str, Any]:
+    """Build the sample enclave image (EIF) at ``output``; nitro-cli's build JSON."""
+    from virtio_nsm.eif import Identity, build_eif
+
+    with tempfile.TemporaryDirectory(prefix="nsm-sample-") as tmp:
+        parts = build_parts(tc, Path(tmp), progress=progress)
+        k = enclave_kernel(tc)
+        result = build_eif(
+            output, kernel=parts.kernel, cmdline=parts.cmdline, ramdisks=parts.ramdisks,
+            metadata=Identity(image_name=name, image_version="1.0",
+                              operating_system="Debian (busybox)", kernel_version=k.version),
+            default_mem=SAMPLE_MEMORY_MIB << 20, default_cpus=SAMPLE_CPUS)
+    return {"Measurements": result.measurements.to_json()}

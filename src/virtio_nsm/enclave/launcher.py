@@ -78,6 +78,55 @@ def image_from_parts(kernel: Path, ramdisks: list[Path], cmdline: str,
         cmdline=cmdline, name=name)
 
 
+def image_from_eif(path: Path) -> BootImage:
+    """An EIF file: checked (layout, CRC, signature) and measured, as nitro-cli does."""
+    from virtio_nsm.eif import Arch, EifError, SectionType, read_eif
+    from virtio_nsm.eif.boot import check_image_bootable
+    from virtio_nsm.eif.format import SECTION_HEADER_SIZE
+    from virtio_nsm.eif.metadata import describe_metadata
+
+    try:
+        eif = read_eif(path)
+        check_image_bootable(eif)
+    except EifError as exc:
+        raise EnclaveError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise EnclaveError(f"{path}: {exc.strerror or exc}") from None
+    if eif.arch is not Arch.X86_64:
+        raise EnclaveError(f"{path} is an {eif.arch.value} image; only x86_64 images run here")
+    real = str(path.resolve())
+
+    def section(s: Any) -> Section:
+        return Section(real, s.offset + SECTION_HEADER_SIZE, s.size)
+
+    kernel = next(s for s in eif.sections if s.type is SectionType.KERNEL)
+    cmd = next(s for s in eif.sections if s.type is SectionType.CMDLINE)
+    with open(path, "rb") as fh:
+        fh.seek(cmd.offset + SECTION_HEADER_SIZE)
+        raw = fh.read(cmd.size)
+    try:
+        cmdline = raw.rstrip(b"\0").decode()
+    except UnicodeDecodeError:
+        raise EnclaveError(f"{path}: the kernel command line is not UTF-8 text") from None
+    if "\0" in cmdline or "\n" in cmdline:
+        raise EnclaveError(f"{path}: the kernel command line has NUL or newline characters")
+    name = None
+    if eif.metadata is not None:
+        name, _version, _meta = describe_metadata(eif.metadata)
+    return BootImage(
+        kernel=section(kernel),
+        ramdisks=[section(s) for s in eif.sections if s.type is SectionType.RAMDISK],
+        cmdline=cmdline, name=_safe_name(name or path.stem), eif_path=real,
+        default_memory_mib=max(1, eif.header.default_mem // 2**20),
+        default_cpus=eif.header.default_cpus or None,
+        measurements=eif.measurements.to_json())
+
+
+def _safe_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", name).strip("-.")[:64]
+    return cleaned or "enclave"
+
+
 @dataclass
 class EnclaveOptions:
     """nitro-cli's run-enclave options, plus the parent's identity and our vsock socket."""
@@ -286,10 +335,12 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _check_options(image: BootImage, opts: EnclaveOptions, base: Path) -> tuple[int, int, str]:
-    cpus = opts.cpu_count or image.default_cpus or DEFAULT_CPUS
+    cpus = opts.cpu_count if opts.cpu_count is not None else (
+        image.default_cpus or DEFAULT_CPUS)
     if not 1 <= cpus <= 64:
         raise EnclaveError(f"--cpu-count must be 1..64, not {cpus}")
-    memory = opts.memory_mib or image.default_memory_mib or DEFAULT_MEMORY_MIB
+    memory = opts.memory_mib if opts.memory_mib is not None else (
+        image.default_memory_mib or DEFAULT_MEMORY_MIB)
     if memory < MIN_MEMORY_MIB:
         raise EnclaveError(f"--memory must be at least {MIN_MEMORY_MIB} MiB, not {memory}")
     initrd_mib = sum(r.size for r in image.ramdisks) / 2**20

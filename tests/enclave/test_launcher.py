@@ -133,6 +133,8 @@ def test_failed_start_is_a_clear_error_and_leaves_nothing_running(
         launcher.start(parts_image, launcher.EnclaveOptions(memory_mib=128, ready_timeout=3),
                        tc=fake_tc)
     text = str(info.value)
+    # the console's last userspace line is quoted
+    assert f"console's last message: 'fake enclave booting (mode {mode})'" in text
     console = Path(text.split("console log: ")[1].split(" ")[0])
     assert console.is_file() and "fake enclave booting" in console.read_text()
     failed = console.parent

@@ -204,6 +204,20 @@ class Supervisor:
                     self.say(f"heartbeat connection failed: {exc}")
         raise _StartError("terminated while starting")
 
+    def console_hint(self) -> str:
+        """The last line userspace (the init) wrote to the console, if any."""
+        try:
+            with open(self.console, "rb") as fh:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - 16384))
+                tail = fh.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        for line in reversed(tail):
+            text = line.strip()
+            if text and not text.startswith("["):
+                return text[:300]
+        return ""
+
     # ------------------------------------------------------------------ main
     def stop_all(self) -> None:
         order = ["qemu", "vsock-backend", "nsm-backend"]
@@ -257,6 +271,9 @@ class Supervisor:
         except (_StartError, OSError, ValueError, KeyError) as exc:
             self.say(f"start failed: {exc}")
             self.stop_all()
+            hint = self.console_hint()
+            if hint:
+                exc = _StartError(f"{exc}; the console's last message: {hint!r}")
             if lsock is not None:
                 lsock.close()
                 lsock = None

@@ -409,6 +409,7 @@ def start(image: BootImage, opts: EnclaveOptions | None = None, tc: Toolchain | 
             "Flags": "DEBUG_MODE" if opts.debug_mode else "NONE",
             "VsockSocket": str(vsock),
             "_dir": str(run_dir), "_started": time.time(), "_eif": image.eif_path,
+            "_launcher": os.getpid(),
         }
         if image.measurements is not None:
             record["Measurements"] = image.measurements

@@ -108,6 +108,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def record_alive(rec: dict[str, Any]) -> bool:
+    """The enclave's supervisor runs (or, before it recorded itself, its launcher does)."""
+    pid = rec.get("ProcessID")
+    if isinstance(pid, int) and pid > 0:
+        return pid_alive(pid)
+    launcher = rec.get("_launcher")
+    return isinstance(launcher, int) and pid_alive(launcher)
+
+
 def enclave_dirs(base: Path) -> list[Path]:
     return sorted(p for p in base.iterdir()
                   if p.is_dir() and not p.name.startswith((FAILED_PREFIX, ".")))
@@ -128,14 +137,13 @@ def used_cids(base: Path) -> set[int]:
     used: set[int] = set()
     for _d, rec in records(base):
         cid = rec.get("EnclaveCID")
-        if isinstance(cid, int) and pid_alive(int(rec.get("ProcessID", 0))):
+        if isinstance(cid, int) and record_alive(rec):
             used.add(cid)
     return used
 
 
 def used_names(base: Path) -> set[str]:
-    return {str(rec.get("EnclaveName")) for _d, rec in records(base)
-            if pid_alive(int(rec.get("ProcessID", 0)))}
+    return {str(rec.get("EnclaveName")) for _d, rec in records(base) if record_alive(rec)}
 
 
 def free_cid(base: Path) -> int:
@@ -157,7 +165,7 @@ def reap_stale(base: Path) -> list[str]:
             if spec_age is not None and spec_age > 60:
                 shutil.rmtree(d, ignore_errors=True)
             continue
-        if not pid_alive(int(rec.get("ProcessID", 0))):
+        if not record_alive(rec):
             kill_recorded(rec)
             remove_enclave_files(d, rec)
             gone.append(str(rec.get("EnclaveID", d.name)))

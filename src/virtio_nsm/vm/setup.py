@@ -670,6 +670,7 @@ def setup(cache_dir: Path | None = None, *, kernel_package: str = DEFAULT_KERNEL
         existing.qemu_version, existing.qemu_devices = version, devices
         kernel = existing.kernel(kernel_package)
         existing.initramfs(kernel)
+        _stage_enclave_tool(existing, progress)
         existing.save()
         progress(f"toolchain ready in {cache_dir} ({version}; kernel {kernel.version}) "
                  f"[{time.monotonic() - t0:.1f} s]")
@@ -754,10 +755,22 @@ def _setup_locked(cache_dir: Path, kernel_package: str, progress: Progress,
                 raise SetupError(f"the QEMU built in {built.parent} has no working virtio-nsm-pci")
             tc.builtin_qemu = []
     initrd = tc.initramfs(kernel)
+    _stage_enclave_tool(tc, progress)
     tc.save()
     progress(f"toolchain ready: kernel {kernel.version}, initramfs {initrd.name} "
              f"[{time.monotonic() - t0:.1f} s]")
     return tc
+
+
+def _stage_enclave_tool(tc: Toolchain, progress: Progress) -> None:
+    """Compile the enclave images' static helper now (cached by its source's hash); a
+    host without a C compiler still gets a working VM tier, with a warning."""
+    from virtio_nsm.enclave.image import tool_binary
+
+    try:
+        tool_binary(tc, progress)
+    except SetupError as exc:
+        progress(f"warning: enclave images will not build here: {exc}")
 
 
 def load_or_setup(cache_dir: Path | None = None, kernel: str | None = None,

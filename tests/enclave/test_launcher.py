@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,8 +30,8 @@ def run_base(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="enc", dir="/tmp"))
     monkeypatch.setenv(registry.RUN_DIR_ENV, str(base))
     yield base
-    for e in launcher.list_enclaves():
-        e.terminate()
+    for d, rec in registry.records(base):  # running or still starting
+        launcher.Enclave(d, rec).terminate()
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -212,3 +214,38 @@ def test_console_only_in_debug_mode(tmp_path: Path) -> None:
     e = launcher.Enclave(tmp_path, {"EnclaveID": "i-0-enc1", "Flags": "NONE", "ProcessID": 0})
     with pytest.raises(launcher.EnclaveError, match="not started in debug mode"):
         launcher.follow_console(e, open(os.devnull, "wb"))  # noqa: SIM115
+
+
+def test_interrupted_launcher_leaves_no_enclave(run_base: Path, fake_tc: Toolchain,
+                                                parts_image: launcher.BootImage,
+                                                tmp_path: Path) -> None:
+    script = tmp_path / "launch.py"
+    script.write_text(f"""
+import sys
+from pathlib import Path
+from virtio_nsm.enclave import launcher
+from virtio_nsm.vm.setup import Toolchain
+tc = Toolchain(cache_dir={str(tmp_path)!r}, qemu=[sys.executable, {str(FAKE_QEMU)!r}],
+               qemu_env={{}}, qemu_version="fake", qemu_devices=[], busybox="")
+img = launcher.image_from_parts(Path({parts_image.kernel.path!r}),
+                                [Path(p) for p in {[r.path for r in parts_image.ramdisks]!r}], "x")
+try:
+    launcher.start(img, launcher.EnclaveOptions(memory_mib=128), tc=tc)
+except KeyboardInterrupt:
+    sys.exit(130)
+""")
+    env = dict(os.environ, FAKE_QEMU_MODE="silent")
+    proc = subprocess.Popen([sys.executable, str(script)], env=env)
+    deadline = time.monotonic() + 30
+    recs: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        recs = [rec for _d, rec in registry.records(run_base) if rec.get("QemuPID")]
+        if recs:
+            break
+        time.sleep(0.05)
+    assert recs, "the enclave never got to QEMU"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 130
+    pids = [int(recs[0][k]) for k in ("ProcessID", "QemuPID", "NsmBackendPID")]  # type: ignore[call-overload]
+    assert _wait_dead(pids) == []
+    assert [p.name for p in run_base.iterdir() if not p.name.startswith((".", "failed-"))] == []

@@ -438,7 +438,11 @@ def start(image: BootImage, opts: EnclaveOptions | None = None, tc: Toolchain | 
     if progress is not None:
         progress(f"booting enclave {enclave_id} (CID {cid}, {cpus} vCPU, {memory} MiB) "
                  "under QEMU TCG; waiting for its readiness heartbeat")
-    answer = _read_answer(rfd, opts.ready_timeout + 60, sup)
+    try:
+        answer = _read_answer(rfd, opts.ready_timeout + 60, sup)
+    except BaseException:  # Ctrl-C while booting: no half-started enclave stays behind
+        _cleanup_failed_start(sup, run_dir, record)
+        raise
     if answer.get("ok"):
         rec = registry.read_json(run_dir / registry.RECORD) or record
         return Enclave(run_dir, rec)

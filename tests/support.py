@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import NoReturn
+
+from hypothesis import HealthCheck, settings
 
 
 class FakeClock:
@@ -20,11 +23,27 @@ class FakeClock:
 
 def shared_data_missing(path: object) -> NoReturn:
     """Skip when ../shared is absent on a developer machine; in CI it must be there."""
-    import os
-
     import pytest
 
     message = f"shared AWS test data not found at {path}"
     if os.environ.get("CI"):
         pytest.fail(message + " (CI must run with ../shared beside the clone)")
     pytest.skip(message)
+
+
+#: Environment variable that sets the number of cases of every fuzz target (README, "Fuzzing").
+FUZZ_ENV = "NSM_FUZZ_EXAMPLES"
+
+
+def fuzz_settings(default: int) -> settings:
+    """Hypothesis settings of a fuzz target: ``default`` cases, or ``$NSM_FUZZ_EXAMPLES``.
+
+    The suite runs each target for a few seconds; a long run sets the variable
+    (e.g. ``NSM_FUZZ_EXAMPLES=1000000``). No deadline: a loaded CI machine is
+    not a finding.
+    """
+    return settings(
+        max_examples=int(os.environ.get(FUZZ_ENV, "0")) or default,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )

@@ -11,15 +11,28 @@ and folds equal keys together. What this reader accepts:
 * ``false``, ``true``, ``null`` and floating-point numbers (the latter only so
   an unknown extra field cannot make a document unreadable).
 
-What it rejects: tags, other simple values (``undefined`` included), a map
-key that equals an earlier key of the same map (Python equality, so ``1`` and
-``true`` collide too), invalid UTF-8, nesting deeper than ``max_depth``, a
-length longer than the remaining input, and trailing bytes.
+What it rejects: tags, other simple values (``undefined`` included, unless
+``allow_simple``), a map key that equals an earlier key of the same map (Python
+equality, so ``1`` and ``true`` collide too), an array or a map as a map key,
+invalid UTF-8, nesting deeper than ``max_depth``, a length longer than the
+remaining input, and trailing bytes.
+
+It is the one decoder for untrusted CBOR in this package: guest requests
+(:mod:`virtio_nsm.nsm.protocol`), device answers, attestation documents
+(:mod:`virtio_nsm.cose`, :mod:`virtio_nsm.verify`) and state snapshots. It has
+no tag semantics at all -- in particular no shared references (tags 28/29),
+with which a few hundred bytes describe a structure that doubles per level --
+so what it builds is never larger than its input: every item costs at least one
+input byte, every length is checked against the bytes that remain before
+anything is allocated, and nesting is bounded. The cost of a decode is linear
+in the input size. Error messages name positions and types, and show at most
+a short prefix of any decoded value (:func:`shown`).
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any, Final
 
 #: Nitro payloads nest three levels (map → map/array → bytes); leave headroom.
@@ -28,17 +41,62 @@ DEFAULT_MAX_DEPTH: Final = 16
 _BREAK: Final = 0xFF
 
 
+#: Longest rendering of a decoded value in an error message.
+SHOWN_LIMIT: Final = 40
+
+
 class StrictCborError(ValueError):
     """The bytes are not CBOR this reader accepts; the message says where and why."""
 
 
-class _Reader:
-    __slots__ = ("data", "max_depth", "pos")
+class TrailingBytes(StrictCborError):
+    """One item decoded, but ``count`` bytes follow it."""
 
-    def __init__(self, data: bytes, max_depth: int) -> None:
+    def __init__(self, count: int) -> None:
+        self.count = count
+        super().__init__(f"{count} trailing bytes after the item")
+
+
+@dataclass(frozen=True, slots=True)
+class Simple:
+    """A simple value other than false/true/null/floats (``undefined`` is 23).
+
+    Only produced with ``allow_simple``; no field of any NSM message has this
+    type, so it can only sit in a place that is ignored.
+    """
+
+    value: int
+
+
+UNDEFINED: Final = Simple(23)
+
+
+def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages.
+
+    Containers are described by type and size, never rendered: a message must
+    not grow with what an attacker sent.
+    """
+    if isinstance(value, list | tuple | dict):
+        return f"<{type(value).__name__} of {len(value)}>"
+    if isinstance(value, str | bytes) and len(value) > limit:
+        value = value[:limit]
+        text = repr(value)
+        return text + "…"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class _Reader:
+    __slots__ = ("allow_simple", "data", "items", "max_depth", "pos")
+
+    def __init__(self, data: bytes, max_depth: int, allow_simple: bool = False) -> None:
         self.data = data
         self.pos = 0
         self.max_depth = max_depth
+        self.allow_simple = allow_simple
+        #: Items decoded so far (never more than the bytes read).
+        self.items = 0
 
     def fail(self, message: str, at: int | None = None) -> StrictCborError:
         return StrictCborError(f"{message} (at byte {self.pos if at is None else at})")
@@ -65,6 +123,7 @@ class _Reader:
             raise self.fail(f"nesting deeper than {self.max_depth}")
         start = self.pos
         initial = self.take(1)[0]
+        self.items += 1
         major, info = initial >> 5, initial & 0x1F
         if major == 7:
             return self.simple(info, start)
@@ -106,6 +165,13 @@ class _Reader:
             return struct.unpack(">d", self.take(8))[0]
         if info == 31:
             raise self.fail("unexpected break", start)
+        if self.allow_simple and (info < 20 or info == 23):
+            return Simple(info)
+        if self.allow_simple and info == 24:
+            value = self.take(1)[0]
+            if value < 32:
+                raise self.fail(f"simple value {value} in a two-byte head", start)
+            return Simple(value)
         raise self.fail(f"simple value {info} is not allowed", start)
 
     def string(self, major: int, arg: int | None, start: int) -> bytes:
@@ -157,16 +223,39 @@ class _Reader:
             except TypeError:
                 raise self.fail("map key is not hashable (array or map)", key_start) from None
             if duplicate:
-                raise self.fail(f"duplicate map key {key!r}", key_start)
+                raise self.fail(f"duplicate map key {shown(key)}", key_start)
             result[key] = self.item(depth + 1)
             count += 1
         return result
 
 
-def loads(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
-    """Decode exactly one CBOR item from ``data``; raise :class:`StrictCborError`."""
-    reader = _Reader(bytes(data), max_depth)
+def loads(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, allow_simple: bool = False) -> Any:
+    """Decode exactly one CBOR item from ``data``; raise :class:`StrictCborError`.
+
+    ``allow_simple``: decode ``undefined`` and unassigned simple values as
+    :class:`Simple` instead of refusing them (serde_cbor skips them in ignored
+    fields). This is also the safe decoder for a state snapshot's body.
+    """
+    return decode(data, max_depth=max_depth, allow_simple=allow_simple)[0]
+
+
+def decode(data: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, allow_simple: bool = False,
+           tags: frozenset[int] = frozenset()) -> tuple[Any, int | None, int]:
+    """Decode one item spanning ``data``: ``(value, outer tag or None, items decoded)``.
+
+    ``tags``: tag numbers accepted once, around the whole item (COSE_Sign1's
+    tag 18); a tag anywhere else is refused like any other.
+    """
+    reader = _Reader(bytes(data), max_depth, allow_simple)
+    tag = None
+    if tags and reader.data and reader.data[0] >> 5 == 6:
+        initial = reader.take(1)[0]
+        tag = reader.argument(initial & 0x1F, 0)
+        if tag is None:
+            raise reader.fail("indefinite-length tag", 0)
+        if tag not in tags:
+            raise reader.fail(f"unexpected CBOR tag {tag}", 0)
     value = reader.item(0)
     if reader.pos != len(reader.data):
-        raise StrictCborError(f"{len(reader.data) - reader.pos} trailing bytes after the item")
-    return value
+        raise TrailingBytes(len(reader.data) - reader.pos)
+    return value, tag, reader.items

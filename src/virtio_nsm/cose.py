@@ -7,12 +7,10 @@ converting signatures. Nothing here decides whether a document is trusted;
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import cbor2
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from . import cbor
+from . import _strict_cbor, cbor
 
 #: COSE algorithm identifier of ECDSA w/ SHA-384 (RFC 9053).
 ALG_ES384 = -35
@@ -33,6 +31,8 @@ TAG_COSE_SIGN1 = 18
 P384_COORDINATE_SIZE = 48
 
 _SIG1_CONTEXT = cbor.tstr("Signature1")
+#: The one tag a document may carry, around the whole structure.
+_OUTER_TAGS = frozenset({TAG_COSE_SIGN1})
 
 
 class CoseError(ValueError):
@@ -108,22 +108,18 @@ def split_sign1(data: bytes) -> tuple[list[Any], bool]:
     another tag, or are not a 4-element array. :func:`sign1_problems` then says
     what is wrong with the elements, so a caller can report every problem at once.
     """
-    stream = io.BytesIO(data)
+    # The strict reader: no tag semantics (no shared references, tags 28/29,
+    # that would let a small unprotected header expand exponentially), linear cost.
     try:
-        decoder = cbor2.CBORDecoder(stream)
-        item = decoder.decode()
-    except Exception as exc:  # cbor2 raises several types for broken input
-        raise CoseError(f"not valid CBOR: {exc}") from exc
-    if stream.tell() != len(data):
-        raise CoseError(f"{len(data) - stream.tell()} trailing bytes after the COSE_Sign1")
-    tagged = False
-    if isinstance(item, cbor2.CBORTag):
-        if item.tag != TAG_COSE_SIGN1:
-            raise CoseError(f"unexpected CBOR tag {item.tag} (COSE_Sign1 is tag 18)")
-        item = item.value
-        tagged = True
-    # cbor2 hands out a tagged array's contents as a tuple.
-    if not isinstance(item, list | tuple) or len(item) != 4:
+        item, tag, _ = _strict_cbor.decode(data, tags=_OUTER_TAGS)
+    except _strict_cbor.TrailingBytes as exc:
+        raise CoseError(f"{exc.count} trailing bytes after the COSE_Sign1") from None
+    except _strict_cbor.StrictCborError as exc:
+        raise CoseError(f"not valid CBOR: {exc}") from None
+    except RecursionError:  # not reachable with the default depth; fail closed
+        raise CoseError("not valid CBOR: nested too deeply") from None
+    tagged = tag == TAG_COSE_SIGN1
+    if not isinstance(item, list) or len(item) != 4:
         raise CoseError("a COSE_Sign1 is an array of 4 elements")
     return list(item), tagged
 
@@ -134,7 +130,7 @@ def sign1_problems(parts: list[Any]) -> list[str]:
     problems = []
     if not isinstance(protected, bytes):
         problems.append("protected header is not a byte string")
-    if not isinstance(unprotected, Mapping):  # a FrozenDict inside a tag
+    if not isinstance(unprotected, Mapping):
         problems.append("unprotected header is not a map")
     if not isinstance(payload, bytes):
         problems.append("payload is not a byte string (detached payloads are not supported)")

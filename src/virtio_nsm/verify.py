@@ -325,7 +325,7 @@ class _Syntax:
 
     def digest(self, value: Any) -> None:
         if not isinstance(value, str) or value not in DIGEST_SIZES:
-            shown = repr(value) if isinstance(value, str) else _type_name(value)
+            shown = _strict_cbor.shown(value) if isinstance(value, str) else _type_name(value)
             self.problems.append(f"digest is {shown}, not one of {', '.join(DIGEST_SIZES)}")
         else:
             self.values["digest"] = value
@@ -350,7 +350,7 @@ class _Syntax:
         good: dict[int, bytes] = {}
         for index, pcr in value.items():
             if not _is_uint(index) or index >= MAX_PCRS:
-                self.problems.append(f"pcrs has an invalid index {index!r}")
+                self.problems.append(f"pcrs has an invalid index {_strict_cbor.shown(index)}")
                 continue
             if not isinstance(pcr, bytes):
                 self.problems.append(f"PCR{index} is {_type_name(pcr)}, not bytes")
@@ -437,7 +437,7 @@ def parse_unverified(doc: bytes) -> UnverifiedDocument:
     try:
         syntax.cose(bytes(doc))
     except Exception as exc:  # fail closed: a decoder bug must not escape as a crash
-        syntax.problems.append(f"internal error while decoding: {exc!r}")
+        syntax.problems.append(f"internal error while decoding: {_strict_cbor.shown(exc, 200)}")
     return UnverifiedDocument(**syntax.values, problems=tuple(syntax.problems))
 
 
@@ -694,7 +694,7 @@ def verify_document(
             unverified, reasons, trusted, when, pcr_policy, expected_nonce, age_limit, skew
         )
     except Exception as exc:  # fail closed
-        reasons.append(f"internal error while verifying: {exc!r}")
+        reasons.append(f"internal error while verifying: {_strict_cbor.shown(exc, 200)}")
         chain = None
     if reasons or chain is None:
         raise VerificationError(reasons)

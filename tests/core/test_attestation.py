@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 from support import FakeClock
 
-from virtio_nsm import CertificateAuthority, ConfigurationError, Nsm, NsmDevice
+from virtio_nsm import CertificateAuthority, ConfigurationError, Nsm, NsmDevice, persist
 from virtio_nsm.cose import raw_to_der
 from virtio_nsm.nsm import pki
 
@@ -145,13 +145,13 @@ def test_chain_stays_valid_over_weeks(device: NsmDevice, clock: FakeClock) -> No
 
 def test_bring_your_own_root(tmp_path: Path, clock: FakeClock) -> None:
     ca = CertificateAuthority.generate(now=dt.datetime.fromtimestamp(clock.now, dt.UTC), common_name="my root")
-    ca.save(tmp_path / "ca")
-    key_mode = stat.S_IMODE(os.stat(tmp_path / "ca" / pki.ROOT_KEY_FILE).st_mode)
+    persist.save_ca(ca, tmp_path / "ca")
+    key_mode = stat.S_IMODE(os.stat(tmp_path / "ca" / persist.ROOT_KEY_FILE).st_mode)
     assert key_mode == 0o600
-    loaded = CertificateAuthority.load(tmp_path / "ca")
+    loaded = persist.load_ca(tmp_path / "ca")
     assert loaded.certificate_pem == ca.certificate_pem
     with pytest.raises(ConfigurationError):
-        ca.save(tmp_path / "ca")  # never overwrite
+        persist.save_ca(ca, tmp_path / "ca")  # never overwrite
     device = NsmDevice(ca=loaded, clock=clock)
     _, payload = parts(Nsm.local(device).attestation())
     path_verify(ca.certificate_pem, payload, dt.datetime.fromtimestamp(clock.now, dt.UTC))
@@ -168,12 +168,12 @@ def test_rejected_roots(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError):
         CertificateAuthority.from_pem(b"not a pem", b"")
     with pytest.raises(ConfigurationError, match="cannot read"):
-        CertificateAuthority.load(tmp_path / "missing")
+        persist.load_ca(tmp_path / "missing")
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / pki.ROOT_CERT_FILE).write_bytes(mine.certificate_pem)
-    (tmp_path / "bad" / pki.ROOT_KEY_FILE).write_bytes(b"garbage")
+    (tmp_path / "bad" / persist.ROOT_CERT_FILE).write_bytes(mine.certificate_pem)
+    (tmp_path / "bad" / persist.ROOT_KEY_FILE).write_bytes(b"garbage")
     with pytest.raises(ConfigurationError, match="root key"):
-        CertificateAuthority.load(tmp_path / "bad")
+        persist.load_ca(tmp_path / "bad")
 
 
 def test_expired_root_gives_internal_error_not_a_bad_document(clock: FakeClock) -> None:

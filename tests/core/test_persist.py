@@ -7,15 +7,19 @@ import errno
 import os
 import stat
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from virtio_nsm import ErrorCode, Nsm, NsmDevice, NsmError
+from virtio_nsm import ConfigurationError, ErrorCode, Nsm, NsmDevice, NsmError
 from virtio_nsm import persist as ps
 from virtio_nsm.nsm import protocol as p
+from virtio_nsm.nsm.device import DeviceState
+from virtio_nsm.nsm.pcr import Digest, PcrBank
+from virtio_nsm.nsm.pki import CertificateAuthority
 
 
 def device_on(store: ps.StateStore) -> NsmDevice:
@@ -215,18 +219,120 @@ def test_export_import_round_trip(tmp_path: Path) -> None:
         nsm.lock_pcr(21)
         exported_state = store.state
     data = ps.export_state(tmp_path / "a")
-    snapshot = ps.import_state(tmp_path / "b", data)
+    snapshot = ps.import_state(tmp_path / "b", data, ca_dir=tmp_path / "a" / "ca")
     assert snapshot.state == exported_state
     with ps.StateStore.open(tmp_path / "b") as store:
         assert store.state == exported_state
+        assert store.ca.certificate_der == ps.load_ca(tmp_path / "a" / "ca").certificate_der
+    assert stat.S_IMODE(os.stat(tmp_path / "b" / "ca" / "root-key.pem").st_mode) == 0o600
     with pytest.raises(ps.StateError, match="already holds"):
         ps.import_state(tmp_path / "b", data)
-    ps.import_state(tmp_path / "b", data, replace=True)
+    ps.import_state(tmp_path / "b", data, replace=True)  # the same state again: fine
     broken = bytearray(data)
     broken[-1] ^= 1
-    with pytest.raises(ps.StateError, match="checksum"):
-        ps.import_state(tmp_path / "c", bytes(broken))
+    with pytest.raises(ps.StateError, match="signature"):
+        ps.import_state(tmp_path / "c", bytes(broken), ca_dir=tmp_path / "a" / "ca")
     assert not (tmp_path / "c" / ps.STATE_FILE).exists()
+    assert not (tmp_path / "c" / ps.CA_DIR).exists()
+
+
+def test_import_needs_the_source_ca(tmp_path: Path) -> None:
+    ps.StateStore.open(tmp_path / "a").close()
+    data = ps.export_state(tmp_path / "a")
+    with pytest.raises(ps.StateError, match="no CA to check"):
+        ps.import_state(tmp_path / "b", data)
+    ps.StateStore.open(tmp_path / "c").close()  # another CA
+    with pytest.raises(ps.StateError, match="does not verify against this device's CA"):
+        ps.import_state(tmp_path / "c", data, replace=True)
+    with pytest.raises(ps.StateError, match="different CA"):
+        ps.import_state(tmp_path / "c", data, replace=True, ca_dir=tmp_path / "a" / "ca")
+
+
+def unlocked(state: DeviceState) -> DeviceState:
+    bank = state.pcrs
+    return DeviceState(state.module_id, PcrBank(bank.digest, (bytes(bank.digest.size),) * bank.max_pcrs, 0))
+
+
+def crafted_imports(directory: Path) -> dict[str, bytes]:
+    with ps.StateStore.open(directory) as store:
+        current, ca = store.snapshot, store.ca
+    now = time.time()
+    foreign = DeviceState("i-0123456789abcdef0-enc0123456789abcdef", PcrBank(Digest.SHA256, (bytes(32),), 0), (9, 9, 9))
+    tampered = bytearray(ps.sign_snapshot(current, ca, now))
+    tampered[30] ^= 0x80
+    return {
+        "unsigned, all unlocked": ps.encode_snapshot(ps.Snapshot(unlocked(current.state), current.seq + 1)),
+        "signed by another CA": ps.sign_snapshot(ps.Snapshot(unlocked(current.state), current.seq + 1),
+                                                 CertificateAuthority.generate(), now),
+        "tampered": bytes(tampered),
+        "signed, all unlocked": ps.sign_snapshot(ps.Snapshot(unlocked(current.state), current.seq + 1), ca, now),
+        "signed, foreign": ps.sign_snapshot(ps.Snapshot(foreign, current.seq + 1), ca, now),
+        "signed, seq -1": ps.sign_snapshot(ps.Snapshot(current.state, -1), ca, now),
+        "signed, seq 2**64": ps.sign_snapshot(ps.Snapshot(current.state, 2**64), ca, now),
+    }
+
+
+IMPORT_CASES = ["unsigned, all unlocked", "signed by another CA", "tampered", "signed, all unlocked",
+                "signed, foreign", "signed, seq -1", "signed, seq 2**64"]
+
+
+@pytest.mark.parametrize("case", IMPORT_CASES)
+def test_crafted_import_is_refused(tmp_path: Path, case: str) -> None:
+    with ps.StateStore.open(tmp_path / "a") as store:
+        Nsm.local(device_on(store)).lock_pcr(20)
+    data = crafted_imports(tmp_path / "a")[case]
+    before = (tmp_path / "a" / ps.STATE_FILE).read_bytes()
+    with pytest.raises(ps.StateError, match="refusing"):
+        ps.import_state(tmp_path / "a", data, replace=True)
+    assert (tmp_path / "a" / ps.STATE_FILE).read_bytes() == before
+    with pytest.raises(ps.StateError, match="refusing"):  # nor into a new directory
+        ps.import_state(tmp_path / "new", data, ca_dir=tmp_path / "a" / "ca")
+    assert not (tmp_path / "new" / ps.STATE_FILE).exists()
+
+
+def test_import_never_rolls_back_or_unlocks(tmp_path: Path) -> None:
+    with ps.StateStore.open(tmp_path / "a") as store:
+        nsm = Nsm.local(device_on(store))
+        nsm.extend_pcr(16, b"x")
+        old = ps.export_state(tmp_path / "a")  # PCR16 unlocked, seq 1
+        nsm.lock_pcr(16)
+    with pytest.raises(ps.StateError, match="rollback"):
+        ps.import_state(tmp_path / "a", old, replace=True)
+    with ps.StateStore.open(tmp_path / "a") as store:
+        assert store.state.pcrs.is_locked(16)
+        state, seq, ca = store.state, store.snapshot.seq, store.ca
+    # the same lineage, later, with a PCR unlocked that is locked now: refused too
+    forged = ps.Snapshot(unlocked(state), seq + 10)
+    with pytest.raises(ps.StateError, match="boot PCR0 is unlocked"):
+        ps.import_state(tmp_path / "a", ps.sign_snapshot(forged, ca, time.time()), replace=True)
+    lock_gone = ps.Snapshot(DeviceState(state.module_id, PcrBank(state.pcrs.digest, state.pcrs.values, (1 << 16) - 1)),
+                            seq + 10)
+    with pytest.raises(ps.StateError, match="PCR16 is locked and would be unlocked"):
+        ps.import_state(tmp_path / "a", ps.sign_snapshot(lock_gone, ca, time.time()), replace=True)
+    changed = list(state.pcrs.values)
+    changed[16] = bytes(48)
+    value_changed = ps.Snapshot(DeviceState(state.module_id, PcrBank(state.pcrs.digest, tuple(changed),
+                                                                      state.pcrs.locked)), seq + 10)
+    with pytest.raises(ps.StateError, match="PCR16 is locked and would change"):
+        ps.import_state(tmp_path / "a", ps.sign_snapshot(value_changed, ca, time.time()), replace=True)
+    with ps.StateStore.open(tmp_path / "a") as store:
+        assert store.state == state
+
+
+def test_state_file_with_unlocked_boot_pcrs_is_refused(tmp_path: Path) -> None:
+    with ps.StateStore.open(tmp_path) as store:
+        crafted = ps.Snapshot(unlocked(store.state), store.snapshot.seq + 1)
+    (tmp_path / ps.STATE_FILE).write_bytes(ps.encode_snapshot(crafted))  # checksum recomputed
+    with pytest.raises(ps.StateError, match=r"boot PCR0 is unlocked.*refusing"):
+        ps.StateStore.open(tmp_path)
+
+
+def test_state_file_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
+    ps.StateStore.open(tmp_path).close()
+    (tmp_path / ps.STATE_FILE).unlink()
+    os.mkfifo(tmp_path / ps.STATE_FILE)
+    with pytest.raises(ps.StateError, match="not a regular file"):
+        ps.StateStore.open(tmp_path)
 
 
 def test_cli_export_import(tmp_path: Path) -> None:
@@ -241,13 +347,71 @@ def test_cli_export_import(tmp_path: Path) -> None:
     result = runner.invoke(main, ["state", "export", "--state-dir", str(tmp_path / "a"), "-o", str(tmp_path / "snap")])
     assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["state", "import", "--state-dir", str(tmp_path / "b"), str(tmp_path / "snap")])
-    assert result.exit_code == 0 and "new root" in result.output
+    assert result.exit_code == 2 and "--ca-dir" in result.stderr
+    result = runner.invoke(main, ["state", "import", "--state-dir", str(tmp_path / "b"),
+                                  "--ca-dir", str(tmp_path / "a" / "ca"), str(tmp_path / "snap")])
+    assert result.exit_code == 0, result.output
     with ps.StateStore.open(tmp_path / "b") as store:
         assert store.state == expected
     result = runner.invoke(main, ["state", "import", "--state-dir", str(tmp_path / "b"), str(tmp_path / "snap")])
     assert result.exit_code == 2 and "--replace" in result.stderr
-    (tmp_path / "bad").write_bytes(b"NSMSTATE garbage")
-    result = runner.invoke(main, ["state", "import", "--state-dir", str(tmp_path / "c"), str(tmp_path / "bad")])
+    (tmp_path / "bad").write_bytes(b"NSMSNAPS garbage")
+    result = runner.invoke(main, ["state", "import", "--state-dir", str(tmp_path / "c"),
+                                  "--ca-dir", str(tmp_path / "a" / "ca"), str(tmp_path / "bad")])
     assert result.exit_code == 2 and "refusing" in result.stderr
     result = runner.invoke(main, ["state", "export", "--state-dir", str(tmp_path / "none")])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("case", IMPORT_CASES)
+def test_cli_import_refuses_crafted_snapshots(tmp_path: Path, case: str) -> None:
+    from click.testing import CliRunner
+
+    from virtio_nsm.cli import main
+
+    ps.StateStore.open(tmp_path / "a").close()
+    (tmp_path / "snap").write_bytes(crafted_imports(tmp_path / "a")[case])
+    before = (tmp_path / "a" / ps.STATE_FILE).read_bytes()
+    result = CliRunner().invoke(main, ["state", "import", "--replace", "--state-dir", str(tmp_path / "a"),
+                                       str(tmp_path / "snap")])
+    assert result.exit_code == 2 and "refusing" in result.stderr, result.output
+    assert (tmp_path / "a" / ps.STATE_FILE).read_bytes() == before
+
+
+# -- the CA directory (file I/O lives here, not in nsm/pki.py) ----------------------
+
+def test_ca_directory_round_trip_and_modes(tmp_path: Path) -> None:
+    ca = CertificateAuthority.generate()
+    ps.save_ca(ca, tmp_path / "ca")
+    assert stat.S_IMODE(os.stat(tmp_path / "ca").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "ca" / ps.ROOT_KEY_FILE).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "ca" / ps.ROOT_CERT_FILE).st_mode) == 0o644
+    assert ps.load_ca(tmp_path / "ca").certificate_der == ca.certificate_der
+    assert sorted(p.name for p in (tmp_path / "ca").iterdir()) == sorted([ps.ROOT_CERT_FILE, ps.ROOT_KEY_FILE])
+
+
+def test_ca_is_never_overwritten(tmp_path: Path) -> None:
+    first, second = CertificateAuthority.generate(), CertificateAuthority.generate()
+    ps.save_ca(first, tmp_path)
+    with pytest.raises(ConfigurationError, match="refusing to overwrite a CA"):
+        ps.save_ca(second, tmp_path)
+    assert ps.load_ca(tmp_path).certificate_der == first.certificate_der
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_ca_key_write_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ps.os, "write", full)
+    with pytest.raises(ConfigurationError, match="No space left"):
+        ps.save_ca(CertificateAuthority.generate(), tmp_path / "ca")
+    assert list((tmp_path / "ca").iterdir()) == []  # no half-written key left behind
+
+
+def test_ca_file_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
+    ps.save_ca(CertificateAuthority.generate(), tmp_path)
+    (tmp_path / ps.ROOT_KEY_FILE).unlink()
+    os.mkfifo(tmp_path / ps.ROOT_KEY_FILE)
+    with pytest.raises(ConfigurationError, match="not a regular file"):
+        ps.load_ca(tmp_path)

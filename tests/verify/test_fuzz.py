@@ -14,6 +14,7 @@ import cbor2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import fuzz_settings
 from verify_support import T0, Pki, encode_payload, make_pki, payload_fields, sign
 
 from virtio_nsm import _strict_cbor
@@ -23,12 +24,9 @@ PKI: Pki = make_pki()
 FIELDS = payload_fields(PKI, nonce=b"nonce", user_data=b"user")
 VALID = sign(PKI.leaf_key, encode_payload(FIELDS))
 
-#: Raise VERIFY_FUZZ_EXAMPLES for a long local run (the suite default stays fast).
-FUZZ = settings(
-    max_examples=int(os.environ.get("VERIFY_FUZZ_EXAMPLES", "300")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+#: NSM_FUZZ_EXAMPLES (README, "Fuzzing") sets the cases of every target for a long run;
+#: VERIFY_FUZZ_EXAMPLES, the older name, still works for this module.
+FUZZ = fuzz_settings(int(os.environ.get("VERIFY_FUZZ_EXAMPLES", "300")))
 
 
 def verdict(doc: bytes, **kwargs: Any) -> VerifiedDocument | VerificationError:
@@ -65,6 +63,27 @@ def test_splices_of_valid_document(start: int, length: int, insert: bytes) -> No
     mutated = VALID[:start] + insert + VALID[start + length :]
     result = verdict(mutated)
     if mutated not in (VALID, b"\xd2" + VALID):  # adding tag 18 is the one harmless edit
+        assert isinstance(result, VerificationError)
+
+
+#: Where a document's untrusted CBOR starts: the unprotected header and the payload.
+_UNPROTECTED_AT = VALID.index(b"\xa0", 6)
+_SHARED = [b"\xd8\x1c", b"\xd8\x1d\x00", b"\xd8\x1d\x01", b"\xd2", b"\xd9\xd9\xf7", b"\xc0",
+           b"\x82\xd8\x1c\x41\x78\xd8\x1d\x00", b"\x9f", b"\xff"]
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(VALID)), st.sampled_from(_SHARED)), min_size=1, max_size=6),
+       st.booleans())
+def test_tags_spliced_anywhere_are_refused(splices: list[tuple[int, bytes]], in_header: bool) -> None:
+    # Tags (shared references 28/29 among them) anywhere but a leading 18: a verdict,
+    # never a crash, and never a valid document.
+    mutated = bytearray(VALID)
+    for at, chunk in sorted(splices, reverse=True):
+        at = _UNPROTECTED_AT + at % 2 if in_header else at
+        mutated[at:at] = chunk
+    result = verdict(bytes(mutated))
+    if bytes(mutated) not in (VALID, b"\xd2" + VALID):
         assert isinstance(result, VerificationError)
 
 

@@ -7,6 +7,7 @@ import os
 import select
 
 import pytest
+from vhost_support import sealed_memfd
 
 from virtio_nsm.vhost_user.backend import (
     MAX_MEM_SLOTS,
@@ -67,8 +68,7 @@ class Harness:
     def __init__(self) -> None:
         self.device = Device()
         self.backend = VhostUserBackend(lambda q, notify: NsmQueueWorker(q, self.device, notify))
-        self.memfd = os.memfd_create("guest")
-        os.ftruncate(self.memfd, SIZE)
+        self.memfd = sealed_memfd(SIZE)
         self.mem = GuestMemory(
             [MemoryRegion.from_fd(self.memfd, guest_addr=GPA, size=SIZE, user_addr=UVA,
                                   mmap_offset=0)]

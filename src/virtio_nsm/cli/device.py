@@ -14,8 +14,11 @@ import click
 
 from ..client import DEFAULT_DEVICE, DEVICE_ENV, Nsm
 from ..errors import ConfigurationError, DeviceNotFoundError, NsmError, TransportError
-from ..nsm.pki import CertificateAuthority, default_ca_dir
+from ..nsm.pki import CertificateAuthority
+from ..nsm.protocol import MAX_REQUEST_SIZE
+from ..persist import default_ca_dir, load_ca, save_ca
 from . import main
+from .inputs import InputError, read_input
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -75,11 +78,16 @@ def hex_or_file(value: str | None, what: str) -> bytes | None:
     if value is None:
         return None
     if value.startswith("@"):
-        try:
-            return Path(value[1:]).read_bytes()
-        except OSError as exc:
-            raise click.BadParameter(f"cannot read {what} file {value[1:]}: {exc.strerror}") from None
+        return read_small_input(value[1:], f"{what} file {value[1:]}", allow_stdin=False)
     return parse_hex(value, what)
+
+
+def read_small_input(path: str, what: str, *, allow_stdin: bool = True) -> bytes:
+    """A file's bytes for one request field: capped at the request size limit."""
+    try:
+        return read_input(path, limit=MAX_REQUEST_SIZE, what=what, allow_stdin=allow_stdin)
+    except InputError as exc:
+        fail(str(exc))
 
 
 def pcr_index(f: Callable[P, T]) -> Callable[P, T]:
@@ -158,8 +166,7 @@ def pcr_extend(nsm: Nsm, as_json: bool, index: int, data_hex: str | None,
         data = parse_hex(data_hex, "--data")
     else:
         assert data_file is not None
-        with click.open_file(data_file, "rb") as fh:
-            data = fh.read()
+        data = read_small_input(data_file, "standard input" if data_file == "-" else data_file)
     value = nsm.extend_pcr(index, data)
     emit(as_json, {"index": index, "data": value.hex()}, f"PCR{index} {value.hex()}")
 
@@ -239,7 +246,7 @@ def ca_init(directory: Path | None) -> None:
     """Create a persistent CA (root key 0600) that `nsm serve` loads."""
     directory = directory or default_ca_dir()
     try:
-        CertificateAuthority.generate().save(directory)
+        save_ca(CertificateAuthority.generate(), directory)
     except (ConfigurationError, OSError) as exc:
         fail(str(exc))
     click.echo(f"created CA in {directory}")
@@ -262,7 +269,7 @@ def ca_root(directory: Path | None, state_dir: Path | None) -> None:
     if directory is None:
         directory = (state_dir or default_state_dir()) / CA_DIR
     try:
-        authority = CertificateAuthority.load(directory)
+        authority = load_ca(directory)
     except ConfigurationError as exc:
         fail(f"{exc} (start `nsm serve` once, or create a CA with `nsm ca init`)")
     click.echo(authority.certificate_pem.decode("ascii"), nl=False)

@@ -16,7 +16,6 @@ import click
 from .. import persist
 from ..durable import DurableNsm
 from ..errors import ConfigurationError
-from ..nsm.pki import ROOT_CERT_FILE, CertificateAuthority
 from ..vhost_user import cpu_qos
 from ..vhost_user.daemon import DEFAULT_POLL_US, VhostUserDaemon
 from . import main
@@ -104,6 +103,13 @@ def qemu_options(path: Path, memory: str = "512M") -> str:
     "backend then skip deep idle states, which inside a VM host cost tens of microseconds "
     "each. Idle CPUs spin meanwhile. Needs root or write access to the device.",
 )
+@click.option(
+    "--allow-file-memory",
+    is_flag=True,
+    help="Also map guest memory that is not a memfd sealed against shrinking (QEMU's "
+    "memory-backend-file, e.g. on /dev/shm or hugetlbfs). A frontend that then shrinks "
+    "the file kills this backend (SIGBUS); memory-backend-memfd needs no such trust.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log every vhost-user message.")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 def serve(
@@ -114,6 +120,7 @@ def serve(
     poll_us: int,
     poll_adaptive: bool,
     cpu_latency_qos: bool,
+    allow_file_memory: bool,
     verbose: bool,
     quiet: bool,
 ) -> None:
@@ -155,7 +162,7 @@ def serve(
     ca = None
     if ca_dir is not None:
         try:
-            ca = CertificateAuthority.load(ca_dir)
+            ca = persist.load_ca(ca_dir)
         except ConfigurationError as exc:
             if qos is not None:
                 qos.close()
@@ -179,6 +186,7 @@ def serve(
         poll_us=poll_us,
         adaptive_polling=poll_adaptive,
         cpu_qos=qos,
+        allow_file_memory=allow_file_memory,
     )
     try:
         daemon.bind()
@@ -201,13 +209,13 @@ def serve(
     click.echo(f"QEMU options (size must match -m): {qemu_options(socket_path)}")
     click.echo(f"Client without a VM: nsm describe --device vhost-user:{socket_path}")
     if nsm.store is not None:
-        root = nsm.store.directory / persist.CA_DIR / ROOT_CERT_FILE
+        root = nsm.store.directory / persist.CA_DIR / persist.ROOT_CERT_FILE
         click.echo(f"Device state in {nsm.store.directory}; documents chain to {root} "
                    f"(nsm verify --root {root})")
     else:
         click.echo("Device state in memory only (--ephemeral): lost when this process ends")
         if ca_dir is not None:
-            root = ca_dir / ROOT_CERT_FILE
+            root = ca_dir / persist.ROOT_CERT_FILE
             click.echo(f"Documents chain to {root} (nsm verify --root {root})")
     if qos is not None:
         click.echo(f"CPU latency QoS: idle CPUs kept responsive ({qos.path} at 0 us) while "

@@ -11,6 +11,7 @@ import click
 from .. import persist
 from . import main
 from .device import fail
+from .inputs import InputError, read_input
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -33,7 +34,7 @@ def state() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
               show_default=True, help="Where to write the snapshot.")
 def state_export(state_dir: Path | None, output: str) -> None:
-    """Write a checked, versioned snapshot of the device state."""
+    """Write a snapshot of the device state, signed with the directory's CA root key."""
     directory = state_dir or persist.default_state_dir()
     try:
         data = persist.export_state(directory)
@@ -49,21 +50,27 @@ def state_export(state_dir: Path | None, output: str) -> None:
 @state.command("import")
 @_state_dir_option
 @click.argument("snapshot", type=click.Path(dir_okay=False, allow_dash=True))
-@click.option("--replace", is_flag=True, help="Overwrite an existing state.")
-def state_import(state_dir: Path | None, snapshot: str, replace: bool) -> None:
-    """Install SNAPSHOT (from `nsm state export`) into a state directory."""
+@click.option("--replace", is_flag=True,
+              help="Overwrite an existing state (only with one it could reach: same device, newer).")
+@click.option("--ca-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The source's CA directory (DIR/ca): checks the signature, copied into a "
+                   "state directory that has no CA yet.")
+def state_import(state_dir: Path | None, snapshot: str, replace: bool, ca_dir: Path | None) -> None:
+    """Install SNAPSHOT (from `nsm state export`) into a state directory.
+
+    The snapshot must be signed by the state directory's CA: copy the source's
+    DIR/ca/ there first, or give it with --ca-dir.
+    """
     directory = state_dir or persist.default_state_dir()
     try:
-        with click.open_file(snapshot, "rb") as fh:
-            data = fh.read(persist.MAX_STATE_FILE + 1)
-    except OSError as exc:
-        fail(f"cannot read {snapshot}: {exc.strerror}")
-    had_ca = (Path(directory) / persist.CA_DIR).exists()
+        data = read_input(snapshot, limit=persist.MAX_STATE_FILE,
+                          what="standard input" if snapshot == "-" else snapshot)
+    except InputError as exc:
+        fail(str(exc))
     try:
-        snap = persist.import_state(directory, data, replace=replace)
+        snap = persist.import_state(directory, data, replace=replace, ca_dir=ca_dir)
     except persist.StateError as exc:
         fail(str(exc))
+    except OSError as exc:  # e.g. a state directory under a file, or in /proc
+        fail(f"cannot use state directory {directory}: {exc.strerror or exc}")
     click.echo(f"imported state of {snap.state.module_id} into {directory}")
-    if not had_ca:
-        click.echo(f"note: {directory} had no CA; a new one was created, so documents will "
-                   "chain to a new root (copy the source's ca/ directory to keep the old root)")

@@ -14,7 +14,6 @@ import json
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import click
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import SignatureAlgorithmOID
 
 from virtio_nsm.cli import main
+from virtio_nsm.cli.inputs import InputError, read_input
 from virtio_nsm.verify import (
     OPTIONAL_FIELDS,
     REQUIRED_FIELDS,
@@ -47,9 +47,9 @@ class _InputError(click.ClickException):
 def read_document(path: str) -> bytes:
     """The document bytes from a file (or ``-`` for stdin), raw CBOR or base64."""
     try:
-        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as exc:
-        raise _InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+        data = read_input(path, what="standard input" if path == "-" else path)
+    except InputError as exc:
+        raise _InputError(str(exc)) from None
     # Raw COSE starts with 0x84 or 0xd2, never with a base64 character, so text
     # made only of base64 characters is base64 (standard or URL-safe).
     if data.strip() and _BASE64.fullmatch(data):
@@ -107,9 +107,9 @@ def _load_roots(paths: Sequence[str]) -> list[x509.Certificate] | None:
     roots: list[x509.Certificate] = []
     for path in paths:
         try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise _InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+            data = read_input(path, allow_stdin=False)
+        except InputError as exc:
+            raise _InputError(str(exc)) from None
         try:
             roots.extend(load_pem_roots(data))
         except ValueError as exc:

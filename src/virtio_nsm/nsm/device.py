@@ -11,6 +11,14 @@ it current. If anything fails before that point -- a rejected request, a
 failing hook, a bug -- the current value is untouched and the answer is an
 error. PCRs and locks only ever move forward: nothing here unlocks or resets
 a PCR, and a transport's reset does not reach this object.
+
+Response buffer: the transport says how many bytes the driver's response
+buffer holds (``max_response``). An answer that does not fit is replaced by
+``{"Error": "BufferTooSmall"}`` if that fits, else by nothing (``b""``), and a
+state change whose answer does not fit is *not applied*: the answer of a
+mutating request is known before the change is committed, and the size check
+comes first. A driver that retries with a larger buffer therefore never
+extends twice.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Final
 
 from ..errors import ConfigurationError, ErrorCode
 from . import attestation, protocol
-from .pcr import MAX_PCRS, Digest, PcrBank
+from .pcr import BOOT_LOCKED_PCRS, MAX_PCRS, Digest, PcrBank
 from .pki import CertificateAuthority, SigningChain
 from .protocol import (
     MAX_RESPONSE_SIZE,
@@ -78,6 +86,58 @@ class DeviceState:
             raise ConfigurationError("module_id must be 1 to 256 bytes of text")
         if len(self.version) != 3 or not all(0 <= v <= 0xFFFF for v in self.version):
             raise ConfigurationError("version must be three u16 numbers")
+
+    # -- validation of a state that comes from outside (state file, snapshot) --
+
+    def check_reachable(self) -> None:
+        """Raise :class:`ConfigurationError` unless some device could be in this state.
+
+        Every device starts with PCR0-15 measured and locked and at least 16 PCRs;
+        nothing a guest can do unlocks a PCR, so a state without those locks was
+        made by hand (or by an attacker) and is never used.
+        """
+        bank = self.pcrs
+        if bank.max_pcrs < BOOT_LOCKED_PCRS:
+            raise ConfigurationError(
+                f"{bank.max_pcrs} PCRs: a device has {BOOT_LOCKED_PCRS} to {MAX_PCRS}")
+        boot = (1 << BOOT_LOCKED_PCRS) - 1
+        if bank.locked & boot != boot:
+            unlocked = [i for i in range(BOOT_LOCKED_PCRS) if not bank.is_locked(i)]
+            raise ConfigurationError(
+                f"boot PCR{unlocked[0]} is unlocked: PCR0-{BOOT_LOCKED_PCRS - 1} are locked from boot")
+
+    def check_successor(self, new: DeviceState, *, adopt: bool = False) -> None:
+        """Raise :class:`ConfigurationError` unless this device could continue as ``new``.
+
+        ``new`` must be reachable (:meth:`check_reachable`), use this device's digest,
+        PCR count and version, and keep every PCR that is locked now locked; with the
+        same module id, a locked PCR also keeps its value. ``adopt=True`` (a device
+        that never changed, taking over a migrated identity) allows another module id
+        and other boot measurements, never fewer locks.
+        """
+        new.check_reachable()
+        mine, theirs = self.pcrs, new.pcrs
+        if theirs.digest is not mine.digest:
+            raise ConfigurationError(
+                f"{theirs.digest.value} PCRs, this device's are {mine.digest.value}")
+        if theirs.max_pcrs != mine.max_pcrs:
+            raise ConfigurationError(f"{theirs.max_pcrs} PCRs, this device has {mine.max_pcrs}")
+        if new.version != self.version:
+            raise ConfigurationError(
+                f"version {'.'.join(map(str, new.version))}, this device is "
+                f"{'.'.join(map(str, self.version))}")
+        if new.module_id != self.module_id and not adopt:
+            raise ConfigurationError(
+                f"module id {new.module_id!r}, this device is {self.module_id!r} "
+                "(only a device that never changed may take over another identity)")
+        lost = mine.locked & ~theirs.locked
+        if lost:
+            index = (lost & -lost).bit_length() - 1
+            raise ConfigurationError(f"PCR{index} is locked and would be unlocked")
+        if new.module_id == self.module_id:
+            for index in mine.locked_indices():
+                if theirs.values[index] != mine.values[index]:
+                    raise ConfigurationError(f"PCR{index} is locked and would change")
 
     @classmethod
     def at_boot(
@@ -131,6 +191,17 @@ def _digest(value: Digest | str) -> Digest:
 _DOCUMENT_OVERHEAD: Final = protocol.MAX_REQUEST_SIZE + 512
 
 
+class _NoRoom(Exception):
+    """The answer of a state change does not fit the response buffer."""
+
+
+_BUFFER_TOO_SMALL: Final = protocol.encode_error(ErrorCode.BufferTooSmall)
+
+
+def _too_small(room: int) -> bytes:
+    return _BUFFER_TOO_SMALL if len(_BUFFER_TOO_SMALL) <= room else b""
+
+
 class NsmDevice:
     """A sans-IO NitroSecureModule.
 
@@ -166,6 +237,7 @@ class NsmDevice:
         self._lock = threading.Lock()
         self._request: bytes = b""
         self._token: object = None
+        self._room = MAX_RESPONSE_SIZE
         self._state = state
         # DescribeNSM's answer depends on the state only, which is an immutable value
         # replaced on every change: keep the last answer with the state it describes.
@@ -202,6 +274,8 @@ class NsmDevice:
         return dt.datetime.fromtimestamp(self._clock(), dt.UTC)
 
     def _apply(self, new: DeviceState, response: bytes) -> bytes:
+        if len(response) > self._room:  # the driver could not read the answer: change nothing
+            raise _NoRoom
         if self._commit is not None:
             try:
                 self._commit(Commit(new, self._request, response, self._token))
@@ -213,23 +287,36 @@ class NsmDevice:
 
     # -- requests ------------------------------------------------------
 
-    def handle(self, request: bytes, token: object = None) -> bytes:
+    def handle(self, request: bytes, token: object = None, *,
+               max_response: int | None = None) -> bytes:
         """Answer one request (CBOR bytes) with the response bytes. Never raises.
 
         ``token`` is passed through to the commit hook (see :class:`Commit`).
+        ``max_response`` is the size of the driver's response buffer (default
+        and upper bound: ``MAX_RESPONSE_SIZE``); see the module docstring for
+        what happens to an answer that does not fit.
         """
+        room = MAX_RESPONSE_SIZE if max_response is None else max(0, min(max_response, MAX_RESPONSE_SIZE))
         with self._lock:
-            self._request, self._token = request, token
+            self._request, self._token, self._room = request, token, room
             try:
                 response = self._dispatch(protocol.decode_request(request))
             except RequestRejected as exc:
-                return protocol.encode_error(exc.code)
+                response = protocol.encode_error(exc.code)
+            except _NoRoom:
+                log.warning("a state change was not applied: its answer does not fit the "
+                            "%d-byte response buffer", room)
+                return _too_small(room)
             except Exception:
                 log.exception("internal error while handling a request")
-                return protocol.encode_error(ErrorCode.InternalError)
-        if len(response) > MAX_RESPONSE_SIZE:  # excluded at construction; kept as a guard
-            log.error("response of %d bytes does not fit the response buffer", len(response))
-            return protocol.encode_error(ErrorCode.InternalError)
+                response = protocol.encode_error(ErrorCode.InternalError)
+        if len(response) > room:
+            if len(response) > MAX_RESPONSE_SIZE:  # excluded at construction; kept as a guard
+                log.error("response of %d bytes does not fit the response buffer", len(response))
+                response = protocol.encode_error(ErrorCode.InternalError)
+                if len(response) <= room:
+                    return response
+            return _too_small(room)
         return response
 
     def _dispatch(self, request: Request) -> bytes:

@@ -9,21 +9,19 @@ levels::
           -> instance CA (pathLen 0, 1 day)
             -> leaf (CA:FALSE, digitalSignature, 3 hours)
 
-:class:`CertificateAuthority` is the root: generated in memory, loaded from a
-directory made by ``nsm ca init``, or built from a user's own key and
-certificate. :class:`SigningChain` keeps the three intermediates and the leaf,
-and renews each one before a certificate below it could outlive it. Time is
-always a parameter.
+:class:`CertificateAuthority` is the root: generated in memory or built from
+PEM (a user's own key and certificate; :func:`virtio_nsm.persist.load_ca` reads
+a directory made by ``nsm ca init``). :class:`SigningChain` keeps the three
+intermediates and the leaf, and renews each one before a certificate below it
+could outlive it. Time is always a parameter; nothing here touches files.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 from cryptography import x509
@@ -41,9 +39,6 @@ LEAF_LIFETIME: Final = dt.timedelta(hours=3)
 #: How long one leaf signs documents before a fresh one is issued. Any
 #: document therefore stays verifiable for at least LEAF_LIFETIME - LEAF_REUSE.
 LEAF_REUSE: Final = dt.timedelta(minutes=1)
-
-ROOT_KEY_FILE: Final = "root-key.pem"
-ROOT_CERT_FILE: Final = "root.pem"
 
 _HASH: Final = hashes.SHA384()
 
@@ -137,55 +132,18 @@ class CertificateAuthority:
             raise ConfigurationError("the root key must be an ECDSA P-384 key")
         return cls(key, cert)
 
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> CertificateAuthority:
-        """Load a CA directory written by :meth:`save` (``nsm ca init``)."""
-        d = Path(directory)
-        try:
-            cert_pem = (d / ROOT_CERT_FILE).read_bytes()
-            key_pem = (d / ROOT_KEY_FILE).read_bytes()
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read CA directory {d}: {exc.strerror}: "
-                                     f"{exc.filename}") from None
-        return cls.from_pem(cert_pem, key_pem)
-
-    def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write the root key (mode 0600) and certificate; never overwrite a CA."""
-        d = Path(directory)
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key_path, cert_path = d / ROOT_KEY_FILE, d / ROOT_CERT_FILE
-        for p in (key_path, cert_path):
-            if p.exists():
-                raise ConfigurationError(f"{p} already exists; refusing to overwrite a CA")
-        key_pem = self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        _write_new(key_path, key_pem, 0o600)
-        _write_new(cert_path, self.certificate_pem, 0o644)
-
     @property
     def certificate_pem(self) -> bytes:
         return self.certificate.public_bytes(serialization.Encoding.PEM)
 
-
-def default_ca_dir() -> Path:
-    """Where ``nsm ca init`` and ``nsm serve`` keep the CA by default."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(base) / "virtio-nsm" / "ca"
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # not subject to the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    @property
+    def key_pem(self) -> bytes:
+        """The root key, unencrypted PKCS#8 PEM: keep it private."""
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,12 @@ fields may come in any order and unknown inner fields are ignored.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import cbor2
-
-from .. import cbor
+from .. import _strict_cbor, cbor
+from .._strict_cbor import shown
 from ..errors import ErrorCode, NsmError
 
 #: Largest request the device accepts (the request buffer of the spec).
@@ -170,40 +168,30 @@ DIGEST_NAMES: Final = ("SHA256", "SHA384", "SHA512")
 _DESCRIBE_PCR_PREFIX: Final = b"\xa1" + cbor.tstr("DescribePCR") + b"\xa1" + cbor.tstr("index")
 
 
-def _reject_tag(decoder: Any, tag: Any) -> Any:
-    raise ValueError(f"CBOR tag {tag.tag} is not part of any NSM request")
-
-
-def _reject_semantic_tag(decoder: Any) -> Any:
-    raise ValueError("CBOR tags are not part of any NSM request")
-
-
-# Tags that cbor2 would silently turn into plain ints; every other tag either
-# reaches the tag hook or yields a type no field accepts.
-_SEMANTIC_REJECTS: Final = {2: _reject_semantic_tag, 3: _reject_semantic_tag,
-                            55799: _reject_semantic_tag}
+#: Nesting the decoder accepts: NSM messages nest three levels; the rest is
+#: headroom for unknown (ignored) inner fields.
+MAX_DEPTH: Final = 64
 
 
 def load_exact(data: bytes) -> Any:
     """Decode exactly one CBOR item that spans all of ``data``.
 
-    Tags and duplicate map keys are refused (serde_cbor refuses duplicate
-    struct fields; no NSM message uses tags). Raises ``ValueError``.
+    Uses the strict reader (:mod:`virtio_nsm._strict_cbor`): no tag is
+    accepted -- no NSM message uses one, and tags 28/29 (shared references)
+    would let a few hundred bytes build an exponential structure -- nor a
+    duplicate map key (serde_cbor refuses duplicate struct fields). The cost is
+    linear in ``len(data)``. ``undefined`` and unassigned simple values decode
+    to :class:`~virtio_nsm._strict_cbor.Simple`, a type no field accepts.
+    Raises ``ValueError`` with a short message.
     """
-    stream = io.BytesIO(data)
     try:
-        item = cbor2.CBORDecoder(
-            stream,
-            tag_hook=_reject_tag,
-            semantic_decoders=_SEMANTIC_REJECTS,
-            allow_duplicate_keys=False,
-            max_depth=64,
-        ).decode()
-    except Exception as exc:  # cbor2 raises several types (and RecursionError) on bad input
-        raise ValueError(f"invalid CBOR: {exc}") from exc
-    if stream.tell() != len(data):
-        raise ValueError(f"{len(data) - stream.tell()} bytes after the CBOR item")
-    return item
+        return _strict_cbor.loads(data, max_depth=MAX_DEPTH, allow_simple=True)
+    except _strict_cbor.TrailingBytes as exc:
+        raise ValueError(f"{exc.count} bytes after the CBOR item") from None
+    except _strict_cbor.StrictCborError as exc:
+        raise ValueError(f"invalid CBOR: {exc}") from None
+    except RecursionError:  # not reachable with MAX_DEPTH; fail closed all the same
+        raise ValueError("invalid CBOR: nested too deeply") from None
 
 
 def _invalid(reason: str) -> RequestRejected:
@@ -277,7 +265,7 @@ def decode_request(data: bytes) -> Request:
             return DescribeNSM()
         if item == "GetRandom":
             return GetRandom()
-        raise _invalid(f"unknown request {item!r}")
+        raise _invalid(f"unknown request {shown(item)}")
     if not isinstance(item, dict):
         raise _invalid(f"a request is a text or a one-entry map, got {type(item).__name__}")
     if len(item) != 1:
@@ -302,7 +290,7 @@ def decode_request(data: bytes) -> Request:
             nonce=_optional_bytes(fields, "nonce"),
             public_key=_optional_bytes(fields, "public_key"),
         )
-    raise _invalid(f"unknown request {name!r}")
+    raise _invalid(f"unknown request {shown(name)}")
 
 
 # --------------------------------------------------------------------------
@@ -448,13 +436,13 @@ def decode_response(data: bytes) -> Response:
             return LockPCRResponse()
         if item == "LockPCRs":
             return LockPCRsResponse()
-        raise _bad(f"unknown response {item!r}")
+        raise _bad(f"unknown response {shown(item)}")
     if not isinstance(item, dict):
         raise _bad(f"a response is a text or a one-entry map, got {type(item).__name__}")
     ((name, value),) = item.items()
     if name == "Error":
         if type(value) is not str or value not in ErrorCode.__members__ or value == "Success":
-            raise _bad(f"unknown error code {value!r}")
+            raise _bad(f"unknown error code {shown(value)}")
         return ErrorResponse(ErrorCode[value])
     if not isinstance(value, dict):
         raise _bad(f"{name}: expected a map of fields")
@@ -469,7 +457,7 @@ def decode_response(data: bytes) -> Response:
             raise _bad("DescribeNSM.locked_pcrs: expected a list of u16")
         digest = _field(value, "digest", str, name)
         if digest not in DIGEST_NAMES:
-            raise _bad(f"DescribeNSM.digest: unknown digest {digest!r}")
+            raise _bad(f"DescribeNSM.digest: unknown digest {shown(digest)}")
         return DescribeNSMResponse(
             version_major=_uint_field(value, "version_major", name, _U16_MAX),
             version_minor=_uint_field(value, "version_minor", name, _U16_MAX),
@@ -483,4 +471,4 @@ def decode_response(data: bytes) -> Response:
         return AttestationResponse(_field(value, "document", bytes, name))
     if name == "GetRandom":
         return GetRandomResponse(_field(value, "random", bytes, name))
-    raise _bad(f"unknown response {name!r}")
+    raise _bad(f"unknown response {shown(name)}")

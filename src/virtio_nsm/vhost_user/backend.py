@@ -28,6 +28,13 @@ contents break the rules is marked broken, ``VIRTIO_CONFIG_S_NEEDS_RESET`` is se
 the status, the err fd is signalled and the reason is logged; the ring stays dead
 until the frontend resets or reprograms it.
 
+Descriptors from the frontend are checked before use: guest memory and inflight
+regions must be memfds sealed against shrinking (a file shrunk under our mapping
+means SIGBUS; ``allow_file_memory`` waives this for memory), and kick, call and err
+eventfds are made non-blocking, so a drained kick or a saturated call counter
+never blocks the event loop.  An inflight region may cover at most the device's
+queues at its largest ring size.
+
 The device object behind the workers is not owned here: :meth:`disconnect` and
 virtio resets drop transport state only, never device state (PCRs, locks).
 
@@ -59,8 +66,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..virtio import spec
-from ..virtio.memory import GuestMemory, GuestMemoryError, MemoryRegion, VirtioError
+from ..virtio.memory import (
+    NOT_A_FILE,
+    GuestMemory,
+    GuestMemoryError,
+    MemoryRegion,
+    VirtioError,
+    shrink_hazard,
+)
 from ..virtio.queue import DeviceQueue, RingLayout
+from .connection import SLICE
 from .inflight import InflightError, InflightQueue, InflightRegion
 from .message import (
     U64,
@@ -203,6 +218,18 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
+def _nonblocking(fd: int) -> int:
+    """Make a frontend's eventfd non-blocking (its open file is shared with the frontend).
+
+    The frontend can drain a kick fd between our readiness check and our read, or
+    leave a call fd's counter at its maximum: a blocking read or write would then
+    stop the whole backend (and its signal handling) indefinitely.
+    """
+    with contextlib.suppress(OSError):  # not our business if it is no fd at all
+        os.set_blocking(fd, False)
+    return fd
+
+
 class VhostUserBackend:
     """Protocol state of one vhost-user device, across connections."""
 
@@ -211,10 +238,23 @@ class VhostUserBackend:
         worker_factory: Callable[[DeviceQueue, Callable[[], None]], QueueWorker],
         *,
         num_queues: int = 1,
+        max_queue_size: int = spec.VIRTQ_MAX_SIZE,
         device_state: DeviceStateHandler | None = None,
+        allow_file_memory: bool = False,
     ) -> None:
         self._worker_factory = worker_factory
         self.num_queues = num_queues
+        #: Largest ring the device accepts (also bounds an inflight region).
+        self.max_queue_size = max_queue_size
+        #: Map guest memory that could shrink under us (see :meth:`_map`).
+        self.allow_file_memory = allow_file_memory
+        #: Set by the event loop: true once the backend is shutting down, which ends
+        #: any wait for the frontend (a device state load) early.
+        self.interrupted: Callable[[], bool] = lambda: False
+        #: Called with a kick fd just before the backend closes it, so that the event
+        #: loop stops watching it while it can: once closed here, epoll still watches
+        #: the frontend's copy of the eventfd and could no longer be told to stop.
+        self.kick_closing: Callable[[int], None] = lambda fd: None
         self.device_state = device_state
         self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
         if device_state is not None:
@@ -345,9 +385,7 @@ class VhostUserBackend:
     def drop_kick(self, index: int) -> None:
         """The kick fd of vring ``index`` is unusable: close it and stop the ring."""
         vring = self.vrings[index]
-        if vring.kick_fd is not None:
-            _close(vring.kick_fd)
-            vring.kick_fd = None
+        self._close_kick(vring)
         vring.drop_queue()
         vring.started = False
 
@@ -359,6 +397,7 @@ class VhostUserBackend:
         """The frontend went away: drop all transport state (not device state)."""
         for vring in self.vrings:
             vring.drop_queue()
+            self._close_kick(vring)
             vring.close_fds()
         self.vrings = [Vring(i) for i in range(self.num_queues)]
         self.memory.close()
@@ -496,6 +535,10 @@ class VhostUserBackend:
         self.interrupts += 1
         try:
             os.write(vring.call_fd, _EVENTFD_ONE)
+        except BlockingIOError:
+            # The counter is at its maximum: the frontend has an interrupt pending
+            # already, which is all this write would have said.
+            pass
         except OSError as exc:
             log.warning("vring %d: cannot signal the call fd: %s", vring.index, exc)
         self.last_interrupt_ns = time.monotonic_ns()
@@ -516,6 +559,14 @@ class VhostUserBackend:
             with contextlib.suppress(OSError):
                 os.write(vring.err_fd, _EVENTFD_ONE)
 
+    def _close_kick(self, vring: Vring) -> None:
+        """Close a ring's kick fd, telling the event loop first (see ``kick_closing``)."""
+        fd = vring.kick_fd
+        if fd is not None:
+            vring.kick_fd = None
+            self.kick_closing(fd)
+            _close(fd)
+
     def _invalidate(self, vring: Vring) -> None:
         vring.drop_queue()
         vring.broken = None
@@ -523,6 +574,7 @@ class VhostUserBackend:
     def _reset_vrings(self) -> None:
         for vring in self.vrings:
             vring.drop_queue()
+            self._close_kick(vring)
             vring.close_fds()
         self.vrings = [Vring(i) for i in range(self.num_queues)]
         self.status &= ~spec.VIRTIO_CONFIG_S_NEEDS_RESET
@@ -556,6 +608,20 @@ class VhostUserBackend:
         return self.vrings[index]
 
     def _map(self, desc: MemoryRegionDescription, fd: int) -> MemoryRegion:
+        # A file the frontend can shrink under our mapping turns our next access into
+        # SIGBUS, which kills the process: only memfds sealed against shrinking are
+        # mapped unless the operator accepted that risk (nsm serve --allow-file-memory).
+        hazard = shrink_hazard(fd)
+        if hazard == NOT_A_FILE:
+            raise BackendError(f"guest memory fd is {hazard}")
+        if hazard is not None:
+            if not self.allow_file_memory:
+                raise BackendError(
+                    f"guest memory is {hazard}: the frontend could shrink it and kill this "
+                    "backend (SIGBUS); use QEMU's -object memory-backend-memfd,...,share=on "
+                    "(sealed by default), or accept the risk with --allow-file-memory"
+                )
+            log.warning("guest memory is %s: mapped anyway (--allow-file-memory)", hazard)
         try:
             return MemoryRegion.from_fd(
                 fd,
@@ -645,8 +711,8 @@ class VhostUserBackend:
         assert isinstance(payload, VringState)
         vring = self._vring(payload.index)
         num = payload.num
-        if not 1 <= num <= spec.VIRTQ_MAX_SIZE or num & (num - 1):
-            raise BackendError(f"vring size {num} is not a power of two in 1..32768")
+        if not 1 <= num <= self.max_queue_size or num & (num - 1):
+            raise BackendError(f"vring size {num} is not a power of two in 1..{self.max_queue_size}")
         self._invalidate(vring)
         vring.num = num
 
@@ -670,9 +736,7 @@ class VhostUserBackend:
         vring = self._vring(payload.index)
         vring.drop_queue()
         vring.started = False
-        if vring.kick_fd is not None:
-            _close(vring.kick_fd)
-            vring.kick_fd = None
+        self._close_kick(vring)
         log.info("vring %d stopped at avail index %d", vring.index, vring.base)
         return VringState(vring.index, vring.base)
 
@@ -681,9 +745,8 @@ class VhostUserBackend:
         vring = self._vring(payload.index)
         if payload.nofd:
             raise BackendError("polling (no kick fd) is not supported")
-        if vring.kick_fd is not None:
-            _close(vring.kick_fd)
-        vring.kick_fd = message.fds.pop()
+        self._close_kick(vring)
+        vring.kick_fd = _nonblocking(message.fds.pop())
         vring.started = True
         self.process(vring)
 
@@ -692,7 +755,7 @@ class VhostUserBackend:
         vring = self._vring(payload.index)
         if vring.call_fd is not None:
             _close(vring.call_fd)
-        vring.call_fd = None if payload.nofd else message.fds.pop()
+        vring.call_fd = None if payload.nofd else _nonblocking(message.fds.pop())
         if vring.signal_pending and vring.call_fd is not None:
             self._signal(vring)
 
@@ -701,7 +764,7 @@ class VhostUserBackend:
         vring = self._vring(payload.index)
         if vring.err_fd is not None:
             _close(vring.err_fd)
-        vring.err_fd = None if payload.nofd else message.fds.pop()
+        vring.err_fd = None if payload.nofd else _nonblocking(message.fds.pop())
 
     def _get_protocol_features(self, message: Message, payload: Payload) -> Payload:
         return U64(self.offered_protocol_features)
@@ -759,6 +822,7 @@ class VhostUserBackend:
     def _get_inflight_fd(self, message: Message, payload: Payload) -> Payload:
         assert isinstance(payload, Inflight)
         self._require(_PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, message)
+        self._check_inflight_geometry(payload)
         try:
             region = InflightRegion.create(payload.num_queues, payload.queue_size)
         except (InflightError, OSError) as exc:
@@ -772,6 +836,11 @@ class VhostUserBackend:
     def _set_inflight_fd(self, message: Message, payload: Payload) -> None:
         assert isinstance(payload, Inflight)
         self._require(_PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, message)
+        self._check_inflight_geometry(payload)
+        hazard = shrink_hazard(message.fds[0])
+        if hazard is not None:
+            # Ours (GET_INFLIGHT_FD) are sealed; a region that can shrink could kill us.
+            raise BackendError(f"inflight region refused: it is {hazard}")
         fd = message.fds.pop()
         try:
             region = InflightRegion.from_fd(
@@ -783,6 +852,18 @@ class VhostUserBackend:
         self.inflight = region
         log.info("inflight region set: %r", region)
         self._process_all()
+
+    def _check_inflight_geometry(self, payload: Inflight) -> None:
+        """An inflight region covers at most the device's queues, at its largest ring size."""
+        if not 1 <= payload.num_queues <= self.num_queues:
+            raise BackendError(
+                f"inflight region for {payload.num_queues} queues (device has {self.num_queues})"
+            )
+        size = payload.queue_size
+        if not 1 <= size <= self.max_queue_size or size & (size - 1):
+            raise BackendError(
+                f"inflight region for queue size {size} (a power of two up to {self.max_queue_size})"
+            )
 
     def _set_device_state_fd(self, message: Message, payload: Payload) -> Payload:
         assert isinstance(payload, DeviceStateTransfer)
@@ -799,7 +880,7 @@ class VhostUserBackend:
             if payload.direction == VHOST_TRANSFER_STATE_DIRECTION_SAVE:
                 self._save_state(fd)
             elif payload.direction == VHOST_TRANSFER_STATE_DIRECTION_LOAD:
-                self._state_load_fd, fd = fd, -1
+                self._state_load_fd, fd = _nonblocking(fd), -1
                 self._state_error = "no CHECK_DEVICE_STATE yet"
             else:
                 raise BackendError(f"transfer direction {payload.direction} is unknown")
@@ -835,7 +916,10 @@ class VhostUserBackend:
     def _check_device_state(self, message: Message, payload: Payload) -> Payload:
         self._require(_PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE, message)
         if self._state_load_fd is not None:
-            self._state_error = self._load_state(self._state_load_fd)
+            if any(v.started for v in self.vrings):  # started since SET_DEVICE_STATE_FD
+                self._state_error = "a ring was started during the transfer; load refused"
+            else:
+                self._state_error = self._load_state(self._state_load_fd)
             self._end_state_transfer()
         error, self._state_error = self._state_error, None
         if error is not None:
@@ -854,9 +938,16 @@ class VhostUserBackend:
         try:
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not poller.poll(left * 1000):
+                if left <= 0:
                     return f"the frontend did not finish sending the state within {STATE_LOAD_TIMEOUT} s"
-                chunk = os.read(fd, 65536)
+                if not poller.poll(min(left, SLICE) * 1000):
+                    if self.interrupted():
+                        return "the backend is stopping"
+                    continue
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue  # the frontend holds the pipe too and drained it meanwhile
                 if not chunk:
                     break
                 total += len(chunk)

@@ -28,7 +28,8 @@ put on the used ring.
 Requests longer than ``MAX_REQUEST_SIZE`` are passed on truncated to one byte more
 than the limit, so the device answers ``InputTooLarge`` without us copying
 arbitrary amounts of guest memory.  A response chain too small for the answer
-gets ``{"Error": "BufferTooSmall"}`` if that fits, otherwise nothing (length 0).
+gets ``{"Error": "BufferTooSmall"}`` if that fits, otherwise nothing (length 0);
+the handler is told the buffer's size first, so such a request changes nothing.
 
 Event loop
 ----------
@@ -38,6 +39,13 @@ ends.  One ``selectors`` loop watches the listening socket, the connection, ever
 vring's kick eventfd and a wake-up pipe used by :meth:`VhostUserDaemon.stop`
 (signal- and thread-safe).  The NSM handler object, which holds PCRs and locks,
 belongs to the daemon and outlives every connection and reset.
+
+The frontend's descriptors are hostile by assumption: every eventfd is used
+non-blocking (see :mod:`.backend`), a kick fd is unwatched just before the backend
+closes it, and a readiness event for a kick fd that a message earlier in the same
+batch replaced or closed is ignored.  Every wait for the frontend (the rest of a
+message, room for a reply, a device state load) is sliced so that :meth:`stop`
+takes effect within a fraction of a second.
 
 Adaptive polling
 ----------------
@@ -77,6 +85,7 @@ of a round trip spent in QEMU and the guest).  :meth:`VhostUserDaemon.request_st
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import selectors
@@ -110,8 +119,18 @@ __all__ = [
 log = logging.getLogger("virtio_nsm.vhost_user")
 
 #: ``handler(request) -> response``; on a ring with inflight tracking it is called
-#: as ``handler(request, token)`` (``NsmDevice.handle`` takes both forms).
+#: as ``handler(request, token)`` (``NsmDevice.handle`` takes both forms). A handler
+#: with a ``max_response`` keyword (``NsmDevice.handle``, ``DurableNsm.handle``) is
+#: told the response buffer's size, so it can refuse a change whose answer would
+#: not fit instead of applying it.
 Handler = Callable[..., bytes]
+
+
+def _takes_max_response(handler: Handler) -> bool:
+    try:
+        return "max_response" in inspect.signature(handler).parameters
+    except (TypeError, ValueError):  # no signature to inspect
+        return False
 
 #: ``nsm serve``'s polling window after activity, in microseconds (module docstring).
 #: The class itself does not poll unless asked: a daemon run in a thread of a process
@@ -140,6 +159,7 @@ class NsmQueueWorker:
     ) -> None:
         self.queue = queue
         self.handler = handler
+        self.sized = _takes_max_response(handler)
         self.notify = notify
         self.pending: Chain | None = None
         self.tracker: InflightQueue | None = None
@@ -224,7 +244,10 @@ class NsmQueueWorker:
     def _serve(self, request_chain: Chain, capacity: int) -> bytes:
         request = request_chain.read(self.queue.memory, MAX_REQUEST_SIZE + 1)
         try:
-            if self.tracker is None:
+            if self.sized:
+                token = None if self.tracker is None else self.tracker.token(request_chain.head)
+                response = self.handler(request, token, max_response=capacity)
+            elif self.tracker is None:
                 response = self.handler(request)
             else:
                 response = self.handler(request, self.tracker.token(request_chain.head))
@@ -258,6 +281,7 @@ class VhostUserDaemon:
         poll_us: int = 0,
         adaptive_polling: bool = True,
         cpu_qos: CpuLatencyQos | None = None,
+        allow_file_memory: bool = False,
     ) -> None:
         self.path = Path(path)
         self.handler = handler
@@ -279,7 +303,11 @@ class VhostUserDaemon:
         self._turnaround_from: int | None = None
         self._stats_requested = False
         self._stats_mark: tuple[int, ...] = ()
-        self.backend = VhostUserBackend(self._make_worker, device_state=device_state)
+        self.backend = VhostUserBackend(
+            self._make_worker, device_state=device_state, allow_file_memory=allow_file_memory
+        )
+        self.backend.interrupted = self._is_stopping
+        self.backend.kick_closing = self._forget_kick
         self.connections_served = 0
         self._listener: socket.socket | None = None
         self._conn: Connection | None = None
@@ -381,7 +409,7 @@ class VhostUserDaemon:
                     if tag == "listen":
                         self._accept()
                     elif tag == "conn":
-                        self._on_message()
+                        self._on_message(key.fileobj)
                     elif tag == "wake":
                         with contextlib.suppress(OSError):
                             os.read(self._wake_r, 64)
@@ -426,16 +454,20 @@ class VhostUserDaemon:
         except BlockingIOError:
             return
         sock.setblocking(True)
-        self._conn = Connection(sock, timeout=self.message_timeout)
+        self._conn = Connection(sock, timeout=self.message_timeout, interrupted=self._is_stopping)
         self.connections_served += 1
         # One frontend at a time: later ones wait in the backlog.
         self._selector.unregister(self._listener)
         self._selector.register(sock, selectors.EVENT_READ, "conn")
         log.info("frontend connected (connection %d)", self.connections_served)
 
-    def _on_message(self) -> None:
+    def _is_stopping(self) -> bool:
+        return self._stopping
+
+    def _on_message(self, sock: object) -> None:
         conn = self._conn
-        assert conn is not None
+        if conn is None or conn.sock is not sock:
+            return  # stale: the connection ended earlier in this batch of events
         try:
             message = conn.recv_message()
             reply = self.backend.handle(message)
@@ -456,19 +488,22 @@ class VhostUserDaemon:
         self._sync_kicks()
 
     def _on_kick(self, fd: int, index: int) -> None:
+        vring = self.backend.vrings[index] if index < len(self.backend.vrings) else None
+        if self._kicks.get(fd) != index or vring is None or vring.kick_fd != fd:
+            # Stale: a message handled earlier in this batch of events replaced or
+            # closed this kick fd (SET_VRING_KICK, GET_VRING_BASE, a reset).
+            return
         try:
             data = os.read(fd, 8)
         except BlockingIOError:
-            data = b"\0"
+            return  # drained by someone else since it was reported: nothing to do
         except OSError as exc:
             data = b""
             log.error("vring %d: kick fd unreadable: %s", index, exc)
         if not data:
             # EOF or error: it would stay readable forever, so stop watching it.
             log.error("vring %d: kick fd closed by the frontend; ring stopped", index)
-            self._selector.unregister(fd)
-            del self._kicks[fd]
-            self.backend.drop_kick(index)
+            self.backend.drop_kick(index)  # stops watching it too (_forget_kick)
             return
         self.kick_wakeups += 1
         backend = self.backend
@@ -603,6 +638,12 @@ class VhostUserDaemon:
             self._answered(start, now)
             if self.policy.may_poll(now):
                 self._open_window()
+
+    def _forget_kick(self, fd: int) -> None:
+        """The backend is about to close kick fd ``fd``: stop watching it while it is open."""
+        if self._kicks.pop(fd, None) is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(fd)
 
     def _sync_kicks(self) -> None:
         # Re-register everything: a replaced kick fd may have reused the old number,

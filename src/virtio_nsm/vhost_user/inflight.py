@@ -41,6 +41,7 @@ being trusted.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import secrets
@@ -100,9 +101,10 @@ class InflightQueue:
 
     def _initialise(self) -> None:
         base = secrets.randbits(62)
-        self._view[: queue_region_size(self.size)] = bytes(queue_region_size(self.size))
-        for i in range(self.size):
-            _ENTRY.pack_into(self._view, _HEADER.size + i * _ENTRY.size, 0, 0, base)
+        size = queue_region_size(self.size)
+        entries = _ENTRY.pack(0, 0, base) * self.size
+        padding = size - _HEADER.size - len(entries)
+        self._view[:size] = bytes(_HEADER.size) + entries + bytes(padding)
         _HEADER.pack_into(self._view, 0, 0, INFLIGHT_VERSION, self.size, 0, 0)
 
     def release(self) -> None:
@@ -216,9 +218,12 @@ class InflightRegion:
     def create(cls, num_queues: int, queue_size: int) -> InflightRegion:
         """A new zeroed region in a memfd (what GET_INFLIGHT_FD hands out)."""
         size = cls._check_geometry(num_queues, queue_size)
-        fd = os.memfd_create("virtio-nsm-inflight", os.MFD_CLOEXEC)
+        fd = os.memfd_create("virtio-nsm-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            # The frontend keeps this fd and hands it to the next backend, which maps
+            # it: sealed, nobody can shrink it under a mapping (SIGBUS).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)

@@ -26,11 +26,12 @@ import fcntl
 import logging
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["GuestMemory", "GuestMemoryError", "MemoryRegion", "VirtioError"]
+__all__ = ["NOT_A_FILE", "GuestMemory", "GuestMemoryError", "MemoryRegion", "VirtioError", "shrink_hazard"]
 
 log = logging.getLogger("virtio_nsm.virtio")
 
@@ -135,19 +136,43 @@ class MemoryRegion:
             self._mapping = None
 
 
-def _warn_if_shrinkable(fd: int) -> None:
-    # A mapped file that the peer truncates turns our next access into SIGBUS, which
-    # Python cannot turn into an exception.  A sealed memfd (QEMU's memory-backend-memfd
-    # seals by default) cannot shrink; say so when one can.
+#: :func:`shrink_hazard`'s answer for an fd that is no file at all (a pipe, an eventfd...).
+NOT_A_FILE = "not a regular file or memfd"
+
+
+def shrink_hazard(fd: int) -> str | None:
+    """Why the file behind ``fd`` could shrink under a mapping of it, or None if it cannot.
+
+    A mapped file that its owner truncates turns the next access to a page past the
+    new end into SIGBUS, which Python cannot turn into an exception: the process dies.
+    Only a memfd (or another shmem file) carrying ``F_SEAL_SHRINK`` is safe: QEMU's
+    ``memory-backend-memfd`` seals its memfds so by default (``seal=on``).  A regular
+    file (``memory-backend-file``, on /dev/shm or hugetlbfs) or an unsealed memfd can
+    be shrunk by whoever else holds it.
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        return f"an unusable fd ({exc})"
+    if not stat.S_ISREG(mode):
+        return NOT_A_FILE
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
-        return  # not a memfd: nothing to tell
+        return "a file that cannot be sealed against shrinking"
     if not seals & fcntl.F_SEAL_SHRINK:
+        return "a memfd (or shmem file) without F_SEAL_SHRINK"
+    return None
+
+
+def _warn_if_shrinkable(fd: int) -> None:
+    reason = shrink_hazard(fd)
+    if reason is not None:
         log.warning(
-            "guest memory fd %d is a memfd without F_SEAL_SHRINK: if the frontend shrinks it, "
-            "this process dies of SIGBUS",
+            "guest memory fd %d is %s: if the frontend shrinks it, this process "
+            "dies of SIGBUS",
             fd,
+            reason,
         )
 
 

@@ -218,3 +218,18 @@ def test_describe_of_mutated_images_never_crashes(tmp_path, make_image, signer) 
             assert json.loads(out)["CheckCRC"] is False, position
         else:
             assert code == 2 and err.startswith("nsm: ") and err.count("\n") == 1, (position, err)
+
+
+def test_fifos_and_devices_are_refused_without_blocking(tmp_path, inputs) -> None:
+    import os
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, _, err = run("eif", "describe", "--eif-path", fifo)
+    assert code == 2 and "not a regular file" in err
+    code, _, err = run("eif", "pcr", "--input", fifo)
+    assert code == 2 and "not a regular file" in err
+    code, _, err = run("eif", "build", "--kernel", "/dev/zero", "--cmdline", "x", "--ramdisk", inputs["r1"],
+                       "-o", tmp_path / "z.eif")
+    assert code == 2 and "not a regular file" in err
+    code, _, err = _build(inputs, tmp_path / "y.eif", "--metadata", fifo)
+    assert code == 2 and "not a regular file" in err

@@ -23,22 +23,20 @@ from ..eif.boot import PreparedBoot
 from ..eif.format import DEFAULT_CPUS, DEFAULT_MEMORY
 from ..eif.measure import Measurements, extend
 from ..eif.metadata import kernel_config_identity, parse_custom_metadata, rfc3339
+from ..eif.reader import open_regular
 from ..eif.signature import certificate_der
 from . import main
 from .device import fail
+from .inputs import InputError, read_input
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 def _read(path: Path, what: str, limit: int = 1 << 20) -> bytes:
     try:
-        with path.open("rb") as fh:
-            data = fh.read(limit + 1)
-    except OSError as exc:
-        fail(f"cannot read {what} {path}: {exc.strerror or exc}")
-    if len(data) > limit:
-        fail(f"{what} {path} is larger than {limit} bytes")
-    return data
+        return read_input(str(path), limit=limit, what=f"{what} {path}", allow_stdin=False)
+    except InputError as exc:
+        fail(str(exc))
 
 
 def _signer(certificate: Path | None, key: Path | None) -> Signer | None:
@@ -231,9 +229,11 @@ def pcr(input_path: Path | None, signing_certificate: Path | None, as_json: bool
         assert input_path is not None
         digest = hashlib.sha384()
         try:
-            with input_path.open("rb") as fh:
+            with open_regular(input_path) as fh:
                 while chunk := fh.read(1 << 20):
                     digest.update(chunk)
+        except EifError as exc:
+            fail(str(exc))
         except OSError as exc:
             fail(f"cannot read {input_path}: {exc.strerror or exc}")
         value, key = extend(digest.digest()), "PCR"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
@@ -231,7 +232,20 @@ def _read_sections(stream: io.BufferedIOBase, header: Header, slots: list[Sectio
     return EifImage(header, tuple(sections), file_size, crc, measurer.result(der), metadata, signatures)
 
 
+def open_regular(path: str | os.PathLike[str], what: str = "") -> io.BufferedReader:
+    """Open a regular file for reading; refuse FIFOs, devices and directories without blocking."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise EifError(f"{what or os.fspath(path)} is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_eif(path: str | os.PathLike[str], *, parallel: bool | None = None) -> EifImage:
     """Read and check the EIF image at ``path`` (see :func:`read_stream`)."""
-    with open(path, "rb") as stream:
+    with open_regular(path) as stream:
         return read_stream(stream, parallel=parallel)

@@ -164,25 +164,15 @@ class SignatureCheck:
 
 def _decode_cose(data: bytes) -> tuple[bytes, int, bytes, bytes]:
     """(protected, alg, payload, signature) of a COSE_Sign1, untagged or tag 18."""
-    body = data[1:] if data[:1] == b"\xd2" else data  # tag 18, as AWS's COSE library accepts
+    sign1 = cose.decode_sign1(data)  # the strict reader: no tags inside, linear cost; CoseError
     try:
-        parts = loads(body, max_depth=4)
-    except StrictCborError as exc:
-        raise ValueError(f"the signature is not a COSE_Sign1 ({exc})") from None
-    if not isinstance(parts, list) or len(parts) != 4:
-        raise ValueError("the signature is not a COSE_Sign1 (an array of 4 elements)")
-    protected, unprotected, payload, signature = parts
-    if not (isinstance(protected, bytes) and isinstance(unprotected, dict)
-            and isinstance(payload, bytes) and isinstance(signature, bytes)):
-        raise ValueError("the COSE_Sign1 elements have the wrong types")
-    try:
-        header = loads(protected, max_depth=2)
+        header = loads(sign1.protected, max_depth=2)
     except StrictCborError as exc:
         raise ValueError(f"the COSE protected header is not valid CBOR ({exc})") from None
     alg = header.get(1) if isinstance(header, dict) else None
     if type(alg) is not int:
         raise ValueError("the COSE protected header has no algorithm")
-    return protected, alg, payload, signature
+    return sign1.protected, alg, sign1.payload, sign1.signature
 
 
 def check_signature(entry: PcrSignature, pcr0: bytes) -> SignatureCheck:

@@ -41,7 +41,7 @@ from .format import (
 )
 from .measure import Measurements, Measurer
 from .metadata import Identity, parse_metadata_section
-from .reader import CHUNK_SIZE, read_stream
+from .reader import CHUNK_SIZE, open_regular, read_stream
 from .signature import Signer
 
 _NO_MEASURE: Final = (SectionType.METADATA, SectionType.SIGNATURE)
@@ -202,8 +202,9 @@ def build_eif(
     writes it), raw bytes for the metadata section, or None for no section.
     """
     with contextlib.ExitStack() as stack:
-        kernel_file = stack.enter_context(open(kernel, "rb"))
-        ramdisk_files = [stack.enter_context(open(r, "rb")) for r in ramdisks]
+        kernel_file = stack.enter_context(open_regular(kernel, f"the kernel {os.fspath(kernel)}"))
+        ramdisk_files = [stack.enter_context(open_regular(r, f"the ramdisk {os.fspath(r)}"))
+                         for r in ramdisks]
         with _replacing(Path(output)) as out:
             return build_stream(out, kernel=kernel_file, cmdline=cmdline, ramdisks=ramdisk_files,
                                 metadata=metadata, arch=arch, default_mem=default_mem,
@@ -265,7 +266,7 @@ def sign_eif(path: str | os.PathLike[str], signer: Signer, output: str | os.Path
              ) -> BuildResult:
     """Add or replace the signature of the image at ``path`` (in place unless ``output``)."""
     target = Path(output if output is not None else path)
-    with open(path, "rb") as source:
+    with open_regular(path) as source:
         mode = os.fstat(source.fileno()).st_mode & 0o777
         with _replacing(target, mode) as out:
             return sign_stream(source, out, signer)

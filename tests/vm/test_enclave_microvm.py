@@ -1,9 +1,10 @@
 """The enclave machine without vsock: a TCG microvm with our NSM on virtio-mmio.
 
 Boots Debian's kernel as ``-M microvm`` (ACPI describes the mmio transports) with the
-enclave image's bootstrap pieces (virtio_mmio.ko, nsm.ko, nsm-enclave-tool) and a test
-init instead of the heartbeat: Linux's ``nsm.ko`` must bind our vhost-user device and
-answer a DescribeNSM through ``/dev/nsm``.
+sample image's bootstrap ramdisk (its init minus the heartbeat: no vsock device here)
+and a test app ramdisk: the init must load the drivers, hand /cmd and /env to the app
+in its own session inside /rootfs, and Linux's ``nsm.ko`` must bind our vhost-user
+device and answer a DescribeNSM through ``/dev/nsm``.
 """
 
 from __future__ import annotations
@@ -28,23 +29,22 @@ pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parents[2]
 
-TEST_INIT = r"""#!/bin/busybox sh
-B=/bin/busybox
-$B mount -t devtmpfs dev /dev
-exec </dev/console >/dev/console 2>&1
-$B mount -t proc proc /proc
-$B mount -t sysfs sysfs /sys
-$B insmod /lib/modules/virtio_mmio.ko || echo "TEST: insmod virtio_mmio failed"
-$B insmod /nsm.ko || echo "TEST: insmod nsm failed"
-for i in 1 2 3 4 5 6 7 8 9 10; do [ -c /dev/nsm ] && break; $B sleep 0.2; done
-echo "TEST: devices $($B cat /sys/bus/virtio/devices/*/device | $B tr '\n' ' ')"
-echo "TEST: driver $($B ls /sys/bus/virtio/drivers/nsm 2>&1 | $B grep -c virtio)"
-$B ls -l /dev/nsm
-printf '\153DescribeNSM' | /bin/nsm-enclave-tool nsm-raw > /resp
+#: The app for this test: what the init handed over (arguments, environment, session,
+#: mounts) and the NSM through /dev/nsm; exits 7.
+TEST_APP = r"""#!/bin/sh
+echo "TEST: args $#|$1|$2"
+echo "TEST: env $GREETING|$HOME|$PATH"
+echo "TEST: session $(cut -d' ' -f6 /proc/self/stat) $$"
+echo "TEST: mounts $(grep -c -E ' /(dev|proc|sys|tmp|run) ' /proc/mounts)"
+echo "TEST: devices $(cat /sys/bus/virtio/devices/*/device | tr '\n' ' ')"
+echo "TEST: driver $(ls /sys/bus/virtio/drivers/nsm | grep -c virtio)"
+ls -l /dev/nsm
+printf '\153DescribeNSM' | nsm-enclave-tool nsm-raw > /tmp/resp
 echo "TEST: rc $?"
-echo "TEST: resp $($B od -An -tx1 -v /resp | $B tr -d ' \n')"
-$B poweroff -f
+echo "TEST: resp $(od -An -tx1 -v /tmp/resp | tr -d ' \n')"
+exit 7
 """
+HEARTBEAT = "/bin/nsm-enclave-tool heartbeat 3 9000 20000"
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +56,17 @@ def test_microvm_mmio_nsm_binds_and_answers(toolchain: Toolchain, tmp_path: Path
     tc = toolchain
     kernel = image.enclave_kernel(tc)
     tool = image.tool_binary(tc)
-    mods = Path(kernel.module_dir)
-    entries = [(d, image.DIR, b"") for d in ("bin", "dev", "proc", "sys", "lib", "lib/modules")]
-    entries += [
-        ("bin/busybox", image.EXE, Path(tc.busybox).read_bytes()),
-        ("bin/nsm-enclave-tool", image.EXE, tool.read_bytes()),
-        ("lib/modules/virtio_mmio.ko", image.REG, (mods / "virtio_mmio.ko").read_bytes()),
-        ("nsm.ko", image.REG, (mods / "nsm.ko").read_bytes()),
-        ("init", image.EXE, TEST_INIT.encode()),
-    ]
+    busybox = Path(tc.busybox)
+    # the image's own init, without the heartbeat (this machine has no vsock device)
+    assert HEARTBEAT in image.BOOTSTRAP_INIT
+    boot = image.bootstrap_entries(busybox, Path(kernel.module_dir), tool)
+    boot = [(n, m, image.BOOTSTRAP_INIT.replace(HEARTBEAT, "true").encode() if n == "init" else d)
+            for n, m, d in boot]
+    app = image.app_entries(busybox, tool, ["/app/t.sh", "two words", "x"],
+                            {"GREETING": "hi there", "HOME": "/root"},
+                            {"app/t.sh": (0o755, TEST_APP.encode())})
     initrd = tmp_path / "initrd.cpio"
-    initrd.write_bytes(build_cpio(entries))
+    initrd.write_bytes(build_cpio(boot) + build_cpio(app))
     sock = tmp_path / "nsm.sock"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     backend = subprocess.Popen([sys.executable, "-m", "virtio_nsm", "serve", "-q",
@@ -81,7 +81,7 @@ def test_microvm_mmio_nsm_binds_and_answers(toolchain: Toolchain, tmp_path: Path
         console = tmp_path / "console.log"
         spec = machine.MachineSpec(
             kernel=kernel.vmlinuz, initrd=str(initrd),
-            cmdline=f"console=ttyS0 panic=-1 pci=off {TCG_CMDLINE}", cpus=1, memory_mib=256,
+            cmdline=f"{image.SAMPLE_CMDLINE} {TCG_CMDLINE}", cpus=1, memory_mib=256,
             console_log=console, nsm_socket=sock)
         res = subprocess.run(machine.qemu_argv(tc, spec), env=dict(os.environ, **tc.qemu_env),
                              capture_output=True, text=True, timeout=300)
@@ -91,6 +91,12 @@ def test_microvm_mmio_nsm_binds_and_answers(toolchain: Toolchain, tmp_path: Path
     log = console.read_text(errors="replace")
     assert res.returncode == 0, res.stderr + log[-3000:]
     lines = dict(re.findall(r"^TEST: (\w+) ?(.*)$", log, re.M))
+    assert lines.get("args") == "2|two words|x", log[-3000:]  # /cmd: one argument per line
+    assert lines.get("env") == "hi there|/root|/sbin:/usr/sbin:/bin:/usr/bin"
+    sid, pid = lines["session"].split()
+    assert sid == pid  # the command leads its own session
+    assert lines.get("mounts") == "5"
+    assert "nsm-enclave-init: command exited with status 7" in log
     assert "0x0021" in lines.get("devices", ""), log[-3000:]  # virtio device 33 on mmio
     assert lines.get("driver") == "1", log[-3000:]            # nsm.ko bound it
     assert re.search(r"^crw-rw-rw-\s.*\s/dev/nsm$", log, re.M), log[-3000:]

@@ -120,6 +120,9 @@ def test_run_attest_verify_terminate(sample: tuple[Path, dict], run_base: Path,
     enclave = launcher.find(info["EnclaveID"])
     nonce = secrets.token_bytes(image.SAMPLE_NONCE_LEN)
     document = attest_over_vsock(enclave, nonce)
+    payload = cbor2.loads(cbor2.loads(document)[2])
+    assert payload["module_id"] == info["EnclaveID"]  # as on Nitro
+    assert payload["pcrs"][0].hex() == measurements["PCR0"]
     doc = tmp_path / "doc.cbor"
     doc.write_bytes(document)
     root = run_dir / "state" / "ca" / "root.pem"

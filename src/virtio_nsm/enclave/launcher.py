@@ -174,16 +174,17 @@ def _serve_options() -> set[str]:
     return {opt for p in getattr(cmd, "params", []) for opt in getattr(p, "opts", [])}
 
 
-def nsm_backend_command(image: BootImage, opts: EnclaveOptions,
-                        instance_id: str) -> list[str]:
+def nsm_backend_command(image: BootImage, opts: EnclaveOptions, instance_id: str,
+                        enclave_id: str) -> list[str]:
     """``nsm serve`` with the enclave's boot measurements (PCR0-2 from the image, PCR3 from
-    the role, PCR4 from the instance id; all zero in debug mode) when it supports them."""
+    the role, PCR4 from the instance id; all zero in debug mode) when it supports them, and
+    the EnclaveID as the module id (as on Nitro: documents name their enclave)."""
     argv = [sys.executable, "-m", "virtio_nsm", "serve", "-q"]
     have = _serve_options()
     if "--eif" in have:
         if image.eif_path is not None:
             argv += ["--eif", image.eif_path]
-        argv += ["--parent-instance-id", instance_id]
+        argv += ["--parent-instance-id", instance_id, "--module-id", enclave_id]
         if opts.parent_role_arn:
             argv += ["--parent-role-arn", opts.parent_role_arn]
         if opts.debug_mode:
@@ -374,7 +375,6 @@ def start(image: BootImage, opts: EnclaveOptions | None = None, tc: Toolchain | 
     cpus, memory, name = _check_options(image, opts, base)
     vsock_cmd = vsock_backend_command()
     instance = opts.parent_instance_id or registry.DEFAULT_INSTANCE_ID
-    nsm_cmd = nsm_backend_command(image, opts, instance)
     with registry.locked(base):
         if name in registry.used_names(base):
             raise EnclaveError(f"an enclave named {name!r} is already running "
@@ -390,6 +390,7 @@ def start(image: BootImage, opts: EnclaveOptions | None = None, tc: Toolchain | 
         else:
             cid = registry.free_cid(base)
         enclave_id = registry.new_enclave_id(instance)
+        nsm_cmd = nsm_backend_command(image, opts, instance, enclave_id)
         run_dir = base / enclave_id
         run_dir.mkdir(mode=0o700)
         vsock = (opts.vsock_socket.resolve() if opts.vsock_socket is not None

@@ -1,24 +1,39 @@
-"""Durable device state: a state directory that survives crashes.
+"""Durable device state: a state directory that survives crashes; all file I/O of the device.
 
 Layout of a state directory::
 
     state.bin   the device state (identity, PCRs, locks) and the record of the
-                last state-changing request; replaced atomically on every change
+                last state-changing request, as of the last compaction
+    journal     every change since: one checksummed record per change
+                (:mod:`virtio_nsm.journal`)
     ca/         the attestation root (root-key.pem 0600, root.pem)
     lock        held (flock) by the one backend using the directory
 
 ``state.bin`` is ``MAGIC | format (u16) | length (u32) | body (CBOR) |
-SHA-256 of everything before``. It is written to a temporary file, fsync'ed,
-renamed over the old one and the directory fsync'ed, so after a crash it holds
-either the old or the new state, never a mix. Anything unexpected -- a bad
-checksum, a truncated file, another format version, a missing file in an
-initialised directory -- is refused with :class:`StateError`; nothing here ever
-falls back to a fresh state, because a fresh state would unlock PCRs.
+SHA-256 of everything before``; format 2 names the journal *generation* whose
+records follow it. A change is one journal record (the new state, with the
+record of its request) and one ``fdatasync``. A compaction -- when the journal
+is full, when a state is installed, and at start if records were replayed --
+writes the current state to a temporary file, fsyncs it, renames it over
+``state.bin``, fsyncs the directory and so starts a new generation: after a
+crash ``state.bin`` is the old or the new one, never a mix, and the journal
+holds the records of its generation up to at most one torn record.
+
+Anything unexpected -- a bad checksum, a truncated file, another format
+version, a damaged journal, a missing file in an initialised directory, a state
+no device could reach -- is refused with :class:`StateError`; nothing here
+ever falls back to a fresh or older state, because that would unlock PCRs.
 
 The record of the last change (its transport token, the SHA-256 of its request
-and its response) is written in the same replace as the state it produced: a
-request that a transport submits again after a crash is recognised and
-answered from the record instead of being applied twice.
+and its response) is written with the state it produced: a request that a
+transport submits again after a crash is recognised and answered from the
+record instead of being applied twice.
+
+Snapshots that leave the directory (``nsm state export``, device-state
+migration) are signed with the CA root key (:func:`sign_snapshot`,
+:func:`verify_snapshot`); loading one is subject to :func:`check_successor`.
+The CA directory's files are read and written here too (:func:`load_ca`,
+:func:`save_ca`), with the one atomic writer, :func:`write_atomic`.
 """
 
 from __future__ import annotations
@@ -41,7 +56,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import _strict_cbor
+from . import _strict_cbor, cbor, journal
 from .cose import der_to_raw, raw_to_der
 from .errors import ConfigurationError
 from .nsm.device import Commit, DeviceState
@@ -50,8 +65,12 @@ from .nsm.pki import CertificateAuthority
 from .nsm.protocol import MAX_RESPONSE_SIZE
 
 MAGIC: Final = b"NSMSTATE"
-FORMAT_VERSION: Final = 1
+#: state.bin format written: 2 names the journal generation that follows it. Format 1
+#: (no journal) is still read, and converted on open.
+FORMAT_VERSION: Final = 2
+_FORMATS_READ: Final = (1, 2)
 STATE_FILE: Final = "state.bin"
+JOURNAL_FILE: Final = "journal"
 CA_DIR: Final = "ca"
 LOCK_FILE: Final = "lock"
 _HEADER: Final = struct.Struct(">8sHI")
@@ -121,15 +140,71 @@ def _body(snapshot: Snapshot, **extra: Any) -> dict[str, Any]:
     }
 
 
-def encode_snapshot(snapshot: Snapshot) -> bytes:
-    """The bytes of ``state.bin`` for ``snapshot`` (checksummed, not signed)."""
-    body = cbor2.dumps(_body(snapshot))
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, len(body)) + body
+class _BodyEncoder:
+    """``cbor2.dumps(_body(snapshot))``, byte for byte, for the hot path (one per change).
+
+    The identity part (module id, version, digest) is encoded once per identity;
+    the rest by hand from CBOR heads.
+    """
+
+    __slots__ = ("_key", "_prefix", "_value_head")
+
+    def __init__(self) -> None:
+        self._key: tuple[str, tuple[int, ...], str] | None = None
+        self._prefix = b""
+        self._value_head = b""
+
+    def encode(self, snapshot: Snapshot) -> bytes:
+        state, bank, last = snapshot.state, snapshot.state.pcrs, snapshot.last
+        key = (state.module_id, state.version, bank.digest.value)
+        if key != self._key:
+            self._key = key
+            self._prefix = (cbor.map_head(7) + cbor.tstr("module_id") + cbor.tstr(state.module_id)
+                            + cbor.tstr("version") + cbor.array_head(3)
+                            + b"".join(cbor.uint(v) for v in state.version)
+                            + cbor.tstr("digest") + cbor.tstr(bank.digest.value) + cbor.tstr("pcrs"))
+            self._value_head = cbor.head(cbor.MAJOR_BYTES, bank.digest.size)
+        values = bank.values
+        parts = [self._prefix, cbor.array_head(len(values)), self._value_head,
+                 self._value_head.join(values), _LOCKED, cbor.uint(bank.locked), _SEQ,
+                 cbor.uint(snapshot.seq), _LAST]
+        if last is None:
+            parts.append(cbor.NULL)
+        else:
+            parts += (_RECORD_HEAD, cbor.array_head(len(last.token)), *map(cbor.uint, last.token),
+                      _REQUEST_SHA256, cbor.bstr(last.request_sha256), _RESPONSE, cbor.bstr(last.response))
+        return b"".join(parts)
+
+
+_LOCKED: Final = cbor.tstr("locked")
+_SEQ: Final = cbor.tstr("seq")
+_LAST: Final = cbor.tstr("last")
+_RECORD_HEAD: Final = cbor.map_head(3) + cbor.tstr("token")
+_REQUEST_SHA256: Final = cbor.tstr("request_sha256")
+_RESPONSE: Final = cbor.tstr("response")
+
+
+def encode_snapshot(snapshot: Snapshot, journal: int | None = None) -> bytes:
+    """The bytes of ``state.bin`` for ``snapshot`` (checksummed, not signed).
+
+    ``journal``: the generation of the journal records that follow it (format 2);
+    None writes format 1 (no journal).
+    """
+    if journal is None:
+        body, version = cbor2.dumps(_body(snapshot)), 1
+    else:
+        body, version = cbor2.dumps(_body(snapshot, journal=journal)), FORMAT_VERSION
+    head = _HEADER.pack(MAGIC, version, len(body)) + body
     return head + hashlib.sha256(head).digest()
 
 
 def decode_snapshot(data: bytes, source: str = "state") -> Snapshot:
     """Parse and check a state file; raise :class:`StateError` saying what is wrong."""
+    return _decode_state_file(data, source)[0]
+
+
+def _decode_state_file(data: bytes, source: str) -> tuple[Snapshot, int | None]:
+    """A state file's snapshot and journal generation (None: format 1, no journal)."""
     def bad(what: str) -> StateError:
         return StateError(f"{source}: {what}; refusing to use it")
 
@@ -142,14 +217,14 @@ def decode_snapshot(data: bytes, source: str = "state") -> Snapshot:
     magic, version, length = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise bad("not a virtio-nsm state file")
-    if version != FORMAT_VERSION:
-        raise bad(f"format version {version}, this virtio-nsm reads version {FORMAT_VERSION}")
+    if version not in _FORMATS_READ:
+        raise bad(f"format version {version}, this virtio-nsm reads versions "
+                  f"{', '.join(map(str, _FORMATS_READ))}")
     if len(data) != _HEADER.size + length + _DIGEST_SIZE:
         raise bad(f"length mismatch ({len(data)} bytes, header says {_HEADER.size + length + _DIGEST_SIZE})")
     if hashlib.sha256(data[:-_DIGEST_SIZE]).digest() != data[-_DIGEST_SIZE:]:
         raise bad("checksum mismatch (corrupt)")
-    snapshot, _ = _parse_body(data[_HEADER.size:-_DIGEST_SIZE], bad, signed=False)
-    return snapshot
+    return _parse_body(data[_HEADER.size:-_DIGEST_SIZE], bad, "journal" if version == 2 else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +281,7 @@ def verify_snapshot(data: bytes, root: x509.Certificate, source: str = "snapshot
     except (InvalidSignature, ValueError):
         raise bad("signature does not verify against this device's CA (tampered, or made by "
                   "a backend with another CA: copy the source's ca/ directory)") from None
-    snapshot, saved_at = _parse_body(head[_HEADER.size:], bad, signed=True)
+    snapshot, saved_at = _parse_body(head[_HEADER.size:], bad, "saved_at")
     assert saved_at is not None
     return SignedSnapshot(snapshot, saved_at / 1000)
 
@@ -215,11 +290,11 @@ _BODY_KEYS: Final = frozenset({"module_id", "version", "digest", "pcrs", "locked
 _RECORD_KEYS: Final = frozenset({"token", "request_sha256", "response"})
 
 
-def _parse_body(raw: bytes, bad: Any, *, signed: bool) -> tuple[Snapshot, int | None]:
-    """The snapshot in a body (and its ``saved_at``), strictly checked; raises ``bad(...)``."""
+def _parse_body(raw: bytes, bad: Any, extra: str | None = None) -> tuple[Snapshot, int | None]:
+    """The snapshot in a body and its ``extra`` number field, strictly checked; raises ``bad(...)``."""
     try:
         body: Any = _strict_cbor.loads(raw, max_depth=3)
-        keys = _BODY_KEYS | {"saved_at"} if signed else _BODY_KEYS
+        keys = _BODY_KEYS if extra is None else _BODY_KEYS | {extra}
         if type(body) is not dict or set(body) != keys:
             raise StateError("unexpected fields" if type(body) is dict else "not a map")
         pcrs = _typed(body["pcrs"], list)
@@ -237,7 +312,8 @@ def _parse_body(raw: bytes, bad: Any, *, signed: bool) -> tuple[Snapshot, int | 
         )
         state.check_reachable()
         seq = _u(body["seq"], MAX_SEQ, "sequence number")
-        saved_at = _u(body["saved_at"], MAX_SEQ, "saved_at") if signed else None
+        extra_value = None if extra is None else _u(body[extra], _MAX_U64 if extra == "journal" else MAX_SEQ,
+                                                     extra)
         last_raw = body["last"]
         last = None
         if last_raw is not None:
@@ -257,7 +333,7 @@ def _parse_body(raw: bytes, bad: Any, *, signed: bool) -> tuple[Snapshot, int | 
         raise bad(f"invalid CBOR ({exc})") from None
     except (TypeError, ValueError, ConfigurationError) as exc:
         raise bad(f"invalid contents ({exc})") from None
-    return Snapshot(state, seq, last), saved_at
+    return Snapshot(state, seq, last), extra_value
 
 
 def _typed(value: Any, kind: type) -> Any:
@@ -384,6 +460,64 @@ def save_ca(ca: CertificateAuthority, directory: str | os.PathLike[str]) -> None
         raise ConfigurationError(f"cannot write the CA into {d}: {exc.strerror}") from None
 
 
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """A state directory as found: ``state.bin``, and the journal records replayed on top."""
+
+    base: Snapshot
+    generation: int | None  # None: format 1, no journal
+    current: Snapshot
+    replayed: int
+    state_bytes: bytes
+
+
+def _load(d: Path, data: bytes | None = None) -> _Loaded:
+    """Read ``state.bin`` (or take its ``data``) and replay its journal (read-only).
+
+    Raises :class:`StateError`.
+    """
+    state_path = d / STATE_FILE
+    if data is None:
+        data = _read(state_path)
+    base, generation = _decode_state_file(data, str(state_path))
+    if generation is None:
+        return _Loaded(base, None, base, 0, data)
+    path = d / JOURNAL_FILE
+    if not path.exists():
+        raise StateError(f"{path} is missing: changes made since the last compaction would be lost; "
+                         "refusing to use the directory")
+    try:
+        log = journal.Journal(path)
+        try:
+            payloads = log.records(generation)
+        finally:
+            log.close()
+    except (journal.JournalError, OSError) as exc:
+        raise StateError(f"{exc}; refusing to use the directory") from None
+    current = base
+    for index, payload in enumerate(payloads):
+        source = f"{path} record {index}"
+
+        def bad(what: str, source: str = source) -> StateError:
+            return StateError(f"{source}: {what}; refusing to use the directory")
+
+        record, _ = _parse_body(payload, bad)
+        if record.seq != current.seq + 1:
+            raise bad(f"sequence number {record.seq} follows {current.seq}")
+        if record.state.module_id != current.state.module_id:
+            raise bad("another module id")
+        try:
+            current.state.check_successor(record.state)
+        except ConfigurationError as exc:
+            raise bad(str(exc)) from None
+        current = record
+    return _Loaded(base, generation, current, len(payloads), data)
+
+
+def _new_generation() -> int:
+    return int.from_bytes(os.urandom(8), "big")
+
+
 class StateStore:
     """One backend's hold on a state directory (see the module docstring).
 
@@ -392,12 +526,19 @@ class StateStore:
     """
 
     def __init__(self, directory: Path, lock_fd: int, snapshot: Snapshot, ca: CertificateAuthority,
-                 durable: bool) -> None:
+                 durable: bool, log: journal.Journal, generation: int) -> None:
         self.directory = directory
         self._lock_fd = lock_fd
         self.snapshot = snapshot
         self.ca = ca
         self.durable = durable
+        self._journal = log
+        self._generation = generation
+        self._next = 0
+        self._broken: str | None = None
+        self._encoder = _BodyEncoder()
+        #: Journal records recovered (replayed and compacted) when the directory was opened.
+        self.recovered = 0
 
     @classmethod
     def open(
@@ -408,12 +549,14 @@ class StateStore:
         initial: DeviceState | None = None,
         ca: CertificateAuthority | None = None,
         durable: bool = True,
+        journal_slots: int = journal.DEFAULT_SLOTS,
     ) -> StateStore:
         """Lock and load ``directory``; initialise it first if it is new and ``create``.
 
-        ``initial`` and ``ca`` are used only to initialise a new directory (by
-        default: a fresh boot state and a fresh CA); an existing directory's
-        own state and CA always win.
+        ``initial``, ``ca`` and ``journal_slots`` are used only to initialise a new
+        directory (by default: a fresh boot state, a fresh CA, 256 records between
+        compactions); an existing directory's own state, CA and journal always win.
+        Journal records found are replayed and compacted into ``state.bin``.
         """
         d = Path(directory)
         try:
@@ -422,13 +565,24 @@ class StateStore:
             raise StateError(f"cannot create state directory {d}: {exc.strerror}") from None
         lock_fd = cls._lock(d)
         try:
-            state_path, ca_path = d / STATE_FILE, d / CA_DIR
+            state_path, ca_path, journal_path = d / STATE_FILE, d / CA_DIR, d / JOURNAL_FILE
             if state_path.exists():
-                snapshot = decode_snapshot(_read(state_path), str(state_path))
+                loaded = _load(d)
                 try:
                     authority = load_ca(ca_path)
                 except ConfigurationError as exc:
                     raise StateError(f"{d}: the CA is unusable ({exc}); refusing to start") from None
+                snapshot, generation = loaded.current, loaded.generation
+                try:
+                    if generation is None:  # format 1: give it a journal
+                        journal.create(journal_path, journal_slots, durable=durable)
+                    if generation is None or loaded.replayed:
+                        generation = _new_generation()
+                        write_atomic(state_path, encode_snapshot(snapshot, generation), durable=durable)
+                except OSError as exc:
+                    raise StateError(f"{d}: cannot compact the journal into {STATE_FILE}: "
+                                     f"{exc.strerror}; refusing to start") from None
+                replayed = loaded.replayed
             elif ca_path.exists():
                 raise StateError(
                     f"{d} has a CA but no {STATE_FILE}: the state was lost or the directory was "
@@ -443,9 +597,20 @@ class StateStore:
                     save_ca(authority, ca_path)
                 except ConfigurationError as exc:
                     raise StateError(f"{d}: {exc}") from None
-                snapshot = Snapshot(initial or DeviceState.at_boot(), 0)
-                write_atomic(state_path, encode_snapshot(snapshot), durable=durable)
-            return cls(d, lock_fd, snapshot, authority, durable)
+                snapshot, generation, replayed = Snapshot(initial or DeviceState.at_boot(), 0), \
+                    _new_generation(), 0
+                try:
+                    journal.create(journal_path, journal_slots, durable=durable)
+                    write_atomic(state_path, encode_snapshot(snapshot, generation), durable=durable)
+                except OSError as exc:
+                    raise StateError(f"cannot initialise {d}: {exc.strerror}") from None
+            try:
+                log = journal.Journal(journal_path, writable=True)
+            except journal.JournalError as exc:
+                raise StateError(f"{exc}; refusing to start") from None
+            store = cls(d, lock_fd, snapshot, authority, durable, log, generation)
+            store.recovered = replayed
+            return store
         except BaseException:
             os.close(lock_fd)
             raise
@@ -473,14 +638,52 @@ class StateStore:
         return self.snapshot.state
 
     def commit(self, change: Commit) -> None:
-        """Make ``change`` durable; raises OSError (and changes nothing) if it cannot."""
+        """Make ``change`` durable; raises OSError (and changes nothing) if it cannot.
+
+        One journal record and one ``fdatasync``; when the journal is full, a
+        compaction (an atomic replace of ``state.bin``) instead.
+        """
+        if self._broken is not None:
+            raise OSError(errno.EIO, self._broken)
         token = change.token
         last = None
         if isinstance(token, tuple) and all(type(t) is int for t in token):
             last = Record(token, hashlib.sha256(change.request).digest(), change.response)
         snapshot = Snapshot(change.state, _next_seq(self.snapshot.seq), last)
-        write_atomic(self.directory / STATE_FILE, encode_snapshot(snapshot), durable=self.durable)
+        payload = self._encoder.encode(snapshot)
+        index = self._next
+        if index < self._journal.slots and len(payload) <= journal.MAX_PAYLOAD:
+            try:
+                self._journal.write(index, journal.Journal.encode(self._generation, index, payload),
+                                    durable=self.durable)
+            except OSError:
+                self._undo(index)
+                raise
+            self._next = index + 1
+        else:
+            self._compact(snapshot)
         self.snapshot = snapshot
+
+    def _undo(self, index: int) -> None:
+        """After a failed append, make sure the record does not count: clear its slot, or
+        else start a new generation (which disowns it); if neither works, refuse all
+        further changes (a restart then finds whatever reached the disk)."""
+        try:
+            self._journal.write(index, bytes(journal.SLOT), durable=self.durable)
+            return
+        except OSError:
+            pass
+        try:
+            self._compact(self.snapshot)
+        except OSError as exc:
+            self._broken = (f"a journal write failed and could not be undone ({exc.strerror}); "
+                            "changes refused until the backend restarts")
+
+    def _compact(self, snapshot: Snapshot) -> None:
+        """Make ``snapshot`` the content of ``state.bin``; the journal starts a new generation."""
+        generation = _new_generation()
+        write_atomic(self.directory / STATE_FILE, encode_snapshot(snapshot, generation), durable=self.durable)
+        self._generation, self._next = generation, 0
 
     def install(self, snapshot: Snapshot, source: str = "migrated device state") -> None:
         """Make ``snapshot`` the directory's state (a migrated-in state); durable on return.
@@ -489,9 +692,11 @@ class StateStore:
         could reach it (:func:`check_successor`). Its sequence number moves past
         both the current and the incoming one.
         """
+        if self._broken is not None:
+            raise StateError(self._broken)
         check_successor(self.snapshot, snapshot, source)
         new = Snapshot(snapshot.state, _next_seq(max(self.snapshot.seq, snapshot.seq)), snapshot.last)
-        write_atomic(self.directory / STATE_FILE, encode_snapshot(new), durable=self.durable)
+        self._compact(new)
         self.snapshot = new
 
     def replay(self, request: bytes, token: Token) -> bytes | None:
@@ -504,6 +709,7 @@ class StateStore:
         return last.response
 
     def close(self) -> None:
+        self._journal.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -565,9 +771,27 @@ def export_state(directory: str | os.PathLike[str], *, now: float | None = None)
     CA imports it (:func:`import_state`).
     """
     d = Path(directory)
-    path = d / STATE_FILE
-    snapshot = decode_snapshot(_read(path), str(path))
-    return sign_snapshot(snapshot, _load_ca(d / CA_DIR), time.time() if now is None else now)
+    return sign_snapshot(current_state(d), _load_ca(d / CA_DIR), time.time() if now is None else now)
+
+
+def current_state(directory: str | os.PathLike[str]) -> Snapshot:
+    """The state of ``directory``: ``state.bin`` and its journal (the backend may be running).
+
+    Read without the lock: if a running backend compacts meanwhile (``state.bin``
+    replaced), the read is retried.
+    """
+    d = Path(directory)
+    for _ in range(10):
+        data = _read(d / STATE_FILE)
+        try:
+            loaded = _load(d, data)
+        except StateError:
+            if _read(d / STATE_FILE) == data:
+                raise
+            continue
+        if _read(d / STATE_FILE) == data:
+            return loaded.current
+    raise StateError(f"{d}: the state kept changing while being read; try again")
 
 
 def import_state(directory: str | os.PathLike[str], data: bytes, *, replace: bool = False,
@@ -601,7 +825,7 @@ def import_state(directory: str | os.PathLike[str], data: bytes, *, replace: boo
         if state_path.exists():
             if not replace:
                 raise StateError(f"{d} already holds a device state (use --replace to overwrite it)")
-            current = decode_snapshot(_read(state_path), str(state_path))
+            current = _load(d).current
             check_successor(current, incoming, "imported state")
             incoming = Snapshot(incoming.state, _next_seq(max(current.seq, incoming.seq)), incoming.last)
         if own is None:
@@ -609,7 +833,13 @@ def import_state(directory: str | os.PathLike[str], data: bytes, *, replace: boo
                 save_ca(authority, ca_path)
             except ConfigurationError as exc:
                 raise StateError(f"{d}: {exc}") from None
-        write_atomic(state_path, encode_snapshot(incoming))
+        journal_path = d / JOURNAL_FILE
+        try:
+            journal.Journal(journal_path).close()
+        except journal.JournalError:  # none yet (or unusable: the state it followed is replaced)
+            journal.create(journal_path)
+        # A new generation: whatever the journal holds belongs to the replaced state.
+        write_atomic(state_path, encode_snapshot(incoming, _new_generation()))
     finally:
         os.close(lock_fd)
     return incoming

@@ -9,10 +9,13 @@ collects every reason and raises one :class:`VerificationError` listing them.
 
 1. **Syntax** (:func:`parse_unverified`, also what ``nsm inspect`` shows): the
    COSE structure (untagged or tag 18, the protected header exactly ``{1: -35}``,
-   an unprotected map, a 96-byte signature) and the payload, read with a strict
-   decoder (:mod:`virtio_nsm._strict_cbor`: no tags, no duplicate keys, definite
-   or indefinite lengths, any key order). Required fields and their types and
-   sizes: ``module_id`` non-empty text; ``digest`` one of SHA256/SHA384/SHA512;
+   an unprotected map, a 96-byte signature) and the payload, both read with a
+   strict decoder (:mod:`virtio_nsm._strict_cbor`: no tags but the outer 18 --
+   so no shared references, whose expansion could be exponential -- no
+   duplicate keys, definite or indefinite lengths, any key order, cost linear in
+   the size; a tag in the unprotected header makes the document unreadable).
+   Required fields and their types and sizes: ``module_id`` non-empty text;
+   ``digest`` one of SHA256/SHA384/SHA512;
    ``timestamp`` an unsigned integer > 0 (milliseconds); ``pcrs`` 1..32 entries,
    index < 32, each value as long as ``digest`` says (32/48/64 bytes);
    ``certificate`` 1..1024 bytes; ``cabundle`` 1..16 entries of 1..1024 bytes.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from virtio_nsm import ConfigurationError, ErrorCode, Nsm, NsmDevice, NsmError
+from virtio_nsm import ConfigurationError, ErrorCode, Nsm, NsmDevice, NsmError, journal
 from virtio_nsm import persist as ps
 from virtio_nsm.nsm import protocol as p
 from virtio_nsm.nsm.device import DeviceState
@@ -74,7 +74,7 @@ def test_second_backend_refused(tmp_path: Path) -> None:
 
 def corrupt_cases(data: bytes) -> dict[str, bytes]:
     bumped = bytearray(data)
-    bumped[9] = 2  # format version 2
+    bumped[9] = ps.FORMAT_VERSION + 1  # a newer format
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x01
     return {
@@ -117,27 +117,88 @@ def test_failed_write_refuses_change_and_keeps_state(tmp_path: Path, monkeypatch
         device = device_on(store)
         nsm = Nsm.local(device)
         nsm.extend_pcr(17, b"ok")
-        on_disk = (tmp_path / ps.STATE_FILE).read_bytes()
         in_memory = device.state
-        real_write = os.write
 
-        def full(fd: int, data: bytes) -> int:
+        def full(fd: int, data: bytes, offset: int) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(ps.os, "write", full)
+        # The journal append fails (and so does clearing its slot): the change is
+        # refused and a new generation disowns whatever reached the slot.
+        monkeypatch.setattr(journal.os, "pwrite", full)
         for action in (lambda: nsm.extend_pcr(17, b"x"), lambda: nsm.lock_pcr(17), lambda: nsm.lock_pcrs(32)):
             with pytest.raises(NsmError) as info:
                 action()
             assert info.value.code is ErrorCode.InternalError
         assert device.state == in_memory
-        assert (tmp_path / ps.STATE_FILE).read_bytes() == on_disk
         assert not (tmp_path / (ps.STATE_FILE + ".tmp")).exists()
         assert nsm.describe_pcr(17).lock is False  # reads keep working
         assert len(nsm.get_random()) == 256
-        monkeypatch.setattr(ps.os, "write", real_write)
+        monkeypatch.undo()
         nsm.lock_pcr(17)
     with ps.StateStore.open(tmp_path) as store:
         assert store.state.pcrs.is_locked(17)
+        assert store.state.pcrs.values[17] == in_memory.pcrs.values[17]
+
+
+def test_write_that_cannot_be_undone_refuses_until_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with ps.StateStore.open(tmp_path) as store:
+        device = device_on(store)
+        nsm = Nsm.local(device)
+        nsm.extend_pcr(17, b"ok")
+        acknowledged = device.state
+
+        def failing(*args: object) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(journal.os, "pwrite", failing)
+        monkeypatch.setattr(ps.os, "write", failing)
+        with pytest.raises(NsmError):
+            nsm.extend_pcr(17, b"x")
+        monkeypatch.undo()
+        with pytest.raises(NsmError) as info:  # the store no longer knows what the disk holds
+            nsm.extend_pcr(17, b"y")
+        assert info.value.code is ErrorCode.InternalError
+        assert device.state == acknowledged
+    with ps.StateStore.open(tmp_path) as store:
+        assert store.state == acknowledged
+
+
+def test_a_change_costs_one_journal_record(tmp_path: Path) -> None:
+    with ps.StateStore.open(tmp_path, journal_slots=3) as store:
+        nsm = Nsm.local(device_on(store))
+        state_bin = (tmp_path / ps.STATE_FILE).read_bytes()
+        for i in range(3):
+            nsm.extend_pcr(16, bytes([i]))
+            assert (tmp_path / ps.STATE_FILE).read_bytes() == state_bin  # only the journal grew
+        nsm.extend_pcr(16, b"full")  # the journal is full: compacted into state.bin
+        assert ps.decode_snapshot((tmp_path / ps.STATE_FILE).read_bytes()) == store.snapshot
+        nsm.extend_pcr(16, b"next")
+        expected = store.snapshot
+    assert ps.current_state(tmp_path) == expected  # state.bin + journal, as export sees it
+    with ps.StateStore.open(tmp_path) as store:
+        assert store.snapshot == expected and store.recovered == 1
+        assert ps.decode_snapshot((tmp_path / ps.STATE_FILE).read_bytes()) == expected  # compacted at start
+
+
+def test_format_1_directory_is_converted(tmp_path: Path) -> None:
+    with ps.StateStore.open(tmp_path) as store:
+        Nsm.local(device_on(store)).lock_pcr(23)
+        expected = store.snapshot
+    (tmp_path / ps.STATE_FILE).write_bytes(ps.encode_snapshot(expected))  # format 1: no journal
+    (tmp_path / ps.JOURNAL_FILE).unlink()
+    with ps.StateStore.open(tmp_path) as store:
+        assert store.snapshot == expected
+        Nsm.local(device_on(store)).lock_pcr(24)
+    with ps.StateStore.open(tmp_path) as store:
+        assert store.state.pcrs.is_locked(23) and store.state.pcrs.is_locked(24)
+
+
+def test_missing_journal_is_refused(tmp_path: Path) -> None:
+    with ps.StateStore.open(tmp_path) as store:
+        Nsm.local(device_on(store)).lock_pcr(23)
+    (tmp_path / ps.JOURNAL_FILE).unlink()
+    with pytest.raises(ps.StateError, match=r"journal is missing.*refusing"):
+        ps.StateStore.open(tmp_path)
 
 
 @contextlib.contextmanager
@@ -154,50 +215,60 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 
 def test_real_full_disk(tmp_path: Path) -> None:
-    with tmpfs(tmp_path / "fs", "64k") as fs, ps.StateStore.open(fs) as store:
-        nsm = Nsm.local(device_on(store))
-        nsm.extend_pcr(18, b"before")
-        state = store.state
-        filler = fs / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"\0" * 4096)
-        finally:
-            os.close(fd)
-        with pytest.raises(NsmError) as info:
-            nsm.extend_pcr(18, b"during")
-        assert info.value.code is ErrorCode.InternalError
-        assert store.state == state
-        assert nsm.describe_pcr(18).data == state.pcrs.values[18]
-        filler.unlink()
-        nsm.extend_pcr(18, b"after")
-    with ps.StateStore.open(fs) as store:
-        assert store.state.pcrs.values[18] != state.pcrs.values[18]
+    with tmpfs(tmp_path / "fs", "64k") as fs:
+        with ps.StateStore.open(fs, journal_slots=4) as store:
+            nsm = Nsm.local(device_on(store))
+            nsm.extend_pcr(18, b"before")
+            filler = fs / "filler"
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                with contextlib.suppress(OSError):
+                    while True:
+                        os.write(fd, b"\0" * 4096)
+            finally:
+                os.close(fd)
+            # The journal is preallocated: changes keep working on a full disk ...
+            for i in range(3):
+                nsm.extend_pcr(18, bytes([i]))
+            state = store.state
+            # ... until it is full and must be compacted into a new state.bin.
+            with pytest.raises(NsmError) as info:
+                nsm.extend_pcr(18, b"during")
+            assert info.value.code is ErrorCode.InternalError
+            assert store.state == state
+            assert nsm.describe_pcr(18).data == state.pcrs.values[18]
+            filler.unlink()
+            nsm.extend_pcr(18, b"after")
+            final = store.state
+        with ps.StateStore.open(fs) as store:
+            assert store.state == final != state
 
 
 def test_real_read_only_directory(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "fs", "1m") as fs:
-        with ps.StateStore.open(fs) as store:
+        with ps.StateStore.open(fs, journal_slots=2) as store:
             Nsm.local(device_on(store)).extend_pcr(19, b"x")
-        store = ps.StateStore.open(fs)
+        store = ps.StateStore.open(fs)  # compacts: the journal is empty again
         # A read-only bind mount over the directory: from now on every path
-        # lookup in it finds a read-only file system.
+        # lookup in it finds a read-only file system (the open journal is not a lookup).
         subprocess.run(["mount", "--bind", str(fs), str(fs)], check=True)
         try:
             subprocess.run(["mount", "-o", "remount,bind,ro", str(fs)], check=True)
             nsm = Nsm.local(device_on(store))
-            with pytest.raises(NsmError) as info:
+            nsm.extend_pcr(20, b"1")
+            nsm.extend_pcr(20, b"2")
+            with pytest.raises(NsmError) as info:  # the journal is full: compaction needs the directory
                 nsm.lock_pcr(19)
             assert info.value.code is ErrorCode.InternalError
             assert nsm.describe_pcr(19).lock is False
             assert len(nsm.attestation()) > 0
+            expected = store.state
         finally:
             store.close()
             subprocess.run(["umount", str(fs)], check=True)
         with ps.StateStore.open(fs) as store:
             assert not store.state.pcrs.is_locked(19)
+            assert store.state == expected
 
 
 def test_replay_record(tmp_path: Path) -> None:
@@ -415,3 +486,18 @@ def test_ca_file_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / ps.ROOT_KEY_FILE)
     with pytest.raises(ConfigurationError, match="not a regular file"):
         ps.load_ca(tmp_path)
+
+
+@pytest.mark.parametrize("digest", [Digest.SHA256, Digest.SHA384, Digest.SHA512])
+def test_journal_body_encoder_matches_cbor2(digest: Digest) -> None:
+    """The hand-built record body is exactly the generic encoding (so both decode alike)."""
+    import cbor2
+
+    encoder = ps._BodyEncoder()
+    states = [DeviceState.at_boot(digest=digest), DeviceState.at_boot(digest=digest, max_pcrs=16, module_id="m" * 256)]
+    records = [None, ps.Record((1, 2**40), bytes(32), b"r" * 60), ps.Record((2**64 - 1,), bytes(32), b"r" * 3000)]
+    for state in states:
+        for last in records:
+            for seq in (0, 23, 255, 65536, ps.MAX_SEQ):
+                snapshot = ps.Snapshot(state, seq, last)
+                assert encoder.encode(snapshot) == cbor2.dumps(ps._body(snapshot))

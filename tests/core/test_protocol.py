@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import cbor2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from virtio_nsm import ErrorCode, NsmError
 from virtio_nsm.nsm import protocol as p
@@ -216,3 +218,37 @@ def test_response_rejected(data: bytes) -> None:
     with pytest.raises(NsmError) as info:
         p.decode_response(data)
     assert info.value.code is ErrorCode.InvalidResponse
+
+
+def _general(data: bytes) -> tuple[int, bytes] | None:
+    """What the general decoder reads from ``data`` if it is an ExtendPCR."""
+    try:
+        item = p.load_exact(data)
+    except ValueError:
+        return None
+    if not (isinstance(item, dict) and list(item) == ["ExtendPCR"] and isinstance(item["ExtendPCR"], dict)):
+        return None
+    fields = item["ExtendPCR"]
+    return fields.get("index"), fields.get("data")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 0xFFFF), st.binary(max_size=300), st.integers(-4, 4), st.binary(max_size=3))
+def test_extend_fast_path_agrees_with_general_decoder(index: int, data: bytes, cut: int, tail: bytes) -> None:
+    canonical = p.encode_request(p.ExtendPCR(index, data))
+    assert p.canonical_extend(canonical) == (index, data) == _general(canonical)
+    assert p.decode_request(canonical) == p.ExtendPCR(index, data)
+    # Shortened or lengthened bytes: the fast path reads them as the decoder does, or declines.
+    for variant in (canonical[:len(canonical) + cut] if cut < 0 else canonical, canonical + tail):
+        fast = p.canonical_extend(variant)
+        assert fast is None or fast == _general(variant)
+
+
+def test_extend_fast_path_declines_other_shapes() -> None:
+    wide_index = bytes.fromhex("a169457874656e64504352a265696e6465781a00000010646461746141ff")
+    assert p.canonical_extend(wide_index) is None and p.decode_request(wide_index) == p.ExtendPCR(16, b"\xff")
+    data_first = enc({"ExtendPCR": {"data": b"\x01", "index": 17}})
+    assert p.canonical_extend(data_first) is None
+    text_data = enc({"ExtendPCR": {"index": 17, "data": "t"}})
+    assert p.canonical_extend(text_data) is None and p.decode_request(text_data) == p.ExtendPCR(17, b"t")
+    assert p.canonical_extend(enc({"DescribePCR": {"index": 1}})) is None

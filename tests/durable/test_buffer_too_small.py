@@ -27,7 +27,7 @@ from virtio_nsm.nsm.protocol import (
     encode_request,
     encode_response,
 )
-from virtio_nsm.persist import STATE_FILE
+from virtio_nsm.persist import JOURNAL_FILE, STATE_FILE, current_state
 from virtio_nsm.vhost_user.daemon import VhostUserDaemon
 from virtio_nsm.vhost_user.frontend import GUEST_BASE, VhostUserFrontend
 from virtio_nsm.virtio.queue import Segment
@@ -85,13 +85,14 @@ def test_reads_and_errors_are_cut_the_same_way() -> None:
 def test_durable_device_persists_nothing_for_a_too_small_buffer(tmp_path: Path) -> None:
     nsm = DurableNsm.open(tmp_path / "state", durable=False)
     try:
-        state_file = tmp_path / "state" / STATE_FILE
-        before = state_file.read_bytes()
+        directory = tmp_path / "state"
+        files = (directory / STATE_FILE, directory / JOURNAL_FILE)
+        before = [f.read_bytes() for f in files]
         assert nsm.handle(EXTEND, (0, 1), max_response=len(ANSWER) - 1) == TOO_SMALL
-        assert state_file.read_bytes() == before
+        assert [f.read_bytes() for f in files] == before  # nothing written at all
         assert nsm.device.state.pcrs.values[16] == bytes(48)
         assert nsm.handle(EXTEND, (0, 2), max_response=0x3000) == ANSWER
-        assert state_file.read_bytes() != before
+        assert current_state(directory).state.pcrs.values[16] == EXTENDED  # on disk
     finally:
         nsm.close()
     reopened = DurableNsm.open(tmp_path / "state", durable=False)
@@ -138,13 +139,14 @@ def test_vhost_user_too_small_buffer_changes_nothing(
     durable_daemon: tuple[Path, DurableNsm], tmp_path: Path
 ) -> None:
     sock, nsm = durable_daemon
-    state_file = tmp_path / "state" / STATE_FILE
-    before = state_file.read_bytes()
+    directory = tmp_path / "state"
+    files = (directory / STATE_FILE, directory / JOURNAL_FILE)
+    before = [f.read_bytes() for f in files]
     with VhostUserFrontend(sock, timeout=10) as fe:
         for room in (21, 22, 40, len(ANSWER) - 1):
             assert exchange(fe, EXTEND, room) == expected_for(room)
             assert nsm.device.state.pcrs.values[16] == bytes(48)
-            assert state_file.read_bytes() == before
+            assert [f.read_bytes() for f in files] == before
         assert exchange(fe, EXTEND, 0x3000) == ANSWER
     assert nsm.device.state.pcrs.values[16] == EXTENDED
-    assert state_file.read_bytes() != before
+    assert current_state(directory).state.pcrs.values[16] == EXTENDED

@@ -49,7 +49,8 @@ def sign_body(body: bytes, ca: CertificateAuthority = CA) -> bytes:
 
 
 def checksummed(body: bytes) -> bytes:
-    head = ps._HEADER.pack(ps.MAGIC, ps.FORMAT_VERSION, len(body)) + body
+    """A format-1 state file (no journal) around arbitrary body bytes."""
+    head = ps._HEADER.pack(ps.MAGIC, 1, len(body)) + body
     return head + hashlib.sha256(head).digest()
 
 
@@ -147,7 +148,8 @@ def used_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def genuine(d: Path) -> ps.Snapshot:
-    return ps.decode_snapshot((d / ps.STATE_FILE).read_bytes())
+    """The directory's state: state.bin and its journal."""
+    return ps.current_state(d)
 
 
 def load_into(d: Path, data: bytes) -> None:

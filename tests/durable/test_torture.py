@@ -15,7 +15,9 @@ the commit and the used ring):
 * after each restart, DescribePCR of every PCR 16..31 equals the model: the hash
   chain of exactly the acknowledged requests; locked PCRs stay locked.
 
-Seeded (``TORTURE_SEED``); ``TORTURE_KILLS`` sets the number of kills (default 100).
+Seeded (``TORTURE_SEED``); ``TORTURE_KILLS`` sets the number of kills (default 500).
+Marked ``slow``: ``./run test`` (and CI) runs it, a quick local run skips it with
+``-m "not vm and not slow"``.
 The kill points are random in time, so which windows are hit varies from run to
 run; the invariants do not.
 """
@@ -27,13 +29,16 @@ import random
 import threading
 from pathlib import Path
 
+import pytest
 from durable_support import Backend, PcrModel
 
 from virtio_nsm.nsm.protocol import DescribePCR, decode_response, encode_request
 from virtio_nsm.vhost_user.frontend import VhostUserFrontend
 
+pytestmark = pytest.mark.slow
+
 SEED = int(os.environ.get("TORTURE_SEED", "20261125"))
-KILLS = int(os.environ.get("TORTURE_KILLS", "100"))
+KILLS = int(os.environ.get("TORTURE_KILLS", "500"))
 #: A backend is killed up to this long after it starts listening.
 MAX_LIFE = 0.06
 

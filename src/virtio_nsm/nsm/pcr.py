@@ -44,6 +44,10 @@ class Digest(enum.Enum):
 
 
 _SIZES: Final = {Digest.SHA256: 32, Digest.SHA384: 48, Digest.SHA512: 64}
+#: Hash constructors by wire name (a str key hashes faster than an enum member).
+_HASHES: Final = {"SHA256": hashlib.sha256, "SHA384": hashlib.sha384, "SHA512": hashlib.sha512}
+_new = object.__new__
+_set = object.__setattr__
 
 
 def _rejected(code: ErrorCode, reason: str) -> RequestRejected:
@@ -89,14 +93,14 @@ class PcrBank:
         if not 0 <= self.locked < (1 << len(self.values)):
             raise ValueError("lock bits beyond the last PCR")
 
-    @classmethod
-    def _derived(cls, digest: Digest, values: tuple[bytes, ...], locked: int) -> PcrBank:
+    @staticmethod
+    def _derived(digest: Digest, values: tuple[bytes, ...], locked: int) -> PcrBank:
         # For values derived from a valid bank by a valid operation: skips the
         # checks of __post_init__, which dominate the cost of an extend.
-        bank = object.__new__(cls)
-        object.__setattr__(bank, "digest", digest)
-        object.__setattr__(bank, "values", values)
-        object.__setattr__(bank, "locked", locked)
+        bank = _new(PcrBank)
+        _set(bank, "digest", digest)
+        _set(bank, "values", values)
+        _set(bank, "locked", locked)
         return bank
 
     @property
@@ -122,12 +126,14 @@ class PcrBank:
         return bool(self.locked >> index & 1), self.values[index]
 
     def extend(self, index: int, data: bytes) -> PcrBank:
-        self._check_index(index)
+        values = self.values
+        if index >= len(values):
+            self._check_index(index)
         if self.locked >> index & 1:
             raise _rejected(ErrorCode.ReadOnlyIndex, f"PCR{index} is locked")
-        values = list(self.values)
-        values[index] = self.digest.extend(values[index], data)
-        return PcrBank._derived(self.digest, tuple(values), self.locked)
+        digest = self.digest
+        new = _HASHES[digest._value_](values[index] + data).digest()  # H(old || data)
+        return PcrBank._derived(digest, (*values[:index], new, *values[index + 1:]), self.locked)
 
     def lock(self, index: int) -> PcrBank:
         self._check_index(index)

@@ -237,6 +237,60 @@ _DESCRIBE_NSM: Final = DescribeNSM()
 _GET_RANDOM: Final = GetRandom()
 
 
+#: How every ExtendPCR in the AWS client's shape starts (see :func:`canonical_extend`).
+EXTEND_PCR_PREFIX: Final = b"\xa1" + cbor.tstr("ExtendPCR") + b"\xa2" + cbor.tstr("index")
+_EXTEND_PCR_PREFIX: Final = EXTEND_PCR_PREFIX
+_DATA_KEY: Final = cbor.tstr("data")
+
+
+def canonical_extend(data: bytes) -> tuple[int, bytes] | None:
+    """``(index, data)`` of an ExtendPCR in the AWS client's exact shape, else ``None``.
+
+    ``None`` means: not this shape, use :func:`decode_request` (which reads the
+    same bytes to the same request when this function does not return ``None``).
+    The shape is ``{"ExtendPCR": {"index": u16, "data": bytes}}`` with exactly
+    these two fields in this order, each head one of the forms read here, and the
+    byte string ending exactly at the end of ``data``: there is no other way to
+    read such bytes, so the answer is the general decoder's.
+    """
+    if not data.startswith(_EXTEND_PCR_PREFIX):
+        return None
+    return canonical_extend_after_prefix(data)
+
+
+def canonical_extend_after_prefix(data: bytes) -> tuple[int, bytes] | None:
+    """:func:`canonical_extend` for ``data`` known to start with :data:`EXTEND_PCR_PREFIX`.
+
+    """
+    try:
+        pos = len(_EXTEND_PCR_PREFIX)
+        head = data[pos]
+        if head < 24:
+            index, pos = head, pos + 1
+        elif head == 0x18:
+            index, pos = data[pos + 1], pos + 2
+        elif head == 0x19:
+            index, pos = (data[pos + 1] << 8) | data[pos + 2], pos + 3
+        else:
+            return None
+        if data[pos:pos + 5] != _DATA_KEY:
+            return None
+        head = data[pos + 5]
+        if 0x40 <= head < 0x58:
+            length, pos = head - 0x40, pos + 6
+        elif head == 0x58:
+            length, pos = data[pos + 6], pos + 7
+        elif head == 0x59:
+            length, pos = (data[pos + 6] << 8) | data[pos + 7], pos + 8
+        else:
+            return None
+    except IndexError:  # shorter than its heads: the decoder says why
+        return None
+    if len(data) - pos != length:
+        return None
+    return index, data[pos:]
+
+
 def decode_request(data: bytes) -> Request:
     """Decode one request, or raise :class:`RequestRejected` with the device's error."""
     if len(data) > MAX_REQUEST_SIZE:
@@ -256,6 +310,10 @@ def decode_request(data: bytes) -> Request:
             return DescribePCR(rest[0])
         if len(rest) == 2 and rest[0] == 0x18 and rest[1] >= 24:
             return DescribePCR(rest[1])
+    elif data.startswith(_EXTEND_PCR_PREFIX):
+        canonical = canonical_extend_after_prefix(data)
+        if canonical is not None:
+            return ExtendPCR(*canonical)
     try:
         item = load_exact(data)
     except ValueError as exc:
@@ -352,6 +410,15 @@ _R_DESCRIBE_NSM_KEYS: Final = tuple(
 )
 
 
+_R_EXTEND_PCR_HEADS: Final = {n: _R_EXTEND_PCR + cbor.head(cbor.MAJOR_BYTES, n) for n in (32, 48, 64)}
+
+
+def encode_extend_pcr(value: bytes) -> bytes:
+    """``{"ExtendPCR": {"data": value}}``; the PCR sizes have their prefix ready."""
+    prefix = _R_EXTEND_PCR_HEADS.get(len(value))
+    return _R_EXTEND_PCR + cbor.bstr(value) if prefix is None else prefix + value
+
+
 def encode_describe_pcr(lock: bool, data: bytes) -> bytes:
     return _R_DESCRIBE_PCR + (cbor.TRUE if lock else cbor.FALSE) + _K_DATA + cbor.bstr(data)
 
@@ -366,7 +433,7 @@ def encode_response(response: Response) -> bytes:
         case DescribePCRResponse(lock, data):
             return encode_describe_pcr(lock, data)
         case ExtendPCRResponse(data):
-            return _R_EXTEND_PCR + cbor.bstr(data)
+            return encode_extend_pcr(data)
         case LockPCRResponse():
             return _R_LOCK_PCR
         case LockPCRsResponse():

@@ -916,10 +916,7 @@ class VhostUserBackend:
     def _check_device_state(self, message: Message, payload: Payload) -> Payload:
         self._require(_PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE, message)
         if self._state_load_fd is not None:
-            if any(v.started for v in self.vrings):  # started since SET_DEVICE_STATE_FD
-                self._state_error = "a ring was started during the transfer; load refused"
-            else:
-                self._state_error = self._load_state(self._state_load_fd)
+            self._state_error = self._load_state(self._state_load_fd)
             self._end_state_transfer()
         error, self._state_error = self._state_error, None
         if error is not None:
@@ -956,6 +953,8 @@ class VhostUserBackend:
                 chunks.append(chunk)
         except OSError as exc:
             return f"reading the device state failed: {exc}"
+        if any(v.started for v in self.vrings):  # started since SET_DEVICE_STATE_FD
+            return "a ring was started during the transfer; load refused"
         try:
             self.device_state.load_state(b"".join(chunks))
         except Exception as exc:

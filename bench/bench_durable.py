@@ -35,8 +35,8 @@ from _harness import rate
 
 from virtio_nsm import journal, persist
 from virtio_nsm.durable import DurableNsm
+from virtio_nsm.nsm.frontend import VhostUserTransport
 from virtio_nsm.nsm.protocol import ExtendPCR, encode_request
-from virtio_nsm.vhost_user.frontend import VhostUserTransport
 
 EXTEND = encode_request(ExtendPCR(16, b"\x01" * 32))
 

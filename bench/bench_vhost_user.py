@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from virtio_nsm.nsm.device import NsmDevice
+from virtio_nsm.nsm.frontend import VhostUserTransport
 from virtio_nsm.nsm.protocol import DescribePCR, encode_request
-from virtio_nsm.vhost_user.frontend import VhostUserTransport
 
 
 def cpu_seconds(pid: int) -> float:

@@ -153,7 +153,7 @@ def open_transport(device: str | None = None) -> Transport:
     if spec == LOCAL_DEVICE:
         return LocalTransport()
     if spec.startswith(VHOST_USER_PREFIX):
-        from .vhost_user.frontend import VhostUserTransport
+        from .nsm.frontend import VhostUserTransport
 
         return VhostUserTransport(spec[len(VHOST_USER_PREFIX):])
     return DevNsmTransport(spec)

@@ -21,9 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from . import _strict_cbor, cbor
 
-#: COSE algorithm identifier of ECDSA w/ SHA-384 (RFC 9053).
-ALG_ES384 = -35
-#: The protected header every Nitro document carries: bstr-wrapped ``{1: -35}``.
+#: The protected header every Nitro document carries: bstr-wrapped ``{1: -35}`` (ES384, RFC 9053).
 PROTECTED_ES384 = b"\xa1\x01\x38\x22"
 #: CBOR tag of COSE_Sign1 (documents may carry it or not).
 TAG_COSE_SIGN1 = 18

@@ -34,6 +34,7 @@ from typing import Final
 from .nsm.device import Commit, NsmDevice
 from .nsm.pki import CertificateAuthority
 from .persist import Snapshot, StateError, StateStore, check_successor, sign_snapshot, verify_snapshot
+from .request import RequestToken
 
 __all__ = ["MAX_SNAPSHOT_AGE", "DurableNsm"]
 
@@ -94,14 +95,14 @@ class DurableNsm:
         where = self.store.directory if self.store is not None else "memory"
         return f"<DurableNsm {self.device.state.module_id} in {where}>"
 
-    def handle(self, request: bytes, token: object = None, *,
+    def handle(self, request: bytes, token: RequestToken | None = None, *,
                max_response: int | None = None) -> bytes:
         """Answer one request; a resubmitted, already applied one from the record.
 
         ``max_response``: the response buffer's size, see :meth:`NsmDevice.handle`
         (a change whose answer would not fit is not applied).
         """
-        if self.store is not None and isinstance(token, tuple):
+        if self.store is not None and token is not None:
             recorded = self.store.replay(request, token)
             if recorded is not None:
                 self.replayed += 1

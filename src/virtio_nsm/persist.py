@@ -63,6 +63,7 @@ from .nsm.device import Commit, DeviceState
 from .nsm.pcr import MAX_PCRS, Digest, PcrBank
 from .nsm.pki import CertificateAuthority
 from .nsm.protocol import MAX_RESPONSE_SIZE
+from .request import RequestToken
 
 MAGIC: Final = b"NSMSTATE"
 #: state.bin format written: 2 names the journal generation that follows it. Format 1
@@ -88,7 +89,6 @@ _SIGNATURE_SIZE: Final = 96  # ES384: r || s, 48 bytes each
 #: Sequence numbers and timestamps are non-negative and fit in 63 bits.
 MAX_SEQ: Final = 2**63 - 1
 #: A transport token is a few unsigned 64-bit numbers (e.g. descriptor head, inflight counter).
-_MAX_TOKEN_PARTS: Final = 4
 _MAX_U64: Final = 2**64 - 1
 
 
@@ -101,14 +101,11 @@ def default_state_dir() -> Path:
     return Path(base) / "virtio-nsm"
 
 
-Token = tuple[int, ...]
-
-
 @dataclass(frozen=True, slots=True)
 class Record:
     """The last state change: which request (token + hash) and what it answered."""
 
-    token: Token
+    token: RequestToken
     request_sha256: bytes
     response: bytes
 
@@ -133,7 +130,7 @@ def _body(snapshot: Snapshot, **extra: Any) -> dict[str, Any]:
         "locked": bank.locked,
         "seq": snapshot.seq,
         "last": None if last is None else {
-            "token": list(last.token), "request_sha256": last.request_sha256,
+            "token": [last.token.head, last.token.counter], "request_sha256": last.request_sha256,
             "response": last.response,
         },
         **extra,
@@ -171,7 +168,8 @@ class _BodyEncoder:
         if last is None:
             parts.append(cbor.NULL)
         else:
-            parts += (_RECORD_HEAD, cbor.array_head(len(last.token)), *map(cbor.uint, last.token),
+            token = last.token
+            parts += (_RECORD_HEAD, cbor.array_head(2), cbor.uint(token.head), cbor.uint(token.counter),
                       _REQUEST_SHA256, cbor.bstr(last.request_sha256), _RESPONSE, cbor.bstr(last.response))
         return b"".join(parts)
 
@@ -320,13 +318,14 @@ def _parse_body(raw: bytes, bad: Any, extra: str | None = None) -> tuple[Snapsho
             if type(last_raw) is not dict or set(last_raw) != _RECORD_KEYS:
                 raise StateError("malformed record of the last change")
             token = _typed(last_raw["token"], list)
-            if not 1 <= len(token) <= _MAX_TOKEN_PARTS:
+            if len(token) != 2:
                 raise StateError("malformed token in the record of the last change")
             digest = _typed(last_raw["request_sha256"], bytes)
             response = _typed(last_raw["response"], bytes)
             if len(digest) != 32 or len(response) > MAX_RESPONSE_SIZE:
                 raise StateError("malformed record of the last change")
-            last = Record(tuple(_u(t, _MAX_U64, "token") for t in token), digest, response)
+            head, counter = (_u(t, _MAX_U64, "token") for t in token)
+            last = Record(RequestToken(head, counter), digest, response)
     except StateError as exc:
         raise bad(str(exc)) from None
     except _strict_cbor.StrictCborError as exc:
@@ -647,7 +646,7 @@ class StateStore:
             raise OSError(errno.EIO, self._broken)
         token = change.token
         last = None
-        if isinstance(token, tuple) and all(type(t) is int for t in token):
+        if token is not None:
             last = Record(token, hashlib.sha256(change.request).digest(), change.response)
         snapshot = Snapshot(change.state, _next_seq(self.snapshot.seq), last)
         payload = self._encoder.encode(snapshot)
@@ -699,7 +698,7 @@ class StateStore:
         self._compact(new)
         self.snapshot = new
 
-    def replay(self, request: bytes, token: Token) -> bytes | None:
+    def replay(self, request: bytes, token: RequestToken) -> bytes | None:
         """The recorded answer if (token, request) is the last applied change, else None."""
         last = self.snapshot.last
         if last is None or last.token != token:

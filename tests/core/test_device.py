@@ -14,6 +14,7 @@ from support import fuzz_settings
 from virtio_nsm import ConfigurationError, Digest, ErrorCode, NsmDevice
 from virtio_nsm.nsm import protocol as p
 from virtio_nsm.nsm.device import Commit, DeviceState
+from virtio_nsm.request import RequestToken
 
 
 def call(device: NsmDevice, request: p.Request) -> p.Response:
@@ -173,9 +174,9 @@ def test_failed_commit_leaves_state_untouched(clock: object) -> None:
     assert isinstance(call(device, p.Attestation()), p.AttestationResponse)
     fail = False
     request = p.encode_request(p.ExtendPCR(16, b"x"))
-    response = device.handle(request, token=("slot", 7))
+    response = device.handle(request, token=RequestToken(7, 1))
     assert isinstance(p.decode_response(response), p.ExtendPCRResponse)
-    assert committed == [Commit(device.state, request, response, ("slot", 7))]
+    assert committed == [Commit(device.state, request, response, RequestToken(7, 1))]
 
 
 def test_reads_do_not_commit() -> None:

@@ -20,6 +20,7 @@ from virtio_nsm.nsm import protocol as p
 from virtio_nsm.nsm.device import DeviceState
 from virtio_nsm.nsm.pcr import Digest, PcrBank
 from virtio_nsm.nsm.pki import CertificateAuthority
+from virtio_nsm.request import RequestToken
 
 
 def device_on(store: ps.StateStore) -> NsmDevice:
@@ -275,12 +276,12 @@ def test_replay_record(tmp_path: Path) -> None:
     with ps.StateStore.open(tmp_path) as store:
         device = device_on(store)
         request = p.encode_request(p.ExtendPCR(16, b"once"))
-        response = device.handle(request, token=(3, 41))
-        assert store.replay(request, (3, 41)) == response
-        assert store.replay(request, (3, 42)) is None
-        assert store.replay(p.encode_request(p.ExtendPCR(16, b"other")), (3, 41)) is None
+        response = device.handle(request, token=RequestToken(3, 41))
+        assert store.replay(request, RequestToken(3, 41)) == response
+        assert store.replay(request, RequestToken(3, 42)) is None
+        assert store.replay(p.encode_request(p.ExtendPCR(16, b"other")), RequestToken(3, 41)) is None
     with ps.StateStore.open(tmp_path) as store:  # the record is durable too
-        assert store.replay(request, (3, 41)) == response
+        assert store.replay(request, RequestToken(3, 41)) == response
 
 
 def test_export_import_round_trip(tmp_path: Path) -> None:
@@ -495,7 +496,7 @@ def test_journal_body_encoder_matches_cbor2(digest: Digest) -> None:
 
     encoder = ps._BodyEncoder()
     states = [DeviceState.at_boot(digest=digest), DeviceState.at_boot(digest=digest, max_pcrs=16, module_id="m" * 256)]
-    records = [None, ps.Record((1, 2**40), bytes(32), b"r" * 60), ps.Record((2**64 - 1,), bytes(32), b"r" * 3000)]
+    records = [None, ps.Record(RequestToken(1, 2**40), bytes(32), b"r" * 60), ps.Record(RequestToken(0xFFFF, 2**64 - 1), bytes(32), b"r" * 3000)]
     for state in states:
         for last in records:
             for seq in (0, 23, 255, 65536, ps.MAX_SEQ):

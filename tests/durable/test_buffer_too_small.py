@@ -16,6 +16,7 @@ import pytest
 from virtio_nsm.durable import DurableNsm
 from virtio_nsm.errors import ErrorCode
 from virtio_nsm.nsm.device import Commit, NsmDevice
+from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.pcr import Digest
 from virtio_nsm.nsm.protocol import (
     DescribePCR,
@@ -27,9 +28,11 @@ from virtio_nsm.nsm.protocol import (
     encode_request,
     encode_response,
 )
+from virtio_nsm.nsm.virtio import NsmVirtioDevice
 from virtio_nsm.persist import JOURNAL_FILE, STATE_FILE, current_state
+from virtio_nsm.request import RequestToken
 from virtio_nsm.vhost_user.daemon import VhostUserDaemon
-from virtio_nsm.vhost_user.frontend import GUEST_BASE, VhostUserFrontend
+from virtio_nsm.vhost_user.frontend import GUEST_BASE
 from virtio_nsm.virtio.queue import Segment
 
 TOO_SMALL = encode_error(ErrorCode.BufferTooSmall)
@@ -88,10 +91,10 @@ def test_durable_device_persists_nothing_for_a_too_small_buffer(tmp_path: Path) 
         directory = tmp_path / "state"
         files = (directory / STATE_FILE, directory / JOURNAL_FILE)
         before = [f.read_bytes() for f in files]
-        assert nsm.handle(EXTEND, (0, 1), max_response=len(ANSWER) - 1) == TOO_SMALL
+        assert nsm.handle(EXTEND, RequestToken(0, 1), max_response=len(ANSWER) - 1) == TOO_SMALL
         assert [f.read_bytes() for f in files] == before  # nothing written at all
         assert nsm.device.state.pcrs.values[16] == bytes(48)
-        assert nsm.handle(EXTEND, (0, 2), max_response=0x3000) == ANSWER
+        assert nsm.handle(EXTEND, RequestToken(0, 2), max_response=0x3000) == ANSWER
         assert current_state(directory).state.pcrs.values[16] == EXTENDED  # on disk
     finally:
         nsm.close()
@@ -110,7 +113,7 @@ BUF = GUEST_BASE + 0x4000  # inside the frontend's buffer area
 @pytest.fixture
 def durable_daemon(tmp_path: Path) -> Iterator[tuple[Path, DurableNsm]]:
     nsm = DurableNsm.open(tmp_path / "state", durable=False)
-    daemon = VhostUserDaemon(tmp_path / "nsm.sock", nsm.handle, message_timeout=5.0)
+    daemon = VhostUserDaemon(tmp_path / "nsm.sock", NsmVirtioDevice(nsm.handle), message_timeout=5.0)
     daemon.bind()
     thread = threading.Thread(target=daemon.serve_forever, daemon=True)
     thread.start()
@@ -123,7 +126,7 @@ def durable_daemon(tmp_path: Path) -> Iterator[tuple[Path, DurableNsm]]:
         nsm.close()
 
 
-def exchange(fe: VhostUserFrontend, request: bytes, room: int) -> bytes:
+def exchange(fe: NsmFrontend, request: bytes, room: int) -> bytes:
     fe.memory.write(BUF, request)
     req = fe.queue.add([Segment(BUF, len(request))])
     resp = fe.queue.add([Segment(BUF + 0x2000, room, True)])
@@ -142,7 +145,7 @@ def test_vhost_user_too_small_buffer_changes_nothing(
     directory = tmp_path / "state"
     files = (directory / STATE_FILE, directory / JOURNAL_FILE)
     before = [f.read_bytes() for f in files]
-    with VhostUserFrontend(sock, timeout=10) as fe:
+    with NsmFrontend(sock, timeout=10) as fe:
         for room in (21, 22, 40, len(ANSWER) - 1):
             assert exchange(fe, EXTEND, room) == expected_for(room)
             assert nsm.device.state.pcrs.values[16] == bytes(48)

@@ -15,6 +15,7 @@ from virtio_nsm import persist
 from virtio_nsm.durable import DurableNsm
 from virtio_nsm.errors import ErrorCode
 from virtio_nsm.nsm.device import DeviceState
+from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.pcr import Digest, PcrBank
 from virtio_nsm.nsm.pki import CertificateAuthority
 from virtio_nsm.nsm.protocol import (
@@ -25,15 +26,16 @@ from virtio_nsm.nsm.protocol import (
     encode_error,
     encode_request,
 )
+from virtio_nsm.nsm.virtio import NsmVirtioDevice
 from virtio_nsm.vhost_user.daemon import VhostUserDaemon
-from virtio_nsm.vhost_user.frontend import VhostUserError, VhostUserFrontend
+from virtio_nsm.vhost_user.frontend import VhostUserError
 from virtio_nsm.vhost_user.message import VHOST_TRANSFER_STATE_DIRECTION_LOAD
 
 
 class Served:
     def __init__(self, nsm: DurableNsm, sock: Path) -> None:
         self.nsm, self.sock = nsm, sock
-        self.daemon = VhostUserDaemon(sock, nsm.handle, message_timeout=5.0, device_state=nsm)
+        self.daemon = VhostUserDaemon(sock, NsmVirtioDevice(nsm.handle, device_state=nsm), message_timeout=5.0)
         self.daemon.bind()
         self.thread = threading.Thread(target=self.daemon.serve_forever, daemon=True)
         self.thread.start()
@@ -65,18 +67,18 @@ def destination(tmp_path: Path, source: Served) -> Iterator[Served]:
     served.close()
 
 
-def pcrs(frontend: VhostUserFrontend) -> list[tuple[bool, bytes]]:
+def pcrs(frontend: NsmFrontend) -> list[tuple[bool, bytes]]:
     answers = frontend.exchange_many([encode_request(DescribePCR(i)) for i in range(32)])
     return [(r.lock, r.data) for r in map(decode_response, answers)]  # type: ignore[union-attr]
 
 
-def module_id(frontend: VhostUserFrontend) -> str:
+def module_id(frontend: NsmFrontend) -> str:
     return decode_response(frontend.exchange(encode_request(DescribeNSM()))).module_id  # type: ignore[union-attr]
 
 
 def test_state_moves_to_another_backend(source: Served, destination: Served, tmp_path: Path) -> None:
     model = PcrModel()
-    with VhostUserFrontend(source.sock, inflight=True, timeout=20) as f1:
+    with NsmFrontend(source.sock, inflight=True, timeout=20) as f1:
         for i in range(5):
             request, expected = model.extend(16 + i % 2, bytes([i]))
             assert f1.exchange(request) == expected
@@ -90,7 +92,7 @@ def test_state_moves_to_another_backend(source: Served, destination: Served, tmp
     assert persist.verify_snapshot(data, root).snapshot == \
         persist.verify_snapshot(persist.export_state(tmp_path / "a"), root).snapshot
 
-    with VhostUserFrontend(destination.sock, inflight=True, timeout=20, start=False) as f2:
+    with NsmFrontend(destination.sock, inflight=True, timeout=20, start=False) as f2:
         f2.load_device_state(data)
         f2.start_ring()
         assert module_id(f2) == source_id
@@ -109,7 +111,7 @@ def test_state_moves_to_another_backend(source: Served, destination: Served, tmp
 
 def test_source_resumes_when_migration_is_abandoned(source: Served) -> None:
     model = PcrModel()
-    with VhostUserFrontend(source.sock, timeout=20) as f1:
+    with NsmFrontend(source.sock, timeout=20) as f1:
         request, expected = model.extend(20, b"x")
         assert f1.exchange(request) == expected
         f1.get_vring_base()
@@ -121,7 +123,7 @@ def test_source_resumes_when_migration_is_abandoned(source: Served) -> None:
 
 @pytest.mark.parametrize("data", [b"", b"garbage", b"NSMSTATE" + bytes(60)])
 def test_bad_state_is_refused_and_changes_nothing(destination: Served, data: bytes) -> None:
-    with VhostUserFrontend(destination.sock, timeout=20, start=False) as f2:
+    with NsmFrontend(destination.sock, timeout=20, start=False) as f2:
         with pytest.raises(VhostUserError, match="CHECK_DEVICE_STATE"):
             f2.load_device_state(data)
         f2.start_ring()
@@ -130,7 +132,7 @@ def test_bad_state_is_refused_and_changes_nothing(destination: Served, data: byt
 
 
 def test_transfer_refused_while_the_ring_runs(source: Served) -> None:
-    with VhostUserFrontend(source.sock, timeout=20) as f1:
+    with NsmFrontend(source.sock, timeout=20) as f1:
         with pytest.raises(VhostUserError, match="refused"):
             f1.save_device_state()
         f1.exchange(encode_request(DescribeNSM()))  # the connection is still fine
@@ -139,7 +141,7 @@ def test_transfer_refused_while_the_ring_runs(source: Served) -> None:
 def test_ephemeral_device_state_round_trip(tmp_path: Path) -> None:
     served = Served(DurableNsm.ephemeral(), tmp_path / "e.sock")
     try:
-        with VhostUserFrontend(served.sock, timeout=20) as f:
+        with NsmFrontend(served.sock, timeout=20) as f:
             f.exchange(PcrModel().extend(16, b"e")[0])
             f.get_vring_base()
             data = f.save_device_state()
@@ -159,7 +161,7 @@ def test_ephemeral_device_state_round_trip(tmp_path: Path) -> None:
 
 # -- issue 11 D2: a state load must never unlock a PCR ------------------------------
 
-def boot_locked(frontend: VhostUserFrontend) -> bool:
+def boot_locked(frontend: NsmFrontend) -> bool:
     return all(lock for lock, _ in pcrs(frontend)[:16])
 
 
@@ -176,7 +178,7 @@ def foreign_state() -> DeviceState:
 
 
 def assert_untouched(served: Served, sock: Path, before: list[tuple[bool, bytes]], seq: int) -> None:
-    with VhostUserFrontend(sock, timeout=20) as f:
+    with NsmFrontend(sock, timeout=20) as f:
         assert pcrs(f) == before
         assert boot_locked(f)
     assert served.nsm.store is not None and served.nsm.store.snapshot.seq == seq
@@ -211,7 +213,7 @@ def crafted_loads(destination: Served, tmp_path: Path) -> dict[str, bytes]:
                                   "signed, boot PCRs unlocked", "signed, foreign device", "signed, seq -1",
                                   "signed, an hour old"])
 def test_crafted_state_load_is_refused(destination: Served, tmp_path: Path, case: str) -> None:
-    with VhostUserFrontend(destination.sock, timeout=20) as f:
+    with NsmFrontend(destination.sock, timeout=20) as f:
         f.exchange(PcrModel().lock(20)[0])
         before = pcrs(f)
         f.get_vring_base()
@@ -230,7 +232,7 @@ def test_crafted_state_load_is_refused(destination: Served, tmp_path: Path, case
 
 
 def test_rollback_to_an_earlier_save_is_refused(source: Served, tmp_path: Path) -> None:
-    with VhostUserFrontend(source.sock, timeout=20) as f:
+    with NsmFrontend(source.sock, timeout=20) as f:
         f.get_vring_base()
         old = f.save_device_state()  # PCR16 unlocked here
         f.start_ring()
@@ -244,11 +246,11 @@ def test_rollback_to_an_earlier_save_is_refused(source: Served, tmp_path: Path) 
 
 
 def test_another_identity_only_on_a_device_that_never_changed(source: Served, destination: Served) -> None:
-    with VhostUserFrontend(source.sock, timeout=20) as f1:
+    with NsmFrontend(source.sock, timeout=20) as f1:
         source_id = module_id(f1)
         f1.get_vring_base()
         data = f1.save_device_state()
-    with VhostUserFrontend(destination.sock, timeout=20) as f2:
+    with NsmFrontend(destination.sock, timeout=20) as f2:
         f2.exchange(PcrModel().extend(16, b"used")[0])  # the destination has a life of its own now
         own_id = module_id(f2)
         f2.get_vring_base()
@@ -261,10 +263,10 @@ def test_another_identity_only_on_a_device_that_never_changed(source: Served, de
 def test_destination_with_another_ca_refuses(source: Served, tmp_path: Path) -> None:
     other = Served(DurableNsm.open(tmp_path / "c"), tmp_path / "c.sock")  # its own, new CA
     try:
-        with VhostUserFrontend(source.sock, timeout=20) as f1:
+        with NsmFrontend(source.sock, timeout=20) as f1:
             f1.get_vring_base()
             data = f1.save_device_state()
-        with VhostUserFrontend(other.sock, timeout=20, start=False) as f2:
+        with NsmFrontend(other.sock, timeout=20, start=False) as f2:
             with pytest.raises(VhostUserError, match="CHECK_DEVICE_STATE"):
                 f2.load_device_state(data)
             f2.start_ring()
@@ -274,10 +276,10 @@ def test_destination_with_another_ca_refuses(source: Served, tmp_path: Path) -> 
 
 
 def test_load_refused_when_a_ring_starts_before_the_check(source: Served, destination: Served) -> None:
-    with VhostUserFrontend(source.sock, timeout=20) as f1:
+    with NsmFrontend(source.sock, timeout=20) as f1:
         f1.get_vring_base()
         data = f1.save_device_state()
-    with VhostUserFrontend(destination.sock, timeout=20, start=False) as f2:
+    with NsmFrontend(destination.sock, timeout=20, start=False) as f2:
         own_id = destination.nsm.device.state.module_id
         r, w = os.pipe2(os.O_CLOEXEC)
         try:

@@ -17,9 +17,10 @@ import pytest
 from durable_support import PcrModel
 
 from virtio_nsm.durable import DurableNsm
+from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.protocol import DescribePCR, decode_response, encode_request
+from virtio_nsm.nsm.virtio import NsmVirtioDevice
 from virtio_nsm.vhost_user.daemon import VhostUserDaemon
-from virtio_nsm.vhost_user.frontend import VhostUserFrontend
 
 
 class Crash(BaseException):
@@ -46,15 +47,15 @@ class Backends:
     def start(self) -> Life:
         nsm = DurableNsm.open(self.state_dir)
 
-        def handler(request: bytes, token: object = None) -> bytes:
+        def handler(request: bytes, token: object = None, *, max_response: int | None = None) -> bytes:
             if self.crash is not None:
                 self.crash(request, False)
-            response = nsm.handle(request, token)
+            response = nsm.handle(request, token, max_response=max_response)  # type: ignore[arg-type]
             if self.crash is not None:
                 self.crash(request, True)
             return response
 
-        daemon = VhostUserDaemon(self.sock, handler, message_timeout=5.0, device_state=nsm)
+        daemon = VhostUserDaemon(self.sock, NsmVirtioDevice(handler, device_state=nsm), message_timeout=5.0)
         daemon.bind()
         life = Life(nsm, daemon, threading.Thread(target=lambda: None))
 
@@ -112,7 +113,7 @@ def crash_on_extend(after_apply: bool) -> Callable[[bytes, bool], None]:
 @pytest.mark.parametrize("after_apply", [True, False], ids=["applied-not-answered", "not-applied"])
 def test_request_in_flight_during_a_crash_is_applied_once(backends: Backends, after_apply: bool) -> None:
     model = PcrModel()
-    with VhostUserFrontend(backends.sock, inflight=True, timeout=30) as frontend:
+    with NsmFrontend(backends.sock, inflight=True, timeout=30) as frontend:
         request, expected = model.extend(16, b"first")
         assert frontend.exchange(request) == expected
 
@@ -138,14 +139,14 @@ def test_new_request_reusing_the_head_is_not_mistaken_for_a_replay(backends: Bac
     # Same bytes, same descriptor heads (the driver reuses freed slots): the inflight
     # counter tells them apart, so the second one is applied, not answered from the record.
     model = PcrModel()
-    with VhostUserFrontend(backends.sock, inflight=True, timeout=30) as frontend:
+    with NsmFrontend(backends.sock, inflight=True, timeout=30) as frontend:
         heads = []
         for _ in range(4):
             request, expected = model.extend(17, b"same")
             assert frontend.exchange(request) == expected
             record = backends.lives[0].nsm.store.snapshot.last  # type: ignore[union-attr]
             assert record is not None
-            heads.append(record.token[0])
+            heads.append(record.token.head)
             # A read in between: the driver's free list brings the same head back next time.
             frontend.exchange(encode_request(DescribePCR(17)))
     assert len(set(heads)) < len(heads)  # the scenario did reuse a head
@@ -158,7 +159,7 @@ def test_new_inflight_region_after_reset_gets_new_tokens(backends: Backends) -> 
     model = PcrModel()
     tokens = []
     for _ in range(2):
-        with VhostUserFrontend(backends.sock, inflight=True, timeout=30) as frontend:
+        with NsmFrontend(backends.sock, inflight=True, timeout=30) as frontend:
             request, expected = model.extend(18, b"boot measurement")
             assert frontend.exchange(request) == expected
             record = backends.lives[0].nsm.store.snapshot.last  # type: ignore[union-attr]
@@ -170,7 +171,7 @@ def test_new_inflight_region_after_reset_gets_new_tokens(backends: Backends) -> 
 
 def test_without_inflight_region_no_token_reaches_the_device(backends: Backends) -> None:
     model = PcrModel()
-    with VhostUserFrontend(backends.sock, timeout=30) as frontend:
+    with NsmFrontend(backends.sock, timeout=30) as frontend:
         assert not frontend.inflight
         request, expected = model.extend(19, b"x")
         assert frontend.exchange(request) == expected

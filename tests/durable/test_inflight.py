@@ -46,7 +46,7 @@ def test_taken_returned_published_and_the_counter_order() -> None:
             q.taken(head)
         assert [q.is_inflight(h) for h in (5, 2, 9, 0)] == [True, True, True, False]
         tokens = [q.token(h) for h in (5, 2, 9)]
-        assert [t[1] for t in tokens] == sorted(t[1] for t in tokens)
+        assert [t.counter for t in tokens] == sorted(t.counter for t in tokens)
         q.returned(5)
         q.published(1)
         assert not q.is_inflight(5) and q.used_idx == 1
@@ -56,7 +56,7 @@ def test_taken_returned_published_and_the_counter_order() -> None:
         again = successor.queue(0)
         assert again.recover(ring_used_idx=1) == [2, 9]
         assert [again.token(h) for h in (2, 9)] == tokens[1:]
-        assert again.counter > tokens[-1][1]
+        assert again.counter > tokens[-1].counter
         successor.close()
     finally:
         region.close()

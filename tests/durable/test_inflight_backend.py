@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from virtio_nsm.nsm.device import NsmDevice
+from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.protocol import DescribeNSM, encode_request
+from virtio_nsm.nsm.virtio import NsmVirtioDevice
 from virtio_nsm.vhost_user.daemon import VhostUserDaemon
-from virtio_nsm.vhost_user.frontend import VhostUserError, VhostUserFrontend
+from virtio_nsm.vhost_user.frontend import VhostUserError
 from virtio_nsm.vhost_user.inflight import InflightRegion
 from virtio_nsm.vhost_user.message import (
     VHOST_USER_NEED_REPLY_MASK,
@@ -27,7 +29,7 @@ from virtio_nsm.virtio import spec
 @pytest.fixture
 def sock(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "nsm.sock"
-    daemon = VhostUserDaemon(path, NsmDevice().handle, message_timeout=5.0)
+    daemon = VhostUserDaemon(path, NsmVirtioDevice(NsmDevice().handle), message_timeout=5.0)
     daemon.bind()
     thread = threading.Thread(target=daemon.serve_forever, daemon=True)
     thread.start()
@@ -38,7 +40,7 @@ def sock(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_region_for_another_queue_size_breaks_the_ring(sock: Path) -> None:
-    with VhostUserFrontend(sock, inflight=True, timeout=10, queue_size=64) as frontend:
+    with NsmFrontend(sock, inflight=True, timeout=10, queue_size=64) as frontend:
         frontend.exchange(encode_request(DescribeNSM()))
         foreign = InflightRegion.create(1, 32)
         try:
@@ -55,7 +57,7 @@ def test_region_for_another_queue_size_breaks_the_ring(sock: Path) -> None:
 
 
 def test_inflight_messages_need_the_protocol_feature(sock: Path) -> None:
-    with VhostUserFrontend(sock, timeout=10) as frontend:
+    with NsmFrontend(sock, timeout=10) as frontend:
         assert not frontend.inflight
         with pytest.raises(VhostUserError):
             frontend.request(Message(FrontendRequest.VHOST_USER_GET_INFLIGHT_FD,
@@ -65,7 +67,7 @@ def test_inflight_messages_need_the_protocol_feature(sock: Path) -> None:
 def test_reconnect_to_the_same_backend_keeps_serving(sock: Path) -> None:
     # A frontend that reconnects (e.g. after its own restart of the chardev) hands the
     # same region to the same backend: nothing is in flight, nothing is resubmitted.
-    with VhostUserFrontend(sock, inflight=True, timeout=10) as frontend:
+    with NsmFrontend(sock, inflight=True, timeout=10) as frontend:
         first = frontend.exchange(encode_request(DescribeNSM()))
         frontend.reconnect(timeout=10)
         assert frontend.exchange(encode_request(DescribeNSM())) == first

@@ -13,6 +13,7 @@ from durable_support import Backend, PcrModel
 
 from virtio_nsm import persist
 from virtio_nsm.client import Nsm
+from virtio_nsm.nsm.frontend import VhostUserTransport
 from virtio_nsm.nsm.protocol import (
     Attestation,
     DescribeNSM,
@@ -21,7 +22,6 @@ from virtio_nsm.nsm.protocol import (
     LockPCRs,
     encode_request,
 )
-from virtio_nsm.vhost_user.frontend import VhostUserTransport
 
 
 def nsm(*args: str) -> subprocess.CompletedProcess[str]:

@@ -1,7 +1,7 @@
 """Torture: SIGKILL a real ``nsm serve --state-dir`` over and over while our frontend streams PCR changes.
 
 The driver sends ExtendPCR / LockPCR requests, mostly one at a time (as Linux's
-nsm.ko does), sometimes in pipelined bursts of up to 8, through :meth:`VhostUserFrontend.exchange_surviving`, which reconnects to
+nsm.ko does), sometimes in pipelined bursts of up to 8, through :meth:`NsmFrontend.exchange_surviving`, which reconnects to
 each restarted backend with the same guest memory, ring and inflight region.  A
 killer thread SIGKILLs the backend a random time after it starts listening and
 starts the next one on the same state directory.
@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 from durable_support import Backend, PcrModel
 
+from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.protocol import DescribePCR, decode_response, encode_request
-from virtio_nsm.vhost_user.frontend import VhostUserFrontend
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def test_sigkill_torture(tmp_path: Path) -> None:
     model = PcrModel()
     killer = Killer(state_dir, sock, log, random.Random(rng.random()), KILLS)
     assert killer.error is None, killer.error
-    frontend = VhostUserFrontend(sock, inflight=True, timeout=30)
+    frontend = NsmFrontend(sock, inflight=True, timeout=30)
     killer.start()
     sent = 0
     restarts_seen = 0
@@ -140,7 +140,7 @@ def show(answer: bytes) -> str:
     return f"{type(decoded).__name__}({data.hex()})" if isinstance(data, bytes) else repr(decoded)
 
 
-def check_all_pcrs(frontend: VhostUserFrontend, model: PcrModel, when: str) -> None:
+def check_all_pcrs(frontend: NsmFrontend, model: PcrModel, when: str) -> None:
     requests = [encode_request(DescribePCR(i)) for i in model.values]
     answers = frontend.exchange_surviving(requests, reconnect_timeout=30)
     for (index, value), answer in zip(model.values.items(), answers, strict=True):

@@ -9,14 +9,14 @@ import select
 import pytest
 from vhost_support import sealed_memfd
 
+from virtio_nsm.nsm.virtio import NsmVirtioDevice
 from virtio_nsm.vhost_user.backend import (
     MAX_MEM_SLOTS,
-    OFFERED_FEATURES,
     OFFERED_PROTOCOL_FEATURES,
+    TRANSPORT_FEATURES,
     BackendError,
     VhostUserBackend,
 )
-from virtio_nsm.vhost_user.daemon import NsmQueueWorker
 from virtio_nsm.vhost_user.message import (
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -46,7 +46,7 @@ QSIZE = 16
 REQ = GPA + 0x4000
 RESP = GPA + 0x8000
 ALL_PROTOCOL = OFFERED_PROTOCOL_FEATURES
-FEATURES = OFFERED_FEATURES
+FEATURES = TRANSPORT_FEATURES
 
 
 class Device:
@@ -55,7 +55,7 @@ class Device:
     def __init__(self) -> None:
         self.count = 0
 
-    def __call__(self, request: bytes) -> bytes:
+    def __call__(self, request: bytes, token: object = None, *, max_response: int | None = None) -> bytes:
         self.count += 1
         return b"\x18" + bytes([self.count])  # CBOR uint8
 
@@ -67,7 +67,7 @@ def readable(fd: int) -> bool:
 class Harness:
     def __init__(self) -> None:
         self.device = Device()
-        self.backend = VhostUserBackend(lambda q, notify: NsmQueueWorker(q, self.device, notify))
+        self.backend = VhostUserBackend(NsmVirtioDevice(self.device))
         self.memfd = sealed_memfd(SIZE)
         self.mem = GuestMemory(
             [MemoryRegion.from_fd(self.memfd, guest_addr=GPA, size=SIZE, user_addr=UVA,

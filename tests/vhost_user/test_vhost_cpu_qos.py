@@ -25,11 +25,11 @@ from click.testing import CliRunner
 from vhost_support import serve_in_thread, wait_for
 
 from virtio_nsm.cli import main as cli_main
+from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.protocol import DescribePCR, DescribePCRResponse, decode_response, encode_request
 from virtio_nsm.vhost_user import cpu_qos
 from virtio_nsm.vhost_user.cpu_qos import NO_CONSTRAINT_US, CpuLatencyQos, QosUnavailable
 from virtio_nsm.vhost_user.daemon import VhostUserDaemon
-from virtio_nsm.vhost_user.frontend import VhostUserFrontend
 from virtio_nsm.vhost_user.histogram import LatencyHistogram
 
 ZERO_PCR = DescribePCRResponse(lock=True, data=bytes(48))  # PCRs 0-15: locked from the start
@@ -159,7 +159,7 @@ def test_daemon_holds_the_request_while_answering_and_releases_it_when_idle(
     tmp_path: Path, fake_device: Path
 ) -> None:
     qos = CpuLatencyQos.open(str(fake_device), linger_ms=50)
-    with serving(tmp_path, qos) as daemon, VhostUserFrontend(daemon.path, timeout=20) as f:
+    with serving(tmp_path, qos) as daemon, NsmFrontend(daemon.path, timeout=20) as f:
         assert not qos.engaged  # connected, nothing asked: nothing held
         for _ in range(3):
             assert decode_response(f.exchange(encode_request(DescribePCR(0)))) == ZERO_PCR
@@ -182,7 +182,7 @@ def test_a_qos_device_that_breaks_does_not_stop_the_service(
     qos = CpuLatencyQos(w)
     os.close(r)
     with caplog.at_level(logging.ERROR, "virtio_nsm.vhost_user"), serving(tmp_path, qos) as daemon, \
-            VhostUserFrontend(daemon.path, timeout=20) as f:
+            NsmFrontend(daemon.path, timeout=20) as f:
         for index in range(3):
             assert decode_response(f.exchange(encode_request(DescribePCR(index)))) == ZERO_PCR
         assert daemon.cpu_qos is None
@@ -193,7 +193,7 @@ def test_stats_report_turnaround_since_the_last_request(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, "virtio_nsm.vhost_user"), serving(tmp_path, None) as daemon, \
-            VhostUserFrontend(daemon.path, timeout=20) as f:
+            NsmFrontend(daemon.path, timeout=20) as f:
         for _ in range(20):
             f.exchange(encode_request(DescribePCR(0)))
         daemon.request_stats()  # logged after the pass that answered the last request
@@ -239,7 +239,7 @@ def test_serve_with_cpu_latency_qos_and_sigusr1_stats(tmp_path: Path) -> None:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(5)]
         assert any(ln.startswith("CPU latency QoS: idle CPUs kept responsive") for ln in lines), lines
-        with VhostUserFrontend(path, timeout=20) as f:
+        with NsmFrontend(path, timeout=20) as f:
             for _ in range(5):
                 f.exchange(encode_request(DescribePCR(0)))
         proc.send_signal(signal.SIGUSR1)

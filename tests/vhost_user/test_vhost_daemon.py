@@ -18,6 +18,7 @@ from vhost_support import Running
 from virtio_nsm.client import Nsm
 from virtio_nsm.errors import DeviceNotFoundError, ErrorCode, NsmError
 from virtio_nsm.nsm.device import NsmDevice
+from virtio_nsm.nsm.frontend import NsmFrontend, VhostUserTransport
 from virtio_nsm.nsm.protocol import (
     DescribePCR,
     ExtendPCR,
@@ -26,14 +27,10 @@ from virtio_nsm.nsm.protocol import (
     encode_error,
     encode_request,
 )
-from virtio_nsm.vhost_user.backend import QueueWorker
-from virtio_nsm.vhost_user.daemon import NsmQueueWorker, VhostUserDaemon
-from virtio_nsm.vhost_user.frontend import (
-    GUEST_BASE,
-    VhostUserError,
-    VhostUserFrontend,
-    VhostUserTransport,
-)
+from virtio_nsm.nsm.virtio import NsmQueueWorker, NsmVirtioDevice
+from virtio_nsm.vhost_user.daemon import VhostUserDaemon
+from virtio_nsm.vhost_user.device import QueueWorker
+from virtio_nsm.vhost_user.frontend import GUEST_BASE, VhostUserError
 from virtio_nsm.vhost_user.message import (
     HEADER,
     U64,
@@ -140,7 +137,7 @@ def test_reconnect_keeps_device_state(running: Running) -> None:
 
 
 def test_virtio_reset_through_the_socket_keeps_device_state(running: Running) -> None:
-    with VhostUserFrontend(running.path, timeout=10) as fe:
+    with NsmFrontend(running.path, timeout=10) as fe:
         fe.exchange(encode_request(ExtendPCR(19, b"z")))
         assert fe.get_vring_base() == 2  # stopped after one pair
         fe.request(Message(R.VHOST_USER_SET_STATUS, VHOST_USER_VERSION | VHOST_USER_NEED_REPLY_MASK,
@@ -155,10 +152,10 @@ def test_virtio_reset_through_the_socket_keeps_device_state(running: Running) ->
 
 
 def hostile_then_recover(running: Running, caplog: pytest.LogCaptureFixture,
-                         setup: Callable[[VhostUserFrontend], None], match: str) -> None:
+                         setup: Callable[[NsmFrontend], None], match: str) -> None:
     with (
         caplog.at_level(logging.ERROR, logger="virtio_nsm.vhost_user"),
-        VhostUserFrontend(running.path, timeout=10) as fe,
+        NsmFrontend(running.path, timeout=10) as fe,
     ):
         setup(fe)
         fe.kick()
@@ -188,7 +185,7 @@ def test_hostile_descriptors(
     running: Running, caplog: pytest.LogCaptureFixture,
     descs: list[tuple[int, int, int, int]], heads: list[int], match: str,
 ) -> None:
-    def setup(fe: VhostUserFrontend) -> None:
+    def setup(fe: NsmFrontend) -> None:
         for i, d in enumerate(descs):
             fe.queue.raw_descriptor(i, *d)
         fe.queue.raw_avail(heads)
@@ -208,7 +205,7 @@ def test_state_survives_a_hostile_frontend(
     with Nsm(VhostUserTransport(running.path, timeout=10)) as nsm:
         value = nsm.extend_pcr(21, b"keep")
 
-    def setup(fe: VhostUserFrontend) -> None:
+    def setup(fe: NsmFrontend) -> None:
         fe.queue.raw_descriptor(0, BUF, 16, F_NEXT, 0)
         fe.queue.raw_avail([0])
 
@@ -218,7 +215,7 @@ def test_state_survives_a_hostile_frontend(
 
 
 def test_wrong_sizes_get_device_errors(running: Running) -> None:
-    with VhostUserFrontend(running.path, timeout=10) as fe:
+    with NsmFrontend(running.path, timeout=10) as fe:
         # Request longer than 0x1000 (two descriptors): the device says InputTooLarge.
         fe.memory.write(BUF, encode_request(DescribePCR(0)))
         req = fe.queue.add([Segment(BUF, 0x1000), Segment(BUF + 0x1000, 0x800)])
@@ -367,7 +364,7 @@ def test_fuzz_kick_fd_that_hits_eof(running: Running, caplog: pytest.LogCaptureF
 
 
 def test_stalled_frontend_times_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    daemon = VhostUserDaemon(tmp_path / "s", NsmDevice().handle, message_timeout=0.2)
+    daemon = VhostUserDaemon(tmp_path / "s", NsmVirtioDevice(NsmDevice().handle), message_timeout=0.2)
     daemon.bind()
     thread = threading.Thread(target=daemon.serve_forever, daemon=True)
     thread.start()
@@ -415,14 +412,14 @@ def test_socket_mode_and_stale_socket(tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
     stale.close()  # a leftover socket file that nobody listens on
-    with VhostUserDaemon(path, NsmDevice().handle) as daemon:
+    with VhostUserDaemon(path, NsmVirtioDevice(NsmDevice().handle)) as daemon:
         assert (path.stat().st_mode & 0o777) == 0o600
         with pytest.raises(FileExistsError, match="in use"):
-            VhostUserDaemon(path, daemon.handler).bind()
+            VhostUserDaemon(path, daemon.device).bind()
     assert not path.exists()
     path.write_text("not a socket")
     with pytest.raises(FileExistsError, match="not a socket"):
-        VhostUserDaemon(path, NsmDevice().handle).bind()
+        VhostUserDaemon(path, NsmVirtioDevice(NsmDevice().handle)).bind()
 
 
 # -- the frontend validates what the device returns ---------------------------------------------
@@ -460,13 +457,13 @@ class LyingWorker(NsmQueueWorker):
      ("request-length", "request chain returned with length 16|16 bytes written")],
 )
 def test_frontend_rejects_wrong_used_entries(tmp_path: Path, mode: str, match: str) -> None:
-    class Daemon(VhostUserDaemon):
-        def _make_worker(self, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
+    class Lying(NsmVirtioDevice):
+        def worker(self, index: int, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
             worker = LyingWorker(queue, self.handler, notify)
             worker.mode = mode
             return worker
 
-    daemon = Daemon(tmp_path / "s", NsmDevice().handle)
+    daemon = VhostUserDaemon(tmp_path / "s", Lying(NsmDevice().handle))
     daemon.bind()
     thread = threading.Thread(target=daemon.serve_forever, daemon=True)
     thread.start()
@@ -486,15 +483,16 @@ def test_internal_error_drops_the_frontend_and_keeps_serving(
         def process(self) -> bool:
             raise RuntimeError("bug")
 
-    class Daemon(VhostUserDaemon):
+    class Buggy(NsmVirtioDevice):
         broken = True
 
-        def _make_worker(self, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
+        def worker(self, index: int, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
             cls = Broken if self.broken else NsmQueueWorker
             return cls(queue, self.handler, notify)
 
     device = NsmDevice()
-    daemon = Daemon(tmp_path / "s", device.handle)
+    buggy = Buggy(device.handle)
+    daemon = VhostUserDaemon(tmp_path / "s", buggy)
     daemon.bind()
     thread = threading.Thread(target=daemon.serve_forever, daemon=True)
     thread.start()
@@ -506,7 +504,7 @@ def test_internal_error_drops_the_frontend_and_keeps_serving(
             # The ring is first served while the frontend sets it up: setup fails.
             VhostUserTransport(daemon.path, timeout=10)
         assert "internal error while serving the frontend" in caplog.text
-        daemon.broken = False
+        buggy.broken = False
         assert describe_pcr0(daemon.path) == device.handle(encode_request(DescribePCR(0)))
     finally:
         daemon.stop()
@@ -518,7 +516,7 @@ def test_stop_after_close_touches_no_reused_descriptor(tmp_path: Path) -> None:
     from virtio_nsm import NsmDevice
     from virtio_nsm.vhost_user.daemon import VhostUserDaemon
 
-    daemon = VhostUserDaemon(tmp_path / "s.sock", NsmDevice().handle)
+    daemon = VhostUserDaemon(tmp_path / "s.sock", NsmVirtioDevice(NsmDevice().handle))
     daemon.bind()
     old_wake = daemon._wake_w
     daemon.close()

@@ -25,24 +25,25 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vhost_support import sealed_memfd
+from vhost_support import TwoQueueDevice, sealed_memfd
 
 from virtio_nsm.nsm.device import NsmDevice
 from virtio_nsm.nsm.protocol import DescribePCR, encode_request
+from virtio_nsm.nsm.virtio import NsmVirtioDevice
 from virtio_nsm.vhost_user.backend import (
-    OFFERED_FEATURES,
     OFFERED_PROTOCOL_FEATURES,
+    TRANSPORT_FEATURES,
     BackendError,
     VhostUserBackend,
 )
 from virtio_nsm.vhost_user.connection import Connection, ConnectionClosed
-from virtio_nsm.vhost_user.daemon import NsmQueueWorker
 from virtio_nsm.vhost_user.message import (
     HEADER,
     REQUEST_SPECS,
     U64,
     VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_VERSION,
+    DeviceConfig,
     DeviceStateTransfer,
     FrontendRequest,
     Inflight,
@@ -108,9 +109,10 @@ class Fuzzer:
         self.tmp = tmp
         self.draw = draw
         self.device = NsmDevice()
+        # The NSM, or the two-queue test device (config space, CONFIG protocol feature).
+        self.other = TwoQueueDevice() if draw(st.booleans()) else None
         self.backend = VhostUserBackend(
-            lambda q, notify: NsmQueueWorker(q, self.device.handle, notify),
-            device_state=StateHandler(),
+            self.other or NsmVirtioDevice(self.device.handle, device_state=StateHandler())
         )
         self.ours: list[int] = []  # our ends, closed at the end
 
@@ -148,7 +150,7 @@ class Fuzzer:
         index = st.sampled_from([0, 0, 0, 1, 255])
         addr = st.sampled_from(ADDRS) | st.integers(0, (1 << 64) - 1)
         if decode is U64.decode:
-            value = draw(st.sampled_from([0, OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, 1 << 63, 0xF])
+            value = draw(st.sampled_from([0, TRANSPORT_FEATURES, OFFERED_PROTOCOL_FEATURES, 1 << 63, 0xF])
                          | st.integers(0, (1 << 64) - 1))
             return U64(int(value)).encode()
         if decode is VringState.decode:
@@ -173,6 +175,10 @@ class Fuzzer:
                             draw(st.sampled_from([0, 4096, 7])),
                             draw(st.sampled_from([0, 1, 2, 256])),
                             draw(st.sampled_from([0, 1, 16, 48, 32768]))).encode()
+        if decode is DeviceConfig.decode:
+            size = int(draw(st.sampled_from([0, 1, 4, 8, 9, 256])))
+            return DeviceConfig(draw(st.sampled_from([0, 4, 7, 8, 1 << 31])),
+                                size, draw(st.sampled_from([0, 1])), bytes(size)).encode()
         if decode is DeviceStateTransfer.decode:
             return DeviceStateTransfer(draw(st.sampled_from([0, 1, 2])),
                                        draw(st.sampled_from([0, 1]))).encode()
@@ -204,9 +210,9 @@ class Fuzzer:
         u = UVA - GPA
         table = MemoryTable((MemoryRegionDescription(GPA, SIZE, UVA, 0),)).encode()
         inflight = 1 << ProtocolFeature.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
-        features = int(self.draw(st.sampled_from([OFFERED_FEATURES, 1 << 32])))
+        features = int(self.draw(st.sampled_from([TRANSPORT_FEATURES, 1 << 32])))
         return [
-            Message(R.VHOST_USER_SET_PROTOCOL_FEATURES, payload=U64(OFFERED_PROTOCOL_FEATURES).encode()),
+            Message(R.VHOST_USER_SET_PROTOCOL_FEATURES, payload=U64(self.backend.offered_protocol_features).encode()),
             Message(R.VHOST_USER_SET_FEATURES, payload=U64(features).encode()),
             Message(R.VHOST_USER_SET_MEM_TABLE, payload=table, fds=[self.fd("sealed")]),
             *(
@@ -246,6 +252,8 @@ class Fuzzer:
                         reply.encode()  # its fds stay the backend's (a copy is sent)
         finally:
             backend.disconnect()
+            if self.other is not None:
+                self.other.detach()
             for fd in self.ours:
                 os.close(fd)
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.protocol import DescribePCR, encode_request
+from virtio_nsm.nsm.virtio import NsmVirtioDevice
 from virtio_nsm.vhost_user.backend import BackendError, VhostUserBackend
-from virtio_nsm.vhost_user.daemon import NsmQueueWorker
-from virtio_nsm.vhost_user.frontend import GUEST_BASE, USER_BASE, VhostUserError, VhostUserFrontend
+from virtio_nsm.vhost_user.frontend import GUEST_BASE, USER_BASE, VhostUserError
 from virtio_nsm.vhost_user.message import (
     U64,
     VHOST_USER_NEED_REPLY_MASK,
@@ -105,7 +106,7 @@ def blocking_eventfd(value: int = 0) -> int:
     return fd
 
 
-def send(fe: VhostUserFrontend, request: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
+def send(fe: NsmFrontend, request: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
     """Send without waiting for any reply."""
     fe._connection().send_message(Message(request, VHOST_USER_VERSION, payload, fds or []))
 
@@ -114,7 +115,7 @@ def send(fe: VhostUserFrontend, request: int, payload: bytes = b"", fds: list[in
 
 
 def test_saturated_call_fd_does_not_block_the_backend(tmp_path: Path) -> None:
-    with nsm_serve(tmp_path) as srv, VhostUserFrontend(srv.path, timeout=3) as fe:
+    with nsm_serve(tmp_path) as srv, NsmFrontend(srv.path, timeout=3) as fe:
         call = blocking_eventfd(EVENTFD_MAX)  # one more and write() blocks
         try:
             fe._set(R.VHOST_USER_SET_VRING_CALL, VringFd(0, False).encode(), [call])
@@ -138,25 +139,26 @@ def test_saturated_call_fd_does_not_block_the_backend(tmp_path: Path) -> None:
 
 
 def test_kick_drained_by_the_frontend_in_the_same_batch(tmp_path: Path) -> None:
-    # A kick reported ready, then drained by the frontend (which holds the same eventfd)
-    # before the daemon reads it: the read must not block the daemon. (A state load can
-    # no longer keep the backend busy with a ring started, so the drain is forced here:
-    # the kick handler runs on an eventfd whose counter is already zero.)
-    import threading
-
-    from vhost_support import serve_in_thread, wait_for
-
-    with serve_in_thread(tmp_path / "nsm.sock") as run, VhostUserFrontend(run.path, timeout=3) as fe:
-        vring = run.daemon.backend.vrings[0]
-        wait_for(lambda: vring.kick_fd is not None, "the ring's kick fd")
-        fd = vring.kick_fd
-        assert fd is not None
-        assert not os.get_blocking(fd)  # the frontend's eventfd is used non-blocking
-        handler = threading.Thread(target=run.daemon._on_kick, args=(fd, 0), daemon=True)
-        handler.start()
-        handler.join(2)
-        assert not handler.is_alive(), "the kick handler blocked on a drained eventfd"
-        assert fe.exchange(REQUEST)  # still serving
+    with nsm_serve(tmp_path) as srv, NsmFrontend(srv.path, timeout=3, start=False) as fe:
+        kick = blocking_eventfd()
+        fe._fds.append(kick)
+        fe.kick_fds[0] = kick
+        fe.start_ring()
+        status = Message(R.VHOST_USER_GET_STATUS).encode()
+        # Frozen, the backend finds in one batch: the start of a message, then the kick.
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        fe._connection().sock.sendall(status[:6])
+        time.sleep(0.05)
+        os.eventfd_write(kick, 1)
+        time.sleep(0.05)
+        os.kill(srv.proc.pid, signal.SIGCONT)
+        time.sleep(0.2)  # it waits for the rest of the message...
+        assert os.eventfd_read(kick) == 1  # ...while we take the kick back
+        fe._connection().sock.sendall(status[6:])
+        answer = fe._connection().recv_message()
+        assert answer.request == R.VHOST_USER_GET_STATUS
+        assert fe.get_status() & 4  # still serving
+        assert fe.exchange(REQUEST)
 
 
 # -- D5: the kick fd replaced or closed while a kick on it is pending --------------------------------
@@ -164,7 +166,7 @@ def test_kick_drained_by_the_frontend_in_the_same_batch(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("how", ["SET_VRING_KICK", "GET_VRING_BASE"])
 def test_kick_pending_on_a_replaced_kick_fd(tmp_path: Path, how: str) -> None:
-    with nsm_serve(tmp_path) as srv, VhostUserFrontend(srv.path, timeout=3) as fe:
+    with nsm_serve(tmp_path) as srv, NsmFrontend(srv.path, timeout=3) as fe:
         old = fe.kick_fd
         new = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         fe._fds.append(new)
@@ -183,11 +185,11 @@ def test_kick_pending_on_a_replaced_kick_fd(tmp_path: Path, how: str) -> None:
         reply = fe._connection().recv_message()
         assert reply.request == R[f"VHOST_USER_{how}"]
         if how == "GET_VRING_BASE":
-            fe.kick_fd = new
+            fe.kick_fds[0] = new
             fe.start_ring()
         else:
             assert U64.decode(reply.payload).value == 0
-            fe.kick_fd = new
+            fe.kick_fds[0] = new
         assert fe.get_status() & 4  # the connection is still up
         assert fe.exchange(REQUEST)
         # The old eventfd stays readable (we never drain it): the backend must have
@@ -203,7 +205,7 @@ def test_kick_pending_on_a_replaced_kick_fd(tmp_path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("kind", ["memfd", "file"])
 def test_guest_memory_that_can_shrink_is_refused(tmp_path: Path, kind: str) -> None:
-    with nsm_serve(tmp_path) as srv, VhostUserFrontend(srv.path, timeout=3) as fe:
+    with nsm_serve(tmp_path) as srv, NsmFrontend(srv.path, timeout=3) as fe:
         size = fe._memsize
         if kind == "memfd":
             loose = os.memfd_create("unsealed", os.MFD_CLOEXEC)
@@ -223,7 +225,7 @@ def test_guest_memory_that_can_shrink_is_refused(tmp_path: Path, kind: str) -> N
 
 
 def test_file_memory_is_accepted_when_asked(tmp_path: Path) -> None:
-    with nsm_serve(tmp_path, "--allow-file-memory") as srv, VhostUserFrontend(srv.path, timeout=3) as fe:
+    with nsm_serve(tmp_path, "--allow-file-memory") as srv, NsmFrontend(srv.path, timeout=3) as fe:
         size = fe._memsize
         fd = os.open(tmp_path / "ram", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -240,7 +242,7 @@ def test_backend_refuses_unsealed_memory_unless_allowed() -> None:
 
     table = MemoryTable((MemoryRegionDescription(0, 0x10000, 0, 0),)).encode()
     for allow in (False, True):
-        backend = VhostUserBackend(lambda q, n: NsmQueueWorker(q, lambda r: r, n), allow_file_memory=allow)
+        backend = VhostUserBackend(NsmVirtioDevice(lambda r, t=None, **kw: r), allow_file_memory=allow)
         loose = os.memfd_create("unsealed", os.MFD_CLOEXEC)
         sealed = sealed_memfd(0x10000)
         os.ftruncate(loose, 0x10000)
@@ -261,7 +263,7 @@ def test_backend_refuses_unsealed_memory_unless_allowed() -> None:
 
 
 def inflight_backend() -> VhostUserBackend:
-    backend = VhostUserBackend(lambda q, n: NsmQueueWorker(q, lambda r: r, n))
+    backend = VhostUserBackend(NsmVirtioDevice(lambda r, t=None, **kw: r))
     inflight = 1 << ProtocolFeature.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
     backend.handle(Message(R.VHOST_USER_SET_PROTOCOL_FEATURES, payload=U64(inflight).encode()))
     return backend
@@ -314,7 +316,7 @@ def test_unsealed_inflight_region_is_refused() -> None:
 
 @pytest.mark.parametrize("stall", ["mid-message", "state-load"])
 def test_sigterm_while_the_frontend_stalls(tmp_path: Path, stall: str) -> None:
-    with nsm_serve(tmp_path) as srv, VhostUserFrontend(srv.path, timeout=3, start=False) as fe:
+    with nsm_serve(tmp_path) as srv, NsmFrontend(srv.path, timeout=3, start=False) as fe:
         load_r, load_w = os.pipe2(os.O_CLOEXEC)
         try:
             if stall == "mid-message":

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from virtio_nsm.nsm.device import NsmDevice
+from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.protocol import ExtendPCR, decode_response, encode_request
+from virtio_nsm.nsm.virtio import NsmVirtioDevice
 from virtio_nsm.vhost_user.daemon import VhostUserDaemon
-from virtio_nsm.vhost_user.frontend import VhostUserFrontend
 from virtio_nsm.vhost_user.polling import PollPolicy
 
 US = 1000
@@ -94,7 +95,7 @@ def test_daemon_switches_modes_without_losing_a_request(tmp_path: Path) -> None:
     import threading
 
     device = NsmDevice()
-    daemon = VhostUserDaemon(tmp_path / "nsm.sock", device.handle, poll_us=600_000_000)
+    daemon = VhostUserDaemon(tmp_path / "nsm.sock", NsmVirtioDevice(device.handle), poll_us=600_000_000)
     sys.setswitchinterval(0.0002)  # the daemon spins in a thread of this process
     # Small blocks, no stream limit: several trials within the test, whatever the timing.
     daemon.policy = PollPolicy(600_000_000, block=3, rounds=2, exploit=5,
@@ -103,7 +104,7 @@ def test_daemon_switches_modes_without_losing_a_request(tmp_path: Path) -> None:
     thread = threading.Thread(target=daemon.serve_forever, daemon=True)
     thread.start()
     try:
-        with VhostUserFrontend(daemon.path, timeout=20) as f:
+        with NsmFrontend(daemon.path, timeout=20) as f:
             values = [decode_response(f.exchange(encode_request(ExtendPCR(17, b"y"))))
                       for _ in range(60)]
         assert len({v.data for v in values}) == 60  # type: ignore[union-attr]

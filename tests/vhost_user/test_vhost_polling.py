@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 from vhost_support import serve_in_thread, wait_for
 
+from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.protocol import DescribePCR, ExtendPCR, decode_response, encode_request
+from virtio_nsm.nsm.virtio import NsmQueueWorker, NsmVirtioDevice
 from virtio_nsm.vhost_user import daemon as daemon_module
-from virtio_nsm.vhost_user.backend import OFFERED_FEATURES, VhostUserBackend
-from virtio_nsm.vhost_user.daemon import NsmQueueWorker, VhostUserDaemon
-from virtio_nsm.vhost_user.frontend import VhostUserFrontend
+from virtio_nsm.vhost_user.backend import TRANSPORT_FEATURES, VhostUserBackend
+from virtio_nsm.vhost_user.daemon import VhostUserDaemon
 from virtio_nsm.virtio import spec
 from virtio_nsm.virtio.memory import GuestMemory, MemoryRegion
 from virtio_nsm.virtio.queue import DeviceQueue, DriverQueue, RingLayout
@@ -45,8 +46,8 @@ class Rig:
         layout = RingLayout.contiguous(16, GPA)
         self.drv = DriverQueue(self.mem, layout, event_idx=event_idx)
         self.count = 0
-        self.backend = VhostUserBackend(lambda q, n: NsmQueueWorker(q, self.handler, n))
-        self.backend.features = OFFERED_FEATURES if event_idx else OFFERED_FEATURES & ~EVENT_IDX
+        self.backend = VhostUserBackend(NsmVirtioDevice(self.handler))
+        self.backend.features = TRANSPORT_FEATURES if event_idx else TRANSPORT_FEATURES & ~EVENT_IDX
         self.call = os.eventfd(0, os.EFD_NONBLOCK)
         vring = self.backend.vrings[0]
         vring.queue = DeviceQueue(self.mem, layout, event_idx=event_idx)
@@ -54,7 +55,7 @@ class Rig:
         vring.call_fd = self.call
         self.backend.process(vring)  # as on start: publishes "kick me"
 
-    def handler(self, request: bytes) -> bytes:
+    def handler(self, request: bytes, token: object = None, *, max_response: int | None = None) -> bytes:
         self.count += 1
         return b"\x18" + bytes([self.count])
 
@@ -163,7 +164,7 @@ def _serving(tmp_path: Path, poll_us: int, adaptive: bool) -> Iterator[VhostUser
         yield run.daemon
 
 
-class Counting(VhostUserFrontend):
+class Counting(NsmFrontend):
     kicks = 0
 
     def kick(self) -> None:
@@ -255,12 +256,12 @@ def test_disconnect_while_polling_ends_the_window(tmp_path: Path) -> None:
 
 def test_negative_poll_us_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        VhostUserDaemon(tmp_path / "x.sock", lambda r: r, poll_us=-1)
+        VhostUserDaemon(tmp_path / "x.sock", NsmVirtioDevice(lambda r, t=None, **kw: r), poll_us=-1)
 
 
 def test_the_class_does_not_poll_unless_asked(tmp_path: Path) -> None:
     # nsm serve asks (DEFAULT_POLL_US); in-process users (nsm demo) do not spin.
-    daemon = VhostUserDaemon(tmp_path / "x.sock", lambda r: r)
+    daemon = VhostUserDaemon(tmp_path / "x.sock", NsmVirtioDevice(lambda r, t=None, **kw: r))
     assert daemon.poll_us == 0 and not daemon.policy.may_poll(10**18)
 
 
@@ -278,7 +279,7 @@ def test_serve_cli_validates_poll_us() -> None:
 def test_frontend_keeps_completions_of_a_reused_head_apart(tmp_path: Path) -> None:
     # A fast (polling) device can answer round 3, which reuses descriptors freed when
     # round 2 was collected, before round 2 is consumed: each round must get its own.
-    from virtio_nsm.vhost_user.frontend import VhostUserTransport
+    from virtio_nsm.nsm.frontend import VhostUserTransport
 
     with serving(tmp_path, 0) as daemon, VhostUserTransport(daemon.path, timeout=20) as f:
         r1 = f._submit([encode_request(DescribePCR(0))] * 4)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from virtio_nsm.client import Nsm
-from virtio_nsm.vhost_user.frontend import VhostUserTransport
+from virtio_nsm.nsm.frontend import VhostUserTransport
 
 
 def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:

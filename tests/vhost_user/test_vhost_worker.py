@@ -6,7 +6,7 @@ import pytest
 
 from virtio_nsm.errors import ErrorCode
 from virtio_nsm.nsm.protocol import MAX_REQUEST_SIZE, encode_error
-from virtio_nsm.vhost_user.daemon import NsmQueueWorker
+from virtio_nsm.nsm.virtio import NsmQueueWorker
 from virtio_nsm.virtio.memory import GuestMemory, MemoryRegion
 from virtio_nsm.virtio.queue import DeviceQueue, DriverQueue, RingLayout, Segment, VirtqueueError
 
@@ -21,7 +21,7 @@ class Recorder:
         self.reply = reply
         self.fail = fail
 
-    def __call__(self, request: bytes) -> bytes:
+    def __call__(self, request: bytes, token: object = None, *, max_response: int | None = None) -> bytes:
         self.requests.append(request)
         if self.fail:
             raise RuntimeError("boom")

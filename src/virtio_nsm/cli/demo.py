@@ -9,11 +9,9 @@ policies.
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
-import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -21,10 +19,9 @@ from cryptography import x509
 
 from ..client import Nsm
 from ..errors import ErrorCode, NsmError
-from ..nsm.device import NsmDevice
+from ..nsm.frontend import VhostUserTransport
+from ..serving import ServeConfig, Served, serving
 from ..verify import VerificationError, verify_document
-from ..vhost_user.daemon import VhostUserDaemon
-from ..vhost_user.frontend import VhostUserTransport
 from . import main
 
 
@@ -50,14 +47,23 @@ def demo(output: Path | None, enclave: bool) -> None:
     if enclave:
         _enclave_demo(output)
         return
-    tmp = Path(tempfile.mkdtemp(prefix="nsm-demo-"))
-    socket_path = tmp / "nsm.sock"
-    device = NsmDevice()
-    daemon = VhostUserDaemon(socket_path, device.handle)
-    daemon.bind()
+    step = click.echo
+    # An in-memory device on a socket in a private temporary directory (removed on exit).
+    config = ServeConfig(socket_path=None, ephemeral=True)
+    try:
+        with serving(config) as served:
+            _run_demo(served, output, step)
+    except (DemoFailed, NsmError, VerificationError, OSError) as exc:
+        click.echo(f"nsm demo: FAILED: {exc}", err=True)
+        raise SystemExit(1) from None
+
+
+def _run_demo(served: Served, output: Path | None, step: Callable[[str], None]) -> None:
+    daemon, socket_path = served.daemon, served.socket_path
+    assert served.nsm is not None
+    device = served.nsm.device
     thread = threading.Thread(target=daemon.serve_forever, name="nsm-backend", daemon=True)
     thread.start()
-    step = click.echo
     try:
         step(f"backend: vhost-user NSM device on {socket_path} (virtio id 33)")
         with Nsm(VhostUserTransport(str(socket_path))) as nsm:
@@ -102,16 +108,9 @@ def demo(output: Path | None, enclave: bool) -> None:
             step(f"wrote {output} and its root {output}.root.pem "
                  f"(try: nsm verify {output} --root {output}.root.pem)")
         step("demo passed")
-    except (DemoFailed, NsmError, VerificationError, OSError) as exc:
-        click.echo(f"nsm demo: FAILED: {exc}", err=True)
-        raise SystemExit(1) from None
     finally:
         daemon.stop()
         thread.join(timeout=10)
-        daemon.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if socket_path.exists():
-            os.unlink(socket_path)
 
 
 def _enclave_demo(output: Path | None) -> None:

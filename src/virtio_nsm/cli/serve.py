@@ -3,49 +3,19 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from types import FrameType
 
 import click
 
 from .. import persist
-from ..durable import DurableNsm
 from ..errors import ConfigurationError
+from ..serving import ServeConfig, Served, qemu_options, serving
 from ..vhost_user import cpu_qos
-from ..vhost_user.daemon import DEFAULT_POLL_US, VhostUserDaemon
+from ..vhost_user.daemon import DEFAULT_POLL_US
 from . import main
-
-SOCKET_NAME = "nsm.sock"
-
-
-def default_socket_path() -> tuple[Path, Path | None]:
-    """``$XDG_RUNTIME_DIR/virtio-nsm/nsm.sock``, else a fresh private temp dir.
-
-    Returns the path and the directory to remove afterwards (if we created it).
-    """
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and Path(runtime).is_dir():
-        directory = Path(runtime) / "virtio-nsm"
-        directory.mkdir(mode=0o700, exist_ok=True)
-        return directory / SOCKET_NAME, None
-    directory = Path(tempfile.mkdtemp(prefix="virtio-nsm-"))
-    return directory / SOCKET_NAME, directory
-
-
-def qemu_options(path: Path, memory: str = "512M") -> str:
-    """The QEMU (>= 10.2) options that attach this backend as a PCI device."""
-    chardev_path = str(path).replace(",", ",,")  # QEMU's option escaping
-    return (
-        f"-object memory-backend-memfd,id=mem,size={memory},share=on "
-        "-machine memory-backend=mem "
-        f"-chardev socket,id=nsm0,path={chardev_path} "
-        "-device vhost-user-test-device-pci,chardev=nsm0,virtio-id=33,num_vqs=1"
-    )
 
 
 @main.command()
@@ -55,7 +25,8 @@ def qemu_options(path: Path, memory: str = "512M") -> str:
     "socket_path",
     metavar="SOCK",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Unix socket to listen on (created mode 0600). "
+    help="Unix socket to listen on (created mode 0600; missing parent directories are "
+    "created mode 0700). "
     "Default: $XDG_RUNTIME_DIR/virtio-nsm/nsm.sock, else a new temp dir.",
 )
 @click.option(
@@ -142,89 +113,63 @@ def serve(
         format="nsm serve: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    cleanup: Path | None = None
-    if socket_path is None:
-        try:
-            socket_path, cleanup = default_socket_path()
-        except OSError as exc:
-            click.echo(f"nsm: no place for a default socket ({exc}); use --vhost-user SOCK", err=True)
-            sys.exit(2)
-    if ephemeral and state_dir is not None:
-        click.echo("nsm: --ephemeral and --state-dir exclude each other", err=True)
-        sys.exit(2)
-    qos = None
-    if cpu_latency_qos:
-        try:
-            qos = cpu_qos.CpuLatencyQos.open()
-        except cpu_qos.QosUnavailable as exc:
-            click.echo(f"nsm: --cpu-latency-qos: {exc.strerror or exc}", err=True)
-            sys.exit(2)
-    ca = None
-    if ca_dir is not None:
-        try:
-            ca = persist.load_ca(ca_dir)
-        except ConfigurationError as exc:
-            if qos is not None:
-                qos.close()
-            click.echo(f"nsm: {exc}", err=True)
-            sys.exit(2)
-    if ephemeral:
-        nsm = DurableNsm.ephemeral(ca)
-    else:
-        directory = state_dir if state_dir is not None else persist.default_state_dir()
-        try:
-            nsm = DurableNsm.open(directory, ca=ca)
-        except persist.StateError as exc:
-            if qos is not None:
-                qos.close()
-            click.echo(f"nsm: {exc}", err=True)
-            sys.exit(1)
-    daemon = VhostUserDaemon(
-        socket_path,
-        nsm.handle,
-        device_state=nsm,
-        poll_us=poll_us,
-        adaptive_polling=poll_adaptive,
-        cpu_qos=qos,
-        allow_file_memory=allow_file_memory,
-    )
     try:
-        daemon.bind()
-    except OSError as exc:
-        daemon.close()
-        nsm.close()
-        click.echo(f"nsm: cannot listen on {socket_path}: {exc}", err=True)
+        config = ServeConfig.validate(
+            socket_path=socket_path,
+            state_dir=state_dir,
+            ephemeral=ephemeral,
+            ca_dir=ca_dir,
+            poll_us=poll_us,
+            adaptive_polling=poll_adaptive,
+            cpu_qos_device=cpu_qos.DEVICE if cpu_latency_qos else None,
+            allow_file_memory=allow_file_memory,
+        )
+    except ConfigurationError as exc:
+        click.echo(f"nsm: {exc}", err=True)
+        sys.exit(2)
+    try:
+        with serving(config) as served:
+            daemon = served.daemon
+
+            def stop(signum: int, frame: FrameType | None) -> None:
+                daemon.stop()
+
+            def stats(signum: int, frame: FrameType | None) -> None:
+                daemon.request_stats()
+
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
+            signal.signal(signal.SIGUSR1, stats)
+            _announce(served)  # once signals stop us cleanly: a reader may SIGTERM at once
+            daemon.serve_forever()
+    except persist.StateError as exc:
+        click.echo(f"nsm: {exc}", err=True)
+        sys.exit(1)
+    except cpu_qos.QosUnavailable as exc:
+        click.echo(f"nsm: --cpu-latency-qos: {exc.strerror or exc}", err=True)
+        sys.exit(2)
+    except (ConfigurationError, OSError) as exc:
+        where = config.socket_path or "a temporary socket"
+        click.echo(f"nsm: cannot serve on {where}: {exc}", err=True)
         sys.exit(2)
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        daemon.stop()
 
-    def stats(signum: int, frame: FrameType | None) -> None:
-        daemon.request_stats()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGUSR1, stats)
+def _announce(served: Served) -> None:
+    socket_path, nsm, config = served.socket_path, served.nsm, served.config
     click.echo(f"vhost-user NSM backend listening on {socket_path}")
-    click.echo(f"QEMU options (size must match -m): {qemu_options(socket_path)}")
+    click.echo(f"QEMU options (size must match -m): {qemu_options(served)}")
     click.echo(f"Client without a VM: nsm describe --device vhost-user:{socket_path}")
-    if nsm.store is not None:
+    if nsm is not None and nsm.store is not None:
         root = nsm.store.directory / persist.CA_DIR / persist.ROOT_CERT_FILE
         click.echo(f"Device state in {nsm.store.directory}; documents chain to {root} "
                    f"(nsm verify --root {root})")
     else:
         click.echo("Device state in memory only (--ephemeral): lost when this process ends")
-        if ca_dir is not None:
-            root = ca_dir / persist.ROOT_CERT_FILE
+        if config.ca_dir is not None:
+            root = config.ca_dir / persist.ROOT_CERT_FILE
             click.echo(f"Documents chain to {root} (nsm verify --root {root})")
+    qos = served.daemon.cpu_qos
     if qos is not None:
         click.echo(f"CPU latency QoS: idle CPUs kept responsive ({qos.path} at 0 us) while "
                    f"requests flow, released {qos.linger_ns // 1_000_000} ms after the last answer")
     sys.stdout.flush()
-    try:
-        daemon.serve_forever()
-    finally:
-        daemon.close()
-        nsm.close()
-        if cleanup is not None:
-            shutil.rmtree(cleanup, ignore_errors=True)

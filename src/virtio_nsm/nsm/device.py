@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..errors import ConfigurationError, ErrorCode
+from ..request import RequestToken
 from . import attestation, protocol
 from .pcr import BOOT_LOCKED_PCRS, MAX_PCRS, Digest, PcrBank
 from .pki import CertificateAuthority, SigningChain
@@ -175,15 +176,15 @@ class Commit:
     """A state change about to become current, with what caused it.
 
     ``request`` and ``response`` are the exact bytes in and out; ``token`` is
-    whatever the transport passed to :meth:`NsmDevice.handle` to identify the
-    request (e.g. its virtqueue slot), so a store can recognise a request that
+    what the transport passed to :meth:`NsmDevice.handle` to identify the
+    request (its head descriptor and inflight counter), so a store can recognise a request that
     is submitted again after a crash and answer it from its record.
     """
 
     state: DeviceState
     request: bytes
     response: bytes
-    token: object = None
+    token: RequestToken | None = None
 
 
 def _digest(value: Digest | str) -> Digest:
@@ -248,7 +249,7 @@ class NsmDevice:
         self._commit = commit
         self._lock = threading.Lock()
         self._request: bytes = b""
-        self._token: object = None
+        self._token: RequestToken | None = None
         self._room = MAX_RESPONSE_SIZE
         self._state = state
         size = state.pcrs.digest.size
@@ -301,7 +302,7 @@ class NsmDevice:
 
     # -- requests ------------------------------------------------------
 
-    def handle(self, request: bytes, token: object = None, *,
+    def handle(self, request: bytes, token: RequestToken | None = None, *,
                max_response: int | None = None) -> bytes:
         """Answer one request (CBOR bytes) with the response bytes. Never raises.
 

@@ -6,10 +6,11 @@ Theory of operation
 kick notifications (:meth:`kick`) and keeps everything a vhost-user device needs:
 negotiated features, protocol features, the mapped memory table, and per vring its
 size, addresses, base, kick/call/err descriptors and enabled/started state.  It is
-device-agnostic: what to do with the chains of a ready vring is delegated to a
-:class:`QueueWorker` made by the ``worker_factory`` from the queue and a callback
-that interrupts the driver mid-pass if it asked for it (for NSM see
-:mod:`virtio_nsm.vhost_user.daemon`).  It does no socket I/O (the event loop owns
+device-agnostic: the device (a :class:`~.device.VhostUserDevice`) supplies its
+queue count, device features and configuration space (``GET_CONFIG`` /
+``SET_CONFIG``), and a :class:`~.device.QueueWorker` per ready vring, made from
+the ring's index, the queue and a callback that interrupts the driver mid-pass
+if it asked for it (for the NSM see :mod:`virtio_nsm.nsm.virtio`).  It does no socket I/O (the event loop owns
 the socket), but it does map memory and write to call/err eventfds.
 
 Dispatch is a table from request code to method; payload syntax was already
@@ -47,7 +48,7 @@ with a region, the heads the previous backend took but never returned are
 handed to the worker for resubmission, and the ring continues at ``used->idx``
 plus their number (whatever ``SET_VRING_BASE`` said, as libvhost-user does).
 
-With a ``device_state`` object the backend also offers
+When the device has a ``device_state`` handler the backend also offers
 ``VHOST_USER_PROTOCOL_F_DEVICE_STATE``: ``SET_DEVICE_STATE_FD`` (only while every
 ring is stopped, phase "stopped") writes the saved state into the given fd, or
 remembers the fd to load from; ``CHECK_DEVICE_STATE`` reads a load to its end,
@@ -63,7 +64,6 @@ import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from ..virtio import spec
 from ..virtio.memory import (
@@ -76,7 +76,8 @@ from ..virtio.memory import (
 )
 from ..virtio.queue import DeviceQueue, RingLayout
 from .connection import SLICE
-from .inflight import InflightError, InflightQueue, InflightRegion
+from .device import ConfigError, QueueWorker, VhostUserDevice
+from .inflight import InflightError, InflightRegion
 from .message import (
     U64,
     VHOST_TRANSFER_STATE_DIRECTION_LOAD,
@@ -84,8 +85,10 @@ from .message import (
     VHOST_TRANSFER_STATE_PHASE_STOPPED,
     VHOST_USER_DEVICE_STATE_NOFD,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_MAX_CONFIG_SIZE,
     VHOST_USER_REPLY_MASK,
     VHOST_USER_VERSION,
+    DeviceConfig,
     DeviceStateTransfer,
     FrontendRequest,
     Inflight,
@@ -103,18 +106,17 @@ from .message import (
 
 __all__ = [
     "MAX_MEM_SLOTS",
-    "OFFERED_FEATURES",
     "OFFERED_PROTOCOL_FEATURES",
+    "TRANSPORT_FEATURES",
     "BackendError",
-    "DeviceStateHandler",
-    "QueueWorker",
     "VhostUserBackend",
     "Vring",
 ]
 
 log = logging.getLogger("virtio_nsm.vhost_user")
 
-OFFERED_FEATURES = (
+#: The feature bits of the transport (the device adds its own, see ``VhostUserDevice.features``).
+TRANSPORT_FEATURES = (
     1 << spec.VIRTIO_F_VERSION_1
     | 1 << VHOST_USER_F_PROTOCOL_FEATURES
     | 1 << spec.VIRTIO_RING_F_INDIRECT_DESC
@@ -143,34 +145,6 @@ MAX_DEVICE_STATE = 1 << 20
 
 class BackendError(Exception):
     """A well-formed request that this backend cannot honour in its current state."""
-
-
-class QueueWorker(Protocol):
-    """Device-specific processing of one started vring."""
-
-    def process(self) -> bool:
-        """Handle every available chain; return whether used entries were published."""
-        ...
-
-    def rewind(self) -> int:
-        """Give back any chain taken but not answered; return the next available index."""
-        ...
-
-    def track_inflight(self, tracker: InflightQueue, resubmit: list[int]) -> None:
-        """Record taken/returned chains in ``tracker``; first serve the heads in ``resubmit``."""
-        ...
-
-
-class DeviceStateHandler(Protocol):
-    """The device's side of VHOST_USER_PROTOCOL_F_DEVICE_STATE."""
-
-    def save_state(self) -> bytes:
-        """The device state to migrate (raise to report a failed save)."""
-        ...
-
-    def load_state(self, data: bytes) -> None:
-        """Adopt a state produced by :meth:`save_state` (raise to refuse it)."""
-        ...
 
 
 @dataclass(eq=False)
@@ -233,19 +207,24 @@ def _nonblocking(fd: int) -> int:
 class VhostUserBackend:
     """Protocol state of one vhost-user device, across connections."""
 
-    def __init__(
-        self,
-        worker_factory: Callable[[DeviceQueue, Callable[[], None]], QueueWorker],
-        *,
-        num_queues: int = 1,
-        max_queue_size: int = spec.VIRTQ_MAX_SIZE,
-        device_state: DeviceStateHandler | None = None,
-        allow_file_memory: bool = False,
-    ) -> None:
-        self._worker_factory = worker_factory
+    def __init__(self, device: VhostUserDevice, *, allow_file_memory: bool = False) -> None:
+        self.device = device
+        num_queues = device.num_queues
+        if not 1 <= num_queues <= 0x100:
+            raise ValueError(f"a vhost-user device has 1..256 queues, not {num_queues}")
         self.num_queues = num_queues
         #: Largest ring the device accepts (also bounds an inflight region).
-        self.max_queue_size = max_queue_size
+        size = self.max_queue_size = device.max_queue_size
+        if not 1 <= size <= spec.VIRTQ_MAX_SIZE or size & (size - 1):
+            raise ValueError(f"maximum queue size {size} is not a power of two up to 32768")
+        if device.features & TRANSPORT_FEATURES:
+            raise ValueError(f"device features {device.features:#x} overlap the transport's")
+        if not 0 <= device.config_size <= VHOST_USER_MAX_CONFIG_SIZE:
+            raise ValueError(
+                f"config space of {device.config_size} bytes (at most {VHOST_USER_MAX_CONFIG_SIZE})"
+            )
+        #: Feature bits offered: the transport's and the device's.
+        self.offered_features = TRANSPORT_FEATURES | device.features
         #: Map guest memory that could shrink under us (see :meth:`_map`).
         self.allow_file_memory = allow_file_memory
         #: Set by the event loop: true once the backend is shutting down, which ends
@@ -255,10 +234,12 @@ class VhostUserBackend:
         #: loop stops watching it while it can: once closed here, epoll still watches
         #: the frontend's copy of the eventfd and could no longer be told to stop.
         self.kick_closing: Callable[[int], None] = lambda fd: None
-        self.device_state = device_state
+        self.device_state = device.device_state
         self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
-        if device_state is not None:
+        if self.device_state is not None:
             self.offered_protocol_features |= 1 << _PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE
+        if device.config_size:
+            self.offered_protocol_features |= 1 << _PF.VHOST_USER_PROTOCOL_F_CONFIG
         self.inflight: InflightRegion | None = None
         self._reply_fds: list[int] = []
         self._state_load_fd: int | None = None
@@ -302,6 +283,8 @@ class VhostUserBackend:
             R.VHOST_USER_SET_INFLIGHT_FD: self._set_inflight_fd,
             R.VHOST_USER_SET_DEVICE_STATE_FD: self._set_device_state_fd,
             R.VHOST_USER_CHECK_DEVICE_STATE: self._check_device_state,
+            R.VHOST_USER_GET_CONFIG: self._get_config,
+            R.VHOST_USER_SET_CONFIG: self._set_config,
         }
 
     def __repr__(self) -> str:
@@ -402,15 +385,12 @@ class VhostUserBackend:
         self.vrings = [Vring(i) for i in range(self.num_queues)]
         self.memory.close()
         self.memory = GuestMemory()
+        self.device.reset()
         self.features = self.protocol_features = self.status = 0
         self.owner = False
         self._drop_inflight()
         self._end_state_transfer()
         self.polling = False
-
-    @property
-    def needs_reset(self) -> bool:
-        return bool(self.status & spec.VIRTIO_CONFIG_S_NEEDS_RESET)
 
     # -- ring processing ----------------------------------------------------------
 
@@ -425,12 +405,15 @@ class VhostUserBackend:
         published = False
         try:
             while True:
+                seen = queue.avail_idx
                 published |= vring.worker.process()
                 queue.publish_avail_event()
                 # A chain made available while we published avail_event must not wait
                 # for a kick that the driver may have decided not to send (when we poll,
-                # the next look at the ring finds it anyway).
-                if not queue.kicks_wanted or not queue.available():
+                # the next look at the ring finds it anyway).  Chains the worker left
+                # on the ring on purpose (a receive queue with nothing to deliver) do
+                # not count: only the driver moving the index again does.
+                if not queue.kicks_wanted or queue.avail_idx == seen:
                     break
             if published and queue.needs_notify():
                 self._signal(vring)
@@ -474,7 +457,11 @@ class VhostUserBackend:
             if not self._track(vring, layout):
                 return None
         else:
-            vring.worker = self._worker_factory(vring.queue, lambda: self._interrupt(vring))
+            try:
+                vring.worker = self.device.worker(vring.index, vring.queue, lambda: self._interrupt(vring))
+            except VirtioError as exc:
+                self._break(vring, f"the device refused the ring: {exc}")
+                return None
         log.info(
             "vring %d started: size %d, avail index %d, desc %#x avail %#x used %#x",
             vring.index,
@@ -518,8 +505,12 @@ class VhostUserBackend:
             )
         if resubmit:
             log.warning("vring %d: resubmitting inflight chains %s", vring.index, resubmit)
-        vring.worker = self._worker_factory(queue, lambda: self._interrupt(vring))
-        vring.worker.track_inflight(tracker, resubmit)
+        try:
+            vring.worker = self.device.worker(vring.index, queue, lambda: self._interrupt(vring))
+            vring.worker.track_inflight(tracker, resubmit)
+        except VirtioError as exc:  # e.g. a device that keeps no inflight record
+            self._break(vring, f"inflight tracking refused: {exc}")
+            return False
         return True
 
     def _interrupt(self, vring: Vring) -> None:
@@ -577,6 +568,7 @@ class VhostUserBackend:
             self._close_kick(vring)
             vring.close_fds()
         self.vrings = [Vring(i) for i in range(self.num_queues)]
+        self.device.reset()
         self.status &= ~spec.VIRTIO_CONFIG_S_NEEDS_RESET
         # What was in flight belongs to the rings just reset: the frontend brings
         # a new (or reset) region with SET_INFLIGHT_FD before starting them again.
@@ -644,15 +636,16 @@ class VhostUserBackend:
     # -- request handlers -------------------------------------------------------------
 
     def _get_features(self, message: Message, payload: Payload) -> Payload:
-        return U64(OFFERED_FEATURES)
+        return U64(self.offered_features)
 
     def _set_features(self, message: Message, payload: Payload) -> None:
         assert isinstance(payload, U64)
-        if payload.value & ~OFFERED_FEATURES:
-            raise BackendError(f"features {payload.value & ~OFFERED_FEATURES:#x} were not offered")
+        if payload.value & ~self.offered_features:
+            raise BackendError(f"features {payload.value & ~self.offered_features:#x} were not offered")
         if not payload.value & (1 << spec.VIRTIO_F_VERSION_1):
             log.warning("frontend did not accept VIRTIO_F_VERSION_1 (legacy is not supported)")
         self.features = payload.value
+        self.device.features_acked(payload.value)
         self._drop_all_queues()
         self._process_all()
 
@@ -853,6 +846,26 @@ class VhostUserBackend:
         log.info("inflight region set: %r", region)
         self._process_all()
 
+    def _get_config(self, message: Message, payload: Payload) -> Payload:
+        assert isinstance(payload, DeviceConfig)
+        self._require(_PF.VHOST_USER_PROTOCOL_F_CONFIG, message)
+        try:
+            data = self.device.get_config(payload.offset, payload.size)
+            if len(data) != payload.size:
+                raise ConfigError(f"device returned {len(data)} bytes of config for {payload.size}")
+        except ConfigError as exc:
+            log.error("GET_CONFIG %d+%d refused: %s", payload.offset, payload.size, exc)
+            return DeviceConfig(payload.offset, 0, payload.flags, b"")  # size 0: failed
+        return DeviceConfig(payload.offset, payload.size, payload.flags, bytes(data))
+
+    def _set_config(self, message: Message, payload: Payload) -> None:
+        assert isinstance(payload, DeviceConfig)
+        self._require(_PF.VHOST_USER_PROTOCOL_F_CONFIG, message)
+        try:
+            self.device.set_config(payload.offset, payload.data)
+        except ConfigError as exc:
+            raise BackendError(f"SET_CONFIG {payload.offset}+{payload.size} refused: {exc}") from exc
+
     def _check_inflight_geometry(self, payload: Inflight) -> None:
         """An inflight region covers at most the device's queues, at its largest ring size."""
         if not 1 <= payload.num_queues <= self.num_queues:
@@ -978,5 +991,6 @@ _REPLYING = frozenset(
         FrontendRequest.VHOST_USER_GET_INFLIGHT_FD,
         FrontendRequest.VHOST_USER_SET_DEVICE_STATE_FD,
         FrontendRequest.VHOST_USER_CHECK_DEVICE_STATE,
+        FrontendRequest.VHOST_USER_GET_CONFIG,
     }
 )

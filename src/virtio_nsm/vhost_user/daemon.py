@@ -1,44 +1,16 @@
-"""The NSM vhost-user daemon: NSM queue semantics and the event loop.
-
-NSM queue semantics (facts §3)
-------------------------------
-The Linux driver queues, per request, two chains: one device-readable descriptor
-holding the request and one device-writable descriptor of 0x3000 bytes for the
-response; it kicks once and expects, in this order, the request chain on the used
-ring with length 0, the response chain with the exact CBOR length, then one
-interrupt.  :class:`NsmQueueWorker` does exactly that for every pair available, and
-also accepts a single chain holding a readable then a writable part (answered with
-one used entry).  A request chain whose response chain has not been made
-available yet is held until it is (and given back if the ring is stopped first).
-A writable chain with no request before it, or a readable chain where a response
-chain is due, breaks the rules: the ring is stopped with ``DEVICE_NEEDS_RESET``.
-
-Crash recovery: when the ring has inflight tracking (see :mod:`.inflight`), every
-chain taken is marked in the shared region and cleared once its used entry is
-published; chains a previous backend left unanswered are served first, and each
-request goes to the handler with a token, ``(head, counter)`` of its request
-chain, that is the same when a restarted backend serves it again.  With tracking,
-each answer is published as soon as it is written, so at most one request at a
-time has been applied without its answer being visible.  A handler that
-records its last state change with that token (:class:`virtio_nsm.durable.DurableNsm`)
-answers the repeated request from the record instead of applying it twice.  The
-handler returns only once a state change is durable, and only then is the answer
-put on the used ring.
-
-Requests longer than ``MAX_REQUEST_SIZE`` are passed on truncated to one byte more
-than the limit, so the device answers ``InputTooLarge`` without us copying
-arbitrary amounts of guest memory.  A response chain too small for the answer
-gets ``{"Error": "BufferTooSmall"}`` if that fits, otherwise nothing (length 0);
-the handler is told the buffer's size first, so such a request changes nothing.
+"""The vhost-user daemon: the event loop that serves one device.
 
 Event loop
 ----------
 :class:`VhostUserDaemon` listens on a Unix socket (mode 0600) and serves one
 frontend at a time; further connections wait in the backlog until the current one
 ends.  One ``selectors`` loop watches the listening socket, the connection, every
-vring's kick eventfd and a wake-up pipe used by :meth:`VhostUserDaemon.stop`
-(signal- and thread-safe).  The NSM handler object, which holds PCRs and locks,
-belongs to the daemon and outlives every connection and reset.
+vring's kick eventfd, the descriptors the device registered (:class:`~.device.EventLoop`:
+the daemon is the device's event loop, given to :meth:`~.device.VhostUserDevice.attach`
+when the daemon binds) and a wake-up pipe used by :meth:`VhostUserDaemon.stop`
+(signal- and thread-safe).  The device (a :class:`~.device.VhostUserDevice`; the
+NSM's holds PCRs and locks) belongs to the daemon and outlives every connection
+and reset.
 
 The frontend's descriptors are hostile by assumption: every eventfd is used
 non-blocking (see :mod:`.backend`), a kick fd is unwatched just before the backend
@@ -85,52 +57,30 @@ of a round trip spent in QEMU and the guest).  :meth:`VhostUserDaemon.request_st
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import selectors
 import socket
 import stat
 import time
-from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ErrorCode
-from ..nsm.protocol import MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE, encode_error
-from ..virtio.queue import Chain, DeviceQueue, VirtqueueError
-from .backend import BackendError, DeviceStateHandler, QueueWorker, VhostUserBackend
+from .backend import BackendError, VhostUserBackend
 from .connection import Connection, ConnectionClosed
 from .cpu_qos import CpuLatencyQos, QosUnavailable
+from .device import VhostUserDevice
 from .histogram import LatencyHistogram
-from .inflight import InflightQueue
 from .message import MessageError
 from .polling import PollPolicy
 
 __all__ = [
-    "BUFFER_TOO_SMALL",
     "DEFAULT_POLL_US",
-    "INTERNAL_ERROR",
-    "Handler",
-    "NsmQueueWorker",
     "VhostUserDaemon",
 ]
 
 log = logging.getLogger("virtio_nsm.vhost_user")
-
-#: ``handler(request) -> response``; on a ring with inflight tracking it is called
-#: as ``handler(request, token)`` (``NsmDevice.handle`` takes both forms). A handler
-#: with a ``max_response`` keyword (``NsmDevice.handle``, ``DurableNsm.handle``) is
-#: told the response buffer's size, so it can refuse a change whose answer would
-#: not fit instead of applying it.
-Handler = Callable[..., bytes]
-
-
-def _takes_max_response(handler: Handler) -> bool:
-    try:
-        return "max_response" in inspect.signature(handler).parameters
-    except (TypeError, ValueError):  # no signature to inspect
-        return False
 
 #: ``nsm serve``'s polling window after activity, in microseconds (module docstring).
 #: The class itself does not poll unless asked: a daemon run in a thread of a process
@@ -143,148 +93,37 @@ PREEMPTED_NS = 50_000
 #: Turnarounds longer than this are pauses of the guest, not back-to-back traffic.
 TURNAROUND_GAP_NS = 20_000_000
 
-INTERNAL_ERROR = encode_error(ErrorCode.InternalError)
-BUFFER_TOO_SMALL = encode_error(ErrorCode.BufferTooSmall)
 
 
-class NsmQueueWorker:
-    """Serves NSM requests from one started virtqueue (see the module docstring)."""
+@dataclass(eq=False, slots=True)
+class _Watch:
+    """A descriptor the device asked the loop to watch (see :meth:`VhostUserDaemon.watch`)."""
 
-    #: Pairs answered between two looks at whether the driver wants an interrupt,
-    #: so that a pipelining driver hears about finished work while more is served.
-    NOTIFY_EVERY = 16
-
-    def __init__(
-        self, queue: DeviceQueue, handler: Handler, notify: Callable[[], None] | None = None
-    ) -> None:
-        self.queue = queue
-        self.handler = handler
-        self.sized = _takes_max_response(handler)
-        self.notify = notify
-        self.pending: Chain | None = None
-        self.tracker: InflightQueue | None = None
-        self.resubmit: deque[int] = deque()
-
-    def track_inflight(self, tracker: InflightQueue, resubmit: list[int]) -> None:
-        self.tracker = tracker
-        self.resubmit = deque(resubmit)
-
-    def __repr__(self) -> str:
-        return f"<NsmQueueWorker {self.queue!r} pending={self.pending and self.pending.head}>"
-
-    def process(self) -> bool:
-        queue = self.queue
-        answered = 0
-        try:
-            while self.resubmit:
-                # Left unanswered by a previous backend: serve them first, in the order taken.
-                if self._take(queue.resubmit(self.resubmit[0]), fresh=False):
-                    answered += 1
-                    self._publish()
-                self.resubmit.popleft()
-            while (chain := queue.pop()) is not None:
-                if self._take(chain):
-                    answered += 1
-                    if self.notify is not None and answered % self.NOTIFY_EVERY == 0:
-                        self._publish()
-                        self.notify()
-                    elif self.tracker is not None:
-                        # At most one applied-but-unpublished request at any time: the
-                        # durable record holds only the last change (see DurableNsm).
-                        self._publish()
-        finally:
-            # Publish what was answered even if a later chain broke the rules.
-            if answered:
-                self._publish()
-        return answered > 0
-
-    def _publish(self) -> None:
-        self.queue.publish_used()
-        if self.tracker is not None:
-            self.tracker.published(self.queue.next_used_idx)
-
-    def _used(self, head: int, length: int) -> None:
-        self.queue.add_used(head, length)
-        if self.tracker is not None:
-            self.tracker.returned(head)
-
-    def _take(self, chain: Chain, fresh: bool = True) -> int:
-        memory = self.queue.memory
-        if fresh and self.tracker is not None:
-            self.tracker.taken(chain.head)
-        request = self.pending
-        if request is None:
-            if chain.readable and chain.writable:
-                response = self._serve(chain, chain.writable_len)
-                self._used(chain.head, chain.write(memory, response))
-                return 1
-            if chain.readable:
-                self.pending = chain
-                return 0
-            raise VirtqueueError(f"chain {chain.head} is a response buffer with no request before it")
-        if chain.readable or not chain.writable:
-            raise VirtqueueError(
-                f"request chain {request.head} is followed by chain {chain.head}, "
-                "which is not a device-writable response buffer"
-            )
-        self.pending = None
-        written = chain.write(memory, self._serve(request, chain.writable_len))
-        self._used(request.head, 0)
-        self._used(chain.head, written)
-        return 1
-
-    def rewind(self) -> int:
-        if self.pending is not None:
-            if self.tracker is None:
-                self.queue.unpop(self.pending)
-            # else it stays marked inflight and is resubmitted when the ring restarts
-            self.pending = None
-        return self.queue.last_avail_idx
-
-    def _serve(self, request_chain: Chain, capacity: int) -> bytes:
-        request = request_chain.read(self.queue.memory, MAX_REQUEST_SIZE + 1)
-        try:
-            if self.sized:
-                token = None if self.tracker is None else self.tracker.token(request_chain.head)
-                response = self.handler(request, token, max_response=capacity)
-            elif self.tracker is None:
-                response = self.handler(request)
-            else:
-                response = self.handler(request, self.tracker.token(request_chain.head))
-        except Exception:
-            log.exception("NSM handler failed on a %d-byte request", len(request))
-            response = INTERNAL_ERROR
-        if len(response) > MAX_RESPONSE_SIZE:
-            log.error("NSM handler returned %d bytes (> 0x3000)", len(response))
-            response = INTERNAL_ERROR
-        if len(response) > capacity:
-            log.warning(
-                "response of %d bytes does not fit the %d-byte buffer of chain %d",
-                len(response),
-                capacity,
-                request_chain.head,
-            )
-            response = BUFFER_TOO_SMALL if len(BUFFER_TOO_SMALL) <= capacity else b""
-        return response
+    fd: int
+    events: int
+    callback: Callable[[int], None]
 
 
 class VhostUserDaemon:
-    """Serve an NSM handler as a vhost-user device on a Unix socket."""
+    """Serve a device as a vhost-user backend on a Unix socket.
+
+    It is also the device's :class:`~.device.EventLoop` (:meth:`watch`,
+    :meth:`unwatch`, :meth:`serve_queue`).
+    """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
-        handler: Handler,
+        device: VhostUserDevice,
         *,
         message_timeout: float = 5.0,
-        device_state: DeviceStateHandler | None = None,
         poll_us: int = 0,
         adaptive_polling: bool = True,
         cpu_qos: CpuLatencyQos | None = None,
         allow_file_memory: bool = False,
     ) -> None:
         self.path = Path(path)
-        self.handler = handler
+        self.device = device
         self.message_timeout = message_timeout
         self.poll_us = poll_us
         #: Whether to poll, and when to stop (see :mod:`.polling`).
@@ -303,9 +142,7 @@ class VhostUserDaemon:
         self._turnaround_from: int | None = None
         self._stats_requested = False
         self._stats_mark: tuple[int, ...] = ()
-        self.backend = VhostUserBackend(
-            self._make_worker, device_state=device_state, allow_file_memory=allow_file_memory
-        )
+        self.backend = VhostUserBackend(device, allow_file_memory=allow_file_memory)
         self.backend.interrupted = self._is_stopping
         self.backend.kick_closing = self._forget_kick
         self.connections_served = 0
@@ -313,6 +150,8 @@ class VhostUserDaemon:
         self._conn: Connection | None = None
         self._selector = selectors.DefaultSelector()
         self._kicks: dict[int, int] = {}
+        self._watches: dict[int, _Watch] = {}
+        self._attached = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
 
@@ -320,8 +159,34 @@ class VhostUserDaemon:
         state = "connected" if self._conn else "listening" if self._listener else "idle"
         return f"<VhostUserDaemon {str(self.path)!r} {state}>"
 
-    def _make_worker(self, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
-        return NsmQueueWorker(queue, self.handler, notify)
+    # -- the device's event loop (see .device.EventLoop) ----------------------------------
+
+    def watch(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
+        """Call ``callback(ready)`` when ``fd`` is ready for ``events`` (replacing any earlier watch)."""
+        self.unwatch(fd)
+        watch = _Watch(fd, events, callback)
+        self._selector.register(fd, events, watch)
+        self._watches[fd] = watch
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching a device descriptor (call before closing it)."""
+        if self._watches.pop(fd, None) is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._selector.unregister(fd)
+
+    def serve_queue(self, index: int) -> bool:
+        """Serve ring ``index`` now, as on a kick (False if it is not running)."""
+        return self.backend.kick(index)
+
+    def _on_device_fd(self, watch: _Watch, ready: int) -> None:
+        if self._watches.get(watch.fd) is not watch:
+            return  # unwatched (or replaced) earlier in this batch of events
+        try:
+            watch.callback(ready)
+        except Exception:
+            # A bug in the device: stop watching the fd rather than fail again on every pass.
+            log.exception("device callback for fd %d failed; fd no longer watched", watch.fd)
+            self.unwatch(watch.fd)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -356,6 +221,8 @@ class VhostUserDaemon:
         self._selector.register(sock, selectors.EVENT_READ, "listen")
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         log.info("listening on %s", self.path)
+        self.device.attach(self)
+        self._attached = True
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to return (safe from signal handlers and threads)."""
@@ -368,6 +235,11 @@ class VhostUserDaemon:
     def close(self) -> None:
         """Drop the connection, remove the socket file, release everything."""
         self._drop_connection("daemon closing", error=False)
+        if self._attached:
+            self._attached = False
+            self.device.detach()
+        for fd in list(self._watches):
+            self.unwatch(fd)
         if self.cpu_qos is not None:
             self.cpu_qos.close()
         if self._listener is not None:
@@ -401,7 +273,7 @@ class VhostUserDaemon:
             timeout: float | None = 0
             if self._poll_deadline is None:
                 timeout = None if qos is None else qos.timeout(time.monotonic_ns())
-            for key, _events in self._selector.select(timeout):
+            for key, ready in self._selector.select(timeout):
                 if self._stopping:
                     break
                 tag = key.data
@@ -415,6 +287,8 @@ class VhostUserDaemon:
                             os.read(self._wake_r, 64)
                     elif isinstance(tag, int):
                         self._on_kick(key.fd, tag)
+                    elif isinstance(tag, _Watch):
+                        self._on_device_fd(tag, ready)
                 except Exception:
                     # A bug of ours must not take the device (PCRs, locks) down with it.
                     log.exception("internal error while serving the frontend")

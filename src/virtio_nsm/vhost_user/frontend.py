@@ -1,41 +1,39 @@
-"""A Python virtio driver for NSM, speaking vhost-user to a backend (our frontend).
+"""A Python virtio driver's control plane, speaking vhost-user to a backend (our frontend).
 
 Theory of operation
 -------------------
-:class:`VhostUserFrontend` plays the part QEMU and the guest kernel play together:
-it connects to a vhost-user backend, negotiates features like QEMU does
-(``GET_FEATURES``, ``GET/SET_PROTOCOL_FEATURES``, ``GET_QUEUE_NUM``, ``SET_OWNER``,
-``SET_FEATURES``), shares one memfd as "guest RAM" (``SET_MEM_TABLE``), programs
-vring 0 (``SET_VRING_NUM/BASE/ADDR/CALL/ERR/KICK``, ``SET_VRING_ENABLE``), and
-sets ``DRIVER_OK`` when the STATUS protocol feature is there.  With REPLY_ACK every
-setting is acknowledged before the next one goes out.
+:class:`VhostUserFrontend` plays the part QEMU and the guest kernel play together,
+for any device: it connects to a vhost-user backend, negotiates features like
+QEMU does (``GET_FEATURES``, ``GET/SET_PROTOCOL_FEATURES``, ``GET_QUEUE_NUM``,
+``SET_OWNER``, ``SET_FEATURES``), shares one memfd as "guest RAM"
+(``SET_MEM_TABLE``: the rings of every queue, then a buffer area of
+``buffer_size`` bytes at :attr:`~VhostUserFrontend.buffers` for the device's
+protocol to use), programs the vrings (``SET_VRING_NUM/BASE/ADDR/CALL/ERR/KICK``,
+``SET_VRING_ENABLE``), and sets ``DRIVER_OK`` when the STATUS protocol feature is
+there.  With REPLY_ACK every setting is acknowledged before the next one goes
+out.  The configuration space is read and written with ``GET_CONFIG`` /
+``SET_CONFIG`` (:meth:`~VhostUserFrontend.get_config`, :meth:`~VhostUserFrontend.set_config`).
 
-Each request is then sent as Linux's ``nsm.ko`` sends it: the request in one
-device-readable descriptor of its real length (at most 0x1000 bytes), a separate
-device-writable chain of exactly 0x3000 bytes, one kick.  The used ring is
-validated: each request chain must come back with length 0 before its response
-chain, whose length must fit the buffer.  :meth:`exchange_many` pipelines a
-burst: rounds of requests, each queued before one kick, several rounds in flight
-so that driver and device work at the same time (with EVENT_IDX the driver asks
-for one interrupt per round).
-
-While waiting, the call eventfd, the err eventfd and the socket are watched: an
-err signal (the backend found the ring broken) or the backend hanging up turns
-into :class:`VhostUserError` (:class:`BackendDisconnected` for a hang-up) instead
-of a hang.
+What goes on the rings is the device protocol's business: a subclass (the NSM's:
+:class:`virtio_nsm.nsm.frontend.NsmFrontend`) adds chains to :attr:`queues`,
+:meth:`~VhostUserFrontend.kick` s and collects used entries, waiting with
+:meth:`~VhostUserFrontend.wait_interrupt`.  While waiting, the call eventfds, the
+err eventfds and the socket are watched: an err signal (the backend found a ring
+broken) or the backend hanging up turns into :class:`VhostUserError`
+(:class:`BackendDisconnected` for a hang-up) instead of a hang.
 
 Surviving a backend crash (``inflight=True``): like QEMU with a reconnecting
 chardev, the frontend asks the backend for an inflight region
 (``VHOST_USER_GET_INFLIGHT_FD``), keeps it, and hands it to every backend it
-connects to (``SET_INFLIGHT_FD``).  :meth:`reconnect` connects again (waiting for
-a restarted backend to listen), negotiates again and programs the *same* guest
-memory, rings and eventfds, so requests in flight stay in flight: the new backend
-finds them in the inflight region, serves them, and :meth:`exchange_many` (or
-:meth:`exchange_surviving`) collects their answers as if nothing had happened.
+connects to (``SET_INFLIGHT_FD``).  :meth:`~VhostUserFrontend.reconnect` connects
+again (waiting for a restarted backend to listen), negotiates again and programs
+the *same* guest memory, rings and eventfds, so chains in flight stay in flight:
+the new backend finds them in the inflight region and serves them.
 
-Migration (``VHOST_USER_PROTOCOL_F_DEVICE_STATE``): :meth:`save_device_state`
-and :meth:`load_device_state` move the backend's state through a pipe while the
-ring is stopped (:meth:`get_vring_base`; :meth:`start_ring` starts it again).
+Migration (``VHOST_USER_PROTOCOL_F_DEVICE_STATE``): :meth:`~VhostUserFrontend.save_device_state`
+and :meth:`~VhostUserFrontend.load_device_state` move the backend's state through a
+pipe while the rings are stopped (:meth:`~VhostUserFrontend.get_vring_base`;
+:meth:`~VhostUserFrontend.start_ring` starts them again).
 
 "Guest physical" and "user" addresses are deliberately different here
 (:data:`GUEST_BASE`, :data:`USER_BASE`) so that a backend that confuses them fails.
@@ -50,12 +48,9 @@ import os
 import select
 import socket
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from ..errors import DeviceNotFoundError, ErrorCode, NsmError, TransportError
-from ..nsm.protocol import MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE
+from ..errors import DeviceNotFoundError, TransportError
 from ..virtio import spec
 from ..virtio.memory import GuestMemory, MemoryRegion, VirtioError
 from ..virtio.queue import DriverQueue, RingLayout
@@ -70,6 +65,7 @@ from .message import (
     VHOST_USER_NEED_REPLY_MASK,
     VHOST_USER_REPLY_MASK,
     VHOST_USER_VERSION,
+    DeviceConfig,
     DeviceStateTransfer,
     FrontendRequest,
     Inflight,
@@ -85,23 +81,16 @@ from .message import (
 
 __all__ = [
     "GUEST_BASE",
-    "MAX_REQUEST_SIZE",
-    "RESPONSE_BUFFER_SIZE",
     "USER_BASE",
     "BackendDisconnected",
     "VhostUserError",
     "VhostUserFrontend",
-    "VhostUserTransport",
 ]
 
-#: Linux's nsm.ko always offers a response buffer of exactly this size.
-RESPONSE_BUFFER_SIZE = MAX_RESPONSE_SIZE
 GUEST_BASE = 0x4000_0000
 USER_BASE = 0x7F12_3400_0000
+_PAGE = 0x1000
 
-_SLOT = MAX_REQUEST_SIZE + RESPONSE_BUFFER_SIZE
-#: Rounds of a burst kept in flight at once (each at most 1/(2*_ROUNDS) of the ring).
-_ROUNDS = 4
 _R = FrontendRequest
 _PF = ProtocolFeature
 _WANTED_PROTOCOL = (
@@ -126,28 +115,25 @@ class BackendDisconnected(VhostUserError):
     """The backend closed the connection (or died): :meth:`VhostUserFrontend.reconnect` may help."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Pair:
-    req_head: int
-    resp_head: int
-    resp_addr: int
-    slot: int
-
-
 class VhostUserFrontend:
-    """Drive a vhost-user NSM backend through a real split virtqueue.
+    """Drive a vhost-user backend through real split virtqueues (the control plane).
 
-    ``inflight=True`` asks for the backend's inflight region and keeps it, so that
-    :meth:`reconnect` can hand a restarted backend the requests still in flight;
-    ``start=False`` sets everything up but the ring (see :meth:`start_ring`), as a
-    migration destination does before :meth:`load_device_state`.
+    ``num_queues`` rings of ``queue_size`` descriptors and ``buffer_size`` bytes of
+    buffer space at :attr:`buffers`; ``device_features``: the device feature bits
+    to accept if offered.  ``inflight=True`` asks for the backend's inflight region
+    and keeps it, so that :meth:`reconnect` can hand a restarted backend the chains
+    still in flight; ``start=False`` sets everything up but the rings (see
+    :meth:`start_ring`), as a migration destination does before :meth:`load_device_state`.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
+        num_queues: int = 1,
         queue_size: int = 64,
+        buffer_size: int = 0,
+        device_features: int = 0,
         timeout: float = 120.0,
         event_idx: bool = True,
         indirect: bool = True,
@@ -157,7 +143,10 @@ class VhostUserFrontend:
     ) -> None:
         self.path = os.fspath(path)
         self.timeout = timeout
+        self.num_queues = num_queues
         self.queue_size = queue_size
+        self.buffer_size = buffer_size
+        self.device_features = device_features
         self._options = {"event_idx": event_idx, "indirect": indirect, "status": status}
         self._want_inflight = inflight
         #: The inflight region (fd, size) the backend gave us, kept across reconnects.
@@ -256,7 +245,11 @@ class VhostUserFrontend:
         self.protocol_features = 0
         if features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
             offered = self._get_u64(_R.VHOST_USER_GET_PROTOCOL_FEATURES)
-            wanted = _WANTED_PROTOCOL | 1 << _PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE
+            wanted = (
+                _WANTED_PROTOCOL
+                | 1 << _PF.VHOST_USER_PROTOCOL_F_DEVICE_STATE
+                | 1 << _PF.VHOST_USER_PROTOCOL_F_CONFIG
+            )
             if self._want_inflight:
                 wanted |= 1 << _PF.VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD
             self.protocol_features = offered & wanted
@@ -271,14 +264,15 @@ class VhostUserFrontend:
             self.reply_ack = bool(self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_REPLY_ACK))
             if self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_MQ):
                 queues = self._get_u64(_R.VHOST_USER_GET_QUEUE_NUM)
-                if queues < 1:
-                    raise VhostUserError(f"backend supports {queues} queues")
+                if queues < self.num_queues:
+                    raise VhostUserError(f"backend supports {queues} queues ({self.num_queues} wanted)")
         self._set(_R.VHOST_USER_SET_OWNER, b"")
         acked = features & (
             1 << spec.VIRTIO_F_VERSION_1
             | 1 << VHOST_USER_F_PROTOCOL_FEATURES
             | (1 << spec.VIRTIO_RING_F_EVENT_IDX if event_idx else 0)
             | (1 << spec.VIRTIO_RING_F_INDIRECT_DESC if indirect else 0)
+            | self.device_features
         )
         self.features = acked
         self._set(_R.VHOST_USER_SET_FEATURES, U64(acked).encode())
@@ -297,7 +291,10 @@ class VhostUserFrontend:
         if self.inflight_fd is None:
             # First connection: the backend makes the region, we keep it for its successors.
             reply = self.request(
-                Message(_R.VHOST_USER_GET_INFLIGHT_FD, payload=Inflight(0, 0, 1, self.queue_size).encode())
+                Message(
+                    _R.VHOST_USER_GET_INFLIGHT_FD,
+                    payload=Inflight(0, 0, self.num_queues, self.queue_size).encode(),
+                )
             )
             assert reply is not None
             try:
@@ -307,16 +304,21 @@ class VhostUserFrontend:
             if self.inflight_fd is None or region.mmap_size == 0:
                 raise VhostUserError("GET_INFLIGHT_FD: the backend returned no region")
             self._inflight_size = region.mmap_size
-        payload = Inflight(self._inflight_size, 0, 1, self.queue_size).encode()
+        payload = Inflight(self._inflight_size, 0, self.num_queues, self.queue_size).encode()
         self._set(_R.VHOST_USER_SET_INFLIGHT_FD, payload, [self.inflight_fd])
 
     def _create_memory(self) -> None:
         acked = self.features
-        # Guest RAM: one sealed memfd holding the rings and one buffer pair per request.
-        slots = self.queue_size // 2
-        layout = RingLayout.contiguous(self.queue_size, GUEST_BASE)
-        self._buffers = GUEST_BASE + -(-(layout.end - GUEST_BASE) // 0x1000) * 0x1000
-        size = self._buffers - GUEST_BASE + slots * _SLOT
+        # Guest RAM: one sealed memfd holding every ring (each page-aligned), then the buffers.
+        layouts: list[RingLayout] = []
+        addr = GUEST_BASE
+        for _ in range(self.num_queues):
+            layout = RingLayout.contiguous(self.queue_size, addr)
+            layouts.append(layout)
+            addr = -(-layout.end // _PAGE) * _PAGE
+        #: Guest address of the buffer area (``buffer_size`` bytes) after the rings.
+        self.buffers = addr
+        size = max(_PAGE, addr - GUEST_BASE + -(-self.buffer_size // _PAGE) * _PAGE)
         memfd = os.memfd_create("virtio-nsm-frontend", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self._fds.append(memfd)
         os.ftruncate(memfd, size)
@@ -327,56 +329,70 @@ class VhostUserFrontend:
         self._memory = GuestMemory([region])
         self._memfd, self._memsize = memfd, size
         self._send_mem_table()
-        self._layout = layout
-
-        self.queue = DriverQueue(
-            self._memory,
-            layout,
-            event_idx=bool(acked & (1 << spec.VIRTIO_RING_F_EVENT_IDX)),
-            indirect=bool(acked & (1 << spec.VIRTIO_RING_F_INDIRECT_DESC)),
-        )
-        self._free_slots = list(range(slots - 1, -1, -1))
-        # head -> (arrival order, used length) of each use of that head not yet
-        # consumed, oldest first. A head is freed for reuse as soon as its used
-        # entry is collected, which can be before the batch that owns it is
-        # completed, so a later batch's entry for the same head may arrive first.
-        self._done: dict[int, deque[tuple[int, int]]] = {}
-        self._seq = 0
-        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.err_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._fds += [self.call_fd, self.err_fd, self.kick_fd]
+        self._layouts = layouts
+        self.queues = [
+            DriverQueue(
+                self._memory,
+                layout,
+                event_idx=bool(acked & (1 << spec.VIRTIO_RING_F_EVENT_IDX)),
+                indirect=bool(acked & (1 << spec.VIRTIO_RING_F_INDIRECT_DESC)),
+            )
+            for layout in layouts
+        ]
+        flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+        self.call_fds = [os.eventfd(0, flags) for _ in layouts]
+        self.err_fds = [os.eventfd(0, flags) for _ in layouts]
+        self.kick_fds = [os.eventfd(0, flags) for _ in layouts]
+        self._fds += self.call_fds + self.err_fds + self.kick_fds
         self._poller = select.poll()
-        for fd in (self.call_fd, self.err_fd, self._connection().sock.fileno()):
+        for fd in (*self.call_fds, *self.err_fds, self._connection().sock.fileno()):
             self._poller.register(fd, select.POLLIN)
+
+    @property
+    def queue(self) -> DriverQueue:
+        """Queue 0."""
+        return self.queues[0]
+
+    @property
+    def kick_fd(self) -> int:
+        return self.kick_fds[0]
+
+    @property
+    def call_fd(self) -> int:
+        return self.call_fds[0]
+
+    @property
+    def err_fd(self) -> int:
+        return self.err_fds[0]
 
     def _send_mem_table(self) -> None:
         table = MemoryTable((MemoryRegionDescription(GUEST_BASE, self._memsize, USER_BASE, 0),))
         self._set(_R.VHOST_USER_SET_MEM_TABLE, table.encode(), [self._memfd])
 
     def start_ring(self) -> None:
-        """Program and start vring 0 (again, after :meth:`get_vring_base` or a reconnect).
+        """Program and start every vring (again, after :meth:`get_vring_base` or a reconnect).
 
-        The ring resumes where the driver sees it: at ``used->idx``, so whatever the
+        Each ring resumes where the driver sees it: at ``used->idx``, so whatever the
         backend took and never returned is made available to it again (with an
         inflight region, the backend knows better and resubmits it from there).
         """
-        layout = self._layout
 
         def uva(gpa: int) -> int:
             return gpa - GUEST_BASE + USER_BASE
 
-        self._set(_R.VHOST_USER_SET_VRING_NUM, VringState(0, self.queue_size).encode())
-        self._set(_R.VHOST_USER_SET_VRING_BASE, VringState(0, self.queue.used_idx).encode())
-        self._set(
-            _R.VHOST_USER_SET_VRING_ADDR,
-            VringAddr(0, 0, uva(layout.desc), uva(layout.used), uva(layout.avail), 0).encode(),
-        )
-        self._set(_R.VHOST_USER_SET_VRING_CALL, VringFd(0, False).encode(), [self.call_fd])
-        self._set(_R.VHOST_USER_SET_VRING_ERR, VringFd(0, False).encode(), [self.err_fd])
-        self._set(_R.VHOST_USER_SET_VRING_KICK, VringFd(0, False).encode(), [self.kick_fd])
-        if self.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
-            self._set(_R.VHOST_USER_SET_VRING_ENABLE, VringState(0, 1).encode())
+        for index, layout in enumerate(self._layouts):
+            queue = self.queues[index]
+            self._set(_R.VHOST_USER_SET_VRING_NUM, VringState(index, self.queue_size).encode())
+            self._set(_R.VHOST_USER_SET_VRING_BASE, VringState(index, queue.used_idx).encode())
+            self._set(
+                _R.VHOST_USER_SET_VRING_ADDR,
+                VringAddr(index, 0, uva(layout.desc), uva(layout.used), uva(layout.avail), 0).encode(),
+            )
+            self._set(_R.VHOST_USER_SET_VRING_CALL, VringFd(index, False).encode(), [self.call_fds[index]])
+            self._set(_R.VHOST_USER_SET_VRING_ERR, VringFd(index, False).encode(), [self.err_fds[index]])
+            self._set(_R.VHOST_USER_SET_VRING_KICK, VringFd(index, False).encode(), [self.kick_fds[index]])
+            if self.features & (1 << VHOST_USER_F_PROTOCOL_FEATURES):
+                self._set(_R.VHOST_USER_SET_VRING_ENABLE, VringState(index, 1).encode())
         if self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_STATUS):
             self._set(_R.VHOST_USER_SET_STATUS, U64(_DRIVER_OK).encode())
 
@@ -403,7 +419,8 @@ class VhostUserFrontend:
                 time.sleep(0.01)
                 continue
             self.reconnects += 1
-            self.kick()
+            for index in range(self.num_queues):
+                self.kick(index)
             return
 
     def _hang_up(self) -> None:
@@ -500,9 +517,10 @@ class VhostUserFrontend:
             raise VhostUserError("the STATUS protocol feature was not negotiated")
         return self._get_u64(_R.VHOST_USER_GET_STATUS)
 
-    def get_vring_base(self) -> int:
-        """Stop vring 0 (``GET_VRING_BASE``) and return the backend's next avail index."""
-        reply = self.request(Message(_R.VHOST_USER_GET_VRING_BASE, payload=VringState(0, 0).encode()))
+    def get_vring_base(self, index: int = 0) -> int:
+        """Stop vring ``index`` (``GET_VRING_BASE``) and return the backend's next avail index."""
+        payload = VringState(index, 0).encode()
+        reply = self.request(Message(_R.VHOST_USER_GET_VRING_BASE, payload=payload))
         assert reply is not None
         return VringState.decode(reply.payload).num
 
@@ -511,8 +529,8 @@ class VhostUserFrontend:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        if getattr(self, "queue", None) is not None:
-            self.queue.release()
+        for queue in getattr(self, "queues", ()):
+            queue.release()
         if self._memory is not None:
             self._memory.close()
             self._memory = None
@@ -532,160 +550,72 @@ class VhostUserFrontend:
             raise VhostUserError("the frontend is closed")
         return self._memory
 
+    # -- configuration space ------------------------------------------------------------
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Read ``size`` bytes of the device's configuration space (``GET_CONFIG``)."""
+        if not self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_CONFIG):
+            raise VhostUserError("the backend does not offer VHOST_USER_PROTOCOL_F_CONFIG")
+        payload = DeviceConfig(offset, size, 0, bytes(size)).encode()
+        reply = self.request(Message(_R.VHOST_USER_GET_CONFIG, payload=payload))
+        assert reply is not None
+        try:
+            config = DeviceConfig.decode(reply.payload)
+        except MessageError as exc:
+            raise VhostUserError(f"GET_CONFIG: {exc}") from exc
+        if config.size != size:
+            raise VhostUserError(f"GET_CONFIG {offset}+{size}: refused by the backend")
+        return config.data
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` of the device's configuration space (``SET_CONFIG``)."""
+        if not self.protocol_features & (1 << _PF.VHOST_USER_PROTOCOL_F_CONFIG):
+            raise VhostUserError("the backend does not offer VHOST_USER_PROTOCOL_F_CONFIG")
+        self._set(_R.VHOST_USER_SET_CONFIG, DeviceConfig(offset, len(data), 0, data).encode())
+
     # -- data plane -------------------------------------------------------------------
 
-    def exchange(self, request: bytes) -> bytes:
-        """Send one NSM request and return the device's CBOR response."""
-        return self.exchange_many([request])[0]
+    def kick(self, index: int = 0) -> None:
+        """Notify the backend that queue ``index`` has new chains."""
+        os.eventfd_write(self.kick_fds[index], 1)
 
-    def exchange_many(self, requests: Sequence[bytes]) -> list[bytes]:
-        """Send a burst of requests; responses come back in the same order.
+    def wait_interrupt(self) -> list[int]:
+        """Wait for an interrupt; return the queues that were interrupted (drained).
 
-        Requests go out in rounds of up to a quarter of the ring's descriptors, each
-        round queued before a single kick, and a second round is queued while the
-        device works on the first, so both sides run at once.
-
-        A request longer than 0x1000 bytes is refused before anything is sent, as
-        Linux refuses it with EMSGSIZE: :class:`NsmError` ``InputTooLarge``.
+        Raises :class:`VhostUserError` on an err signal or after ``timeout`` seconds,
+        :class:`BackendDisconnected` if the backend hangs up.
         """
-        for request in requests:
-            if len(request) > MAX_REQUEST_SIZE:
-                raise NsmError(
-                    ErrorCode.InputTooLarge,
-                    f"request of {len(request)} bytes exceeds {MAX_REQUEST_SIZE:#x} bytes",
-                )
-        responses: list[bytes] = []
-        step = max(1, self.queue_size // (2 * _ROUNDS))
-        in_flight: deque[list[_Pair]] = deque()
-        start = 0
-        while start < len(requests) or in_flight:
-            while start < len(requests) and len(in_flight) < _ROUNDS:
-                in_flight.append(self._submit(requests[start : start + step]))
-                start += step
-            responses += self._complete(in_flight.popleft())
-        return responses
-
-    def exchange_surviving(
-        self, requests: Sequence[bytes], *, reconnect_timeout: float = 30.0
-    ) -> list[bytes]:
-        """Send requests (at most one ring's worth) and get every answer, even across crashes.
-
-        Whenever the backend hangs up before all answers are in, :meth:`reconnect`
-        to its successor and keep waiting: with an inflight region the successor
-        serves what was in flight, each request exactly once if its device keeps a
-        durable record (``nsm serve --state-dir``).
-        """
-        if len(requests) > len(self._free_slots):
-            raise ValueError(f"{len(requests)} requests, room for {len(self._free_slots)}")
-        for request in requests:
-            if len(request) > MAX_REQUEST_SIZE:
-                raise NsmError(
-                    ErrorCode.InputTooLarge,
-                    f"request of {len(request)} bytes exceeds {MAX_REQUEST_SIZE:#x} bytes",
-                )
-        pairs = self._submit(requests)  # memory and an eventfd: no backend needed
-        while True:
-            try:
-                return self._complete(pairs)
-            except BackendDisconnected:
-                self.reconnect(reconnect_timeout)
-
-    def _submit(self, requests: Sequence[bytes]) -> list[_Pair]:
-        pairs: list[_Pair] = []
-        for request in requests:
-            slot = self._free_slots.pop()
-            base = self._buffers + slot * _SLOT
-            self.memory.write(base, request)
-            req_head = self.queue.add_buffer(base, len(request), False)
-            resp_addr = base + MAX_REQUEST_SIZE
-            resp_head = self.queue.add_buffer(resp_addr, RESPONSE_BUFFER_SIZE, True)
-            pairs.append(_Pair(req_head, resp_head, resp_addr, slot))
-        if self.queue.publish():
-            self.kick()
-        return pairs
-
-    def _complete(self, pairs: list[_Pair]) -> list[bytes]:
-        """Wait until the device has returned both chains of every pair; read responses."""
-        done = self._done
-        heads = {p.req_head for p in pairs} | {p.resp_head for p in pairs}
-        # The oldest unconsumed use of each of our heads is ours: a head cannot be
-        # reused before our use of it has been collected.
-        missing = sum(1 for head in heads if not done.get(head))
-        while missing > 0:
-            # The device completes in order: these are the next `missing` used entries.
-            self.queue.request_interrupt_after(missing)
-            if not self._collect(block=False):
-                self._collect(block=True)
-            missing = sum(1 for head in heads if not done.get(head))
-        responses: list[bytes] = []
-        for pair in pairs:
-            req_seq, req_len = self._take_done(pair.req_head)
-            resp_seq, resp_len = self._take_done(pair.resp_head)
-            if req_len != 0:
-                raise VhostUserError(f"request chain returned with length {req_len} (0 expected)")
-            if req_seq > resp_seq:
-                raise VhostUserError("backend returned the response chain before the request")
-            responses.append(self.memory.read(pair.resp_addr, resp_len))
-            self._free_slots.append(pair.slot)
-        return responses
-
-    def _collect(self, *, block: bool) -> list[int]:
-        """Record new used entries (waiting for an interrupt first if ``block``)."""
-        if block:
-            self._wait_interrupt()
-        try:
-            used = self.queue.collect_used()
-        except VirtioError as exc:
-            raise VhostUserError(f"invalid used ring: {exc}") from exc
-        for head, length in used:
-            self._done.setdefault(head, deque()).append((self._seq, length))
-            self._seq += 1
-        return [head for head, _ in used]
-
-    def _take_done(self, head: int) -> tuple[int, int]:
-        uses = self._done[head]
-        entry = uses.popleft()
-        if not uses:
-            del self._done[head]
-        return entry
-
-    def kick(self) -> None:
-        os.eventfd_write(self.kick_fd, 1)
-
-    def _wait_interrupt(self) -> None:
         events = self._poller.poll(self.timeout * 1000)
         if not events:
             raise VhostUserError(f"no response from the device within {self.timeout} s")
+        interrupted: list[int] = []
         for fd, _ in events:
-            if fd == self.err_fd:
-                raise VhostUserError("the backend reported a vring error (device needs reset)")
+            if fd in self.err_fds:
+                raise VhostUserError(
+                    f"the backend reported a vring error (vring {self.err_fds.index(fd)}; device needs reset)"
+                )
             if fd == self._connection().sock.fileno():
                 raise BackendDisconnected("the backend closed the connection")
-            if fd == self.call_fd:
+            if fd in self.call_fds:
                 with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self.call_fd)
+                    os.eventfd_read(fd)
+                interrupted.append(self.call_fds.index(fd))
+        return interrupted
 
-    def wait_used(self, count: int) -> list[tuple[int, int]]:
-        """Collect ``count`` used elements as they are, waiting for interrupts as needed.
+    def wait_used(self, count: int, index: int = 0) -> list[tuple[int, int]]:
+        """Collect ``count`` used elements of queue ``index``, waiting for interrupts as needed.
 
-        For driving the ring by hand (tests); :meth:`exchange_many` does its own waiting.
+        For driving a ring by hand (tests, simple devices).
         """
         used: list[tuple[int, int]] = []
         while True:
             try:
-                used += self.queue.collect_used()
+                used += self.queues[index].collect_used()
             except VirtioError as exc:
                 raise VhostUserError(f"invalid used ring: {exc}") from exc
             if len(used) >= count:
                 return used
-            self._wait_interrupt()
-
-
-class VhostUserTransport(VhostUserFrontend):
-    """The client-side transport (``exchange``/``close``) over a vhost-user socket.
-
-    ``--device vhost-user:SOCK`` maps to ``VhostUserTransport(SOCK)``.
-    """
+            self.wait_interrupt()
 
 
 _EXPLICIT_REPLY = frozenset(
@@ -699,5 +629,6 @@ _EXPLICIT_REPLY = frozenset(
         _R.VHOST_USER_GET_INFLIGHT_FD,
         _R.VHOST_USER_SET_DEVICE_STATE_FD,
         _R.VHOST_USER_CHECK_DEVICE_STATE,
+        _R.VHOST_USER_GET_CONFIG,
     }
 )

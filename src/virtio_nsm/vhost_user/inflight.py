@@ -25,10 +25,10 @@ Every queue region is rounded up to 64 bytes, as libvhost-user and DPDK do.
   resubmits the heads still marked inflight in counter order, and continues on
   the available ring at ``used->idx`` plus their number.
 
-The counter is what makes a request recognisable across a crash: the pair
-``(head, counter)`` names one submission, and survives the backend.  Counters
-start at a random 62-bit value in every new region (the spec leaves the start
-open; it only orders entries), so two regions -- e.g. before and after a VM
+The counter is what makes a request recognisable across a crash: head and
+counter (a :class:`~virtio_nsm.request.RequestToken`) name one submission, and
+survive the backend.  Counters start at a random 62-bit value in every new
+region (the spec leaves the start open; it only orders entries), so two regions -- e.g. before and after a VM
 reset, which gets a new region -- never produce the same pair, and a durable
 record of "the last request I applied" (:mod:`virtio_nsm.persist`) can tell a
 resubmission from a new request that happens to use the same head.
@@ -48,6 +48,7 @@ import secrets
 import struct
 from typing import Final
 
+from ..request import RequestToken
 from ..virtio.memory import VirtioError
 
 __all__ = [
@@ -131,9 +132,9 @@ class InflightQueue:
     def used_idx(self) -> int:
         return int(struct.unpack_from("<H", self._view, 14)[0])
 
-    def token(self, head: int) -> tuple[int, int]:
+    def token(self, head: int) -> RequestToken:
         """What names the submission of chain ``head`` across backend restarts."""
-        return (head, self.counter_of(head))
+        return RequestToken(head, self.counter_of(head))
 
     # -- the protocol ------------------------------------------------------------
 
@@ -167,10 +168,6 @@ class InflightQueue:
         struct.pack_into("<Q", self._view, self._entry(head) + _COUNTER_OFFSET, self.counter)
         self.counter += 1
         self._flags[head] = 1
-
-    def given_back(self, head: int) -> None:
-        """Chain ``head`` was given back untouched (it will be taken again)."""
-        self._flags[head] = 0
 
     def returned(self, head: int) -> None:
         """Chain ``head`` is on the used ring, not yet published."""

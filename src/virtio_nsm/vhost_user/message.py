@@ -32,17 +32,21 @@ __all__ = [
     "REQUEST_SPECS",
     "U64",
     "VHOST_MEMORY_BASELINE_NREGIONS",
+    "VHOST_SET_CONFIG_TYPE_FRONTEND",
+    "VHOST_SET_CONFIG_TYPE_MIGRATION",
     "VHOST_TRANSFER_STATE_DIRECTION_LOAD",
     "VHOST_TRANSFER_STATE_DIRECTION_SAVE",
     "VHOST_TRANSFER_STATE_PHASE_STOPPED",
     "VHOST_USER_DEVICE_STATE_NOFD",
     "VHOST_USER_F_PROTOCOL_FEATURES",
+    "VHOST_USER_MAX_CONFIG_SIZE",
     "VHOST_USER_NEED_REPLY_MASK",
     "VHOST_USER_REPLY_MASK",
     "VHOST_USER_VERSION",
     "VHOST_USER_VERSION_MASK",
     "VHOST_USER_VRING_IDX_MASK",
     "VHOST_USER_VRING_NOFD_MASK",
+    "DeviceConfig",
     "DeviceStateTransfer",
     "FrontendRequest",
     "Inflight",
@@ -395,6 +399,42 @@ class DeviceStateTransfer:
         return self.LAYOUT.pack(self.direction, self.phase)
 
 
+#: Largest configuration space a GET_CONFIG/SET_CONFIG message carries.
+VHOST_USER_MAX_CONFIG_SIZE: Final = 256
+#: ``flags`` of SET_CONFIG: written by the driver, or restored on migration.
+VHOST_SET_CONFIG_TYPE_FRONTEND: Final = 0
+VHOST_SET_CONFIG_TYPE_MIGRATION: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """``VhostUserConfig``: a range of the device configuration space.
+
+    ``offset``, ``size`` and ``flags``, then ``size`` bytes (what was read, or is to
+    be written); a reply with size 0 and no data reports a failed GET_CONFIG.
+    """
+
+    offset: int
+    size: int
+    flags: int
+    data: bytes
+    HEADER: ClassVar[struct.Struct] = struct.Struct("<III")
+
+    @classmethod
+    def decode(cls, data: bytes) -> DeviceConfig:
+        if len(data) < cls.HEADER.size:
+            raise MessageError(f"config payload of {len(data)} bytes is shorter than its header")
+        offset, size, flags = cls.HEADER.unpack_from(data)
+        if size > VHOST_USER_MAX_CONFIG_SIZE:
+            raise MessageError(f"config access of {size} bytes (at most {VHOST_USER_MAX_CONFIG_SIZE})")
+        if len(data) != cls.HEADER.size + size:
+            raise MessageError(f"config payload of {len(data)} bytes for {size} bytes of config")
+        return cls(offset, size, flags, data[cls.HEADER.size :])
+
+    def encode(self) -> bytes:
+        return self.HEADER.pack(self.offset, self.size, self.flags) + self.data
+
+
 @dataclass(frozen=True, slots=True)
 class Empty:
     @classmethod
@@ -454,6 +494,8 @@ REQUEST_SPECS: Final[dict[int, RequestSpec]] = {
         DeviceStateTransfer.decode, DeviceStateTransfer.LAYOUT.size, 1, 1
     ),
     _R.VHOST_USER_CHECK_DEVICE_STATE: _EMPTY_SPEC,
+    _R.VHOST_USER_GET_CONFIG: RequestSpec(DeviceConfig.decode, None),
+    _R.VHOST_USER_SET_CONFIG: RequestSpec(DeviceConfig.decode, None),
 }
 
 

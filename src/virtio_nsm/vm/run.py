@@ -11,6 +11,7 @@ the command's output, which is also relayed live to our stdout).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import shlex
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import virtio_nsm
+from virtio_nsm.nsm.virtio import NSM_DEVICE_ID, NsmVirtioDevice
+from virtio_nsm.vhost_user import qemu
 from virtio_nsm.vm.initramfs import EXIT_MARKER
 from virtio_nsm.vm.setup import SetupError, Toolchain, stderr_progress
 
@@ -150,12 +153,14 @@ def backend_command() -> list[str]:
 
 
 def backend_available() -> bool:
-    """Whether ``--device ours`` can start a backend (``nsm serve`` exists, or an override)."""
+    """Whether ``--device ours`` can start a backend (``nsm serve`` exists, or an override).
+
+    ``nsm serve`` is built on :mod:`virtio_nsm.serving`; its presence is looked up
+    without importing the command line (nothing outside ``cli/`` imports it).
+    """
     if os.environ.get(BACKEND_ENV):
         return True
-    from virtio_nsm.cli import main
-
-    return "serve" in getattr(main, "commands", {})
+    return importlib.util.find_spec("virtio_nsm.serving") is not None
 
 
 class _Backend:
@@ -176,6 +181,10 @@ class _Backend:
         self.argv = [*backend_command(), "--vhost-user", str(self.sock), *state, *extra]
         self.proc: subprocess.Popen[bytes] | None = None
         self.cpu_s: float | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
 
     def start(self, timeout: float = 30.0) -> None:
         if not backend_available():
@@ -200,6 +209,17 @@ class _Backend:
             time.sleep(0.05)
         raise VmError(f"the backend did not create {self.sock} within {timeout:.0f} s:\n"
                       f"{self.log_tail()}")
+
+    def __enter__(self) -> _Backend:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # started but never ready: not left running
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -241,11 +261,6 @@ def _check_socket(path: str) -> None:
         raise VmError(f"no vhost-user socket at {path} (is `nsm serve --vhost-user` running?)")
 
 
-def _opt(value: object) -> str:
-    """A value inside a QEMU ``key=value,...`` option: commas are doubled."""
-    return str(value).replace(",", ",,")
-
-
 def qemu_argv(tc: Toolchain, opts: RunOptions, run_dir: Path, sock: str | None,
               kernel_path: str, initrd: Path) -> list[str]:
     mem = opts.memory_mb
@@ -260,22 +275,20 @@ def qemu_argv(tc: Toolchain, opts: RunOptions, run_dir: Path, sock: str | None,
         *prefix,
         "-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "1", "-m", f"{mem}M",
         "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
-        "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on",
-        "-machine", "memory-backend=mem",
+        *qemu.memory_args(f"{mem}M"),
         "-kernel", kernel_path, "-initrd", str(initrd), "-append", cmdline.strip(),
         "-serial", f"file:{run_dir / 'console.log'}",  # (no option list: no escaping)
         "-chardev", "stdio,id=out,signal=off", "-serial", "chardev:out",
         "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on",
         "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
-        "-fsdev", f"local,id=nsmrun,path={_opt(run_dir)},security_model=none",
+        "-fsdev", f"local,id=nsmrun,path={qemu.option(run_dir)},security_model=none",
         "-device", "virtio-9p-pci,fsdev=nsmrun,mount_tag=nsmrun",
     ]
     for i, share in enumerate(opts.shares):
-        argv += ["-fsdev", f"local,id=share{i},path={_opt(share)},security_model=none",
+        argv += ["-fsdev", f"local,id=share{i},path={qemu.option(share)},security_model=none",
                  "-device", f"virtio-9p-pci,fsdev=share{i},mount_tag=nsmshare{i}"]
     if sock is not None:
-        argv += ["-chardev", f"socket,id=nsm0,path={_opt(sock)}",
-                 "-device", "vhost-user-test-device-pci,chardev=nsm0,virtio-id=33,num_vqs=1"]
+        argv += qemu.device_args(qemu.for_device(NSM_DEVICE_ID, NsmVirtioDevice.num_queues), sock)
     elif opts.device == "qemu":
         argv += ["-device", "virtio-nsm-pci"]
     return argv
@@ -302,10 +315,11 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
     sock: str | None = None
     status = EXIT_VM_FAILURE
     qemu_rc: int | None = None
+    stack = contextlib.ExitStack()
     try:
         if opts.device == "ours":
             backend = _Backend(run_dir, opts.backend_args, opts.state_dir)
-            backend.start()
+            stack.enter_context(backend)  # stopped (SIGTERM, then SIGKILL) when the run ends
             sock = str(backend.sock)
         elif opts.device.startswith("vhost-user:"):
             sock = opts.device.removeprefix("vhost-user:")
@@ -363,10 +377,9 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
         progress(str(exc))
         status = EXIT_VM_FAILURE
     finally:
-        if backend is not None:
-            brc = backend.stop()
-            if brc not in (0, None, -signal.SIGTERM):
-                progress(f"the backend exited with {brc}; log: {backend.log_path}")
+        stack.close()
+        if backend is not None and backend.returncode not in (0, None, -signal.SIGTERM):
+            progress(f"the backend exited with {backend.returncode}; log: {backend.log_path}")
     seconds = time.monotonic() - t0
     failed = status != 0
     kept = opts.keep or failed

@@ -1,0 +1,215 @@
+"""The NSM over vhost-user from the driver's side: Linux's ``nsm.ko`` in Python.
+
+:class:`NsmFrontend` is a :class:`~virtio_nsm.vhost_user.frontend.VhostUserFrontend`
+(the generic vhost-user driver control plane: negotiation, guest memory, rings,
+reconnects, inflight region, device state) that sends NSM requests on queue 0
+as Linux's ``nsm.ko`` does: the request in one device-readable descriptor of its
+real length (at most 0x1000 bytes), a separate device-writable chain of exactly
+0x3000 bytes, one kick.  The used ring is validated: each request chain must
+come back with length 0 before its response chain, whose length must fit the
+buffer.  :meth:`NsmFrontend.exchange_many` pipelines a burst: rounds of
+requests, each queued before one kick, several rounds in flight so that driver
+and device work at the same time (with EVENT_IDX the driver asks for one
+interrupt per round).
+
+Surviving a backend crash (``inflight=True``): :meth:`NsmFrontend.exchange_surviving`
+reconnects to a restarted backend (:meth:`~virtio_nsm.vhost_user.frontend.VhostUserFrontend.reconnect`),
+which finds the requests in flight in the inflight region and serves them; their
+answers are collected as if nothing had happened.
+
+:class:`VhostUserTransport` is the client transport (``--device vhost-user:SOCK``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import ErrorCode, NsmError
+from ..vhost_user.frontend import BackendDisconnected, VhostUserError, VhostUserFrontend
+from ..virtio.memory import VirtioError
+from .protocol import MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE
+
+__all__ = ["RESPONSE_BUFFER_SIZE", "NsmFrontend", "VhostUserTransport"]
+
+#: Linux's nsm.ko always offers a response buffer of exactly this size.
+RESPONSE_BUFFER_SIZE = MAX_RESPONSE_SIZE
+
+_SLOT = MAX_REQUEST_SIZE + RESPONSE_BUFFER_SIZE
+#: Rounds of a burst kept in flight at once (each at most 1/(2*_ROUNDS) of the ring).
+_ROUNDS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class _Pair:
+    req_head: int
+    resp_head: int
+    resp_addr: int
+    slot: int
+
+
+class NsmFrontend(VhostUserFrontend):
+    """Drive a vhost-user NSM backend through a real split virtqueue.
+
+    Options as for :class:`~virtio_nsm.vhost_user.frontend.VhostUserFrontend`; one
+    queue, and one request/response buffer pair per two descriptors.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        queue_size: int = 64,
+        timeout: float = 120.0,
+        event_idx: bool = True,
+        indirect: bool = True,
+        status: bool = True,
+        inflight: bool = False,
+        start: bool = True,
+    ) -> None:
+        self._init_slots(queue_size)
+        super().__init__(
+            path,
+            num_queues=1,
+            queue_size=queue_size,
+            buffer_size=(queue_size // 2) * _SLOT,
+            timeout=timeout,
+            event_idx=event_idx,
+            indirect=indirect,
+            status=status,
+            inflight=inflight,
+            start=start,
+        )
+
+    def _init_slots(self, queue_size: int) -> None:
+        self._free_slots = list(range(queue_size // 2 - 1, -1, -1))
+        # head -> (arrival order, used length) of each use of that head not yet
+        # consumed, oldest first. A head is freed for reuse as soon as its used
+        # entry is collected, which can be before the batch that owns it is
+        # completed, so a later batch's entry for the same head may arrive first.
+        self._done: dict[int, deque[tuple[int, int]]] = {}
+        self._seq = 0
+
+    def exchange(self, request: bytes) -> bytes:
+        """Send one NSM request and return the device's CBOR response."""
+        return self.exchange_many([request])[0]
+
+    def exchange_many(self, requests: Sequence[bytes]) -> list[bytes]:
+        """Send a burst of requests; responses come back in the same order.
+
+        Requests go out in rounds of up to a quarter of the ring's descriptors, each
+        round queued before a single kick, and a second round is queued while the
+        device works on the first, so both sides run at once.
+
+        A request longer than 0x1000 bytes is refused before anything is sent, as
+        Linux refuses it with EMSGSIZE: :class:`NsmError` ``InputTooLarge``.
+        """
+        for request in requests:
+            if len(request) > MAX_REQUEST_SIZE:
+                raise NsmError(
+                    ErrorCode.InputTooLarge,
+                    f"request of {len(request)} bytes exceeds {MAX_REQUEST_SIZE:#x} bytes",
+                )
+        responses: list[bytes] = []
+        step = max(1, self.queue_size // (2 * _ROUNDS))
+        in_flight: deque[list[_Pair]] = deque()
+        start = 0
+        while start < len(requests) or in_flight:
+            while start < len(requests) and len(in_flight) < _ROUNDS:
+                in_flight.append(self._submit(requests[start : start + step]))
+                start += step
+            responses += self._complete(in_flight.popleft())
+        return responses
+
+    def exchange_surviving(
+        self, requests: Sequence[bytes], *, reconnect_timeout: float = 30.0
+    ) -> list[bytes]:
+        """Send requests (at most one ring's worth) and get every answer, even across crashes.
+
+        Whenever the backend hangs up before all answers are in, :meth:`reconnect`
+        to its successor and keep waiting: with an inflight region the successor
+        serves what was in flight, each request exactly once if its device keeps a
+        durable record (``nsm serve --state-dir``).
+        """
+        if len(requests) > len(self._free_slots):
+            raise ValueError(f"{len(requests)} requests, room for {len(self._free_slots)}")
+        for request in requests:
+            if len(request) > MAX_REQUEST_SIZE:
+                raise NsmError(
+                    ErrorCode.InputTooLarge,
+                    f"request of {len(request)} bytes exceeds {MAX_REQUEST_SIZE:#x} bytes",
+                )
+        pairs = self._submit(requests)  # memory and an eventfd: no backend needed
+        while True:
+            try:
+                return self._complete(pairs)
+            except BackendDisconnected:
+                self.reconnect(reconnect_timeout)
+
+    def _submit(self, requests: Sequence[bytes]) -> list[_Pair]:
+        pairs: list[_Pair] = []
+        for request in requests:
+            slot = self._free_slots.pop()
+            base = self.buffers + slot * _SLOT
+            self.memory.write(base, request)
+            req_head = self.queue.add_buffer(base, len(request), False)
+            resp_addr = base + MAX_REQUEST_SIZE
+            resp_head = self.queue.add_buffer(resp_addr, RESPONSE_BUFFER_SIZE, True)
+            pairs.append(_Pair(req_head, resp_head, resp_addr, slot))
+        if self.queue.publish():
+            self.kick()
+        return pairs
+
+    def _complete(self, pairs: list[_Pair]) -> list[bytes]:
+        """Wait until the device has returned both chains of every pair; read responses."""
+        done = self._done
+        heads = {p.req_head for p in pairs} | {p.resp_head for p in pairs}
+        # The oldest unconsumed use of each of our heads is ours: a head cannot be
+        # reused before our use of it has been collected.
+        missing = sum(1 for head in heads if not done.get(head))
+        while missing > 0:
+            # The device completes in order: these are the next `missing` used entries.
+            self.queue.request_interrupt_after(missing)
+            if not self._collect(block=False):
+                self._collect(block=True)
+            missing = sum(1 for head in heads if not done.get(head))
+        responses: list[bytes] = []
+        for pair in pairs:
+            req_seq, req_len = self._take_done(pair.req_head)
+            resp_seq, resp_len = self._take_done(pair.resp_head)
+            if req_len != 0:
+                raise VhostUserError(f"request chain returned with length {req_len} (0 expected)")
+            if req_seq > resp_seq:
+                raise VhostUserError("backend returned the response chain before the request")
+            responses.append(self.memory.read(pair.resp_addr, resp_len))
+            self._free_slots.append(pair.slot)
+        return responses
+
+    def _collect(self, *, block: bool) -> list[int]:
+        """Record new used entries (waiting for an interrupt first if ``block``)."""
+        if block:
+            self.wait_interrupt()
+        try:
+            used = self.queue.collect_used()
+        except VirtioError as exc:
+            raise VhostUserError(f"invalid used ring: {exc}") from exc
+        for head, length in used:
+            self._done.setdefault(head, deque()).append((self._seq, length))
+            self._seq += 1
+        return [head for head, _ in used]
+
+    def _take_done(self, head: int) -> tuple[int, int]:
+        uses = self._done[head]
+        entry = uses.popleft()
+        if not uses:
+            del self._done[head]
+        return entry
+
+
+class VhostUserTransport(NsmFrontend):
+    """The client-side transport (``exchange``/``close``) over a vhost-user socket.
+
+    ``--device vhost-user:SOCK`` maps to ``VhostUserTransport(SOCK)``.
+    """

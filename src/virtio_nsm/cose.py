@@ -168,6 +168,7 @@ def verify_es384(key: ec.EllipticCurvePublicKey, protected: bytes, payload: byte
 # AWS's COSE library): ES256 / ES384 / ES512 with SHA-256 / 384 / 512.
 
 ALG_ES256 = -7
+ALG_ES384 = -35
 ALG_ES512 = -36
 
 

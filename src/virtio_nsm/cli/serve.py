@@ -7,6 +7,7 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -16,6 +17,7 @@ from ..serving import ServeConfig, Served, qemu_options, serving
 from ..vhost_user import cpu_qos
 from ..vhost_user.daemon import DEFAULT_POLL_US
 from . import main
+from .eif import boot_config, boot_options
 
 
 @main.command()
@@ -81,6 +83,7 @@ from . import main
     "memory-backend-file, e.g. on /dev/shm or hugetlbfs). A frontend that then shrinks "
     "the file kills this backend (SIGBUS); memory-backend-memfd needs no such trust.",
 )
+@boot_options
 @click.option("-v", "--verbose", is_flag=True, help="Log every vhost-user message.")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 def serve(
@@ -94,6 +97,7 @@ def serve(
     allow_file_memory: bool,
     verbose: bool,
     quiet: bool,
+    **boot: Any,
 ) -> None:
     """Serve an NSM device over vhost-user until SIGTERM or SIGINT.
 
@@ -107,6 +111,10 @@ def serve(
 
     SIGUSR1 logs what happened since the previous SIGUSR1: wake-ups, interrupts and
     the turnaround (from an interrupt sent to the guest's next request noticed).
+
+    --eif F [--parent-instance-id ID] [--parent-role-arn ARN] [--debug-mode] makes
+    the device report a production enclave's boot PCRs (and --pcr N=HEX sets any
+    of PCR0-15); an existing state directory booted otherwise is refused.
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
@@ -123,6 +131,7 @@ def serve(
             adaptive_polling=poll_adaptive,
             cpu_qos_device=cpu_qos.DEVICE if cpu_latency_qos else None,
             allow_file_memory=allow_file_memory,
+            boot=boot_config(**boot),
         )
     except ConfigurationError as exc:
         click.echo(f"nsm: {exc}", err=True)
@@ -168,6 +177,11 @@ def _announce(served: Served) -> None:
         if config.ca_dir is not None:
             root = config.ca_dir / persist.ROOT_CERT_FILE
             click.echo(f"Documents chain to {root} (nsm verify --root {root})")
+    if config.boot is not None and nsm is not None:
+        source = f"from {config.boot.config.eif}" if config.boot.config.eif else "as configured"
+        click.echo(f"Module id {nsm.device.state.module_id}; boot PCRs {source}: "
+                   + ", ".join(f"PCR{i} {v.hex()[:16]}..." for i, v in sorted(config.boot.pcrs.items())
+                               if any(v)) or "all zero")
     qos = served.daemon.cpu_qos
     if qos is not None:
         click.echo(f"CPU latency QoS: idle CPUs kept responsive ({qos.path} at 0 us) while "

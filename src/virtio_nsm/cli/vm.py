@@ -6,10 +6,12 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
 from . import main
+from .eif import boot_argv, boot_config, boot_options, prepare_boot
 
 
 def _cache_option(f: click.decorators.FC) -> click.decorators.FC:
@@ -88,14 +90,17 @@ def setup_cmd(cache_dir: Path | None, kernel_package: str, root_qemu: bool,
 @click.option("--append", "kernel_args", default="", help="Extra kernel command line.")
 @click.option("--keep", is_flag=True, help="Keep the run directory (logs) on success too.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@boot_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_cmd(cache_dir: Path | None, kernel: str | None, timeout: float, device: str,
             shares: tuple[Path, ...], env: tuple[str, ...], memory_mb: int,
             state_dir: Path | None, backend_args: tuple[str, ...], kernel_args: str, keep: bool, quiet: bool,
-            command: tuple[str, ...]) -> None:
+            command: tuple[str, ...], **boot: Any) -> None:
     """Run COMMAND in a throwaway guest chrooted into the host root; exit with its status.
 
     Example: nsm vm run -- nsm describe
+
+    The boot options (--eif ...) go to the `nsm serve` this starts (--device ours).
     """
     from ..vm.run import RunOptions, VmError, run
     from ..vm.setup import SetupError, load_or_setup, stderr_progress
@@ -106,6 +111,13 @@ def run_cmd(cache_dir: Path | None, kernel: str | None, timeout: float, device: 
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not K=V", param_hint="--env")
         extra_env[key] = value
+    config = boot_config(**boot)
+    if not config.is_default():
+        if device != "ours":
+            raise click.BadParameter("the boot options configure the backend that `nsm vm run` "
+                                     "starts: use them with --device ours", param_hint="--eif")
+        prepare_boot(config)  # a bad image is a one-line error before anything boots
+        backend_args = (*backend_args, *boot_argv(config))
     try:
         tc = load_or_setup(cache_dir, kernel,
                            progress=(lambda _m: None) if quiet else stderr_progress)

@@ -24,3 +24,4 @@ from . import serve as _serve  # noqa: E402,F401
 from . import state as _state  # noqa: E402,F401
 from . import verify as _verify  # noqa: E402,F401
 from . import vm as _vm  # noqa: E402,F401
+from . import vsock as _vsock  # noqa: E402,F401

@@ -14,10 +14,12 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+#: Linux's virtio-vsock driver (for a vsock device, e.g. ``nsm vsock serve``), in load order.
+VSOCK_MODULES: tuple[str, ...] = ("vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")
 #: Kernel modules the guest needs, in load order (names without ``.ko``).
 #: Debian's generic kernel builds virtio, virtio-pci, the 8250 UART and the
-#: hwrng core in; these five are modules.
-GUEST_MODULES: tuple[str, ...] = ("netfs", "9pnet", "9pnet_virtio", "9p", "overlay", "nsm")
+#: hwrng core in; these are modules.
+GUEST_MODULES: tuple[str, ...] = ("netfs", "9pnet", "9pnet_virtio", "9p", "overlay", "nsm", *VSOCK_MODULES)
 
 #: Marker the init prints on the kernel console with the command's exit status.
 EXIT_MARKER = "NSM-VM-EXIT:"
@@ -53,6 +55,9 @@ done
 if [ "$NSMMOD" = 1 ]; then
     insmod /lib/modules/nsm.ko || fail "insmod nsm failed"
 fi
+for m in vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport; do
+    insmod /lib/modules/$m.ko || echo "nsm-vm-init: insmod $m failed" > /dev/console
+done
 
 O=trans=virtio,version=9p2000.L,msize=262144
 mkdir -p /mnt

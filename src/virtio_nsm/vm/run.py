@@ -70,6 +70,8 @@ class RunOptions:
     kernel_args: str = ""
     quiet: bool = False
     stdout: BinaryIO | None = None
+    #: More QEMU arguments (e.g. another vhost-user device: ``-chardev ... -device ...``).
+    extra_qemu_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -291,7 +293,7 @@ def qemu_argv(tc: Toolchain, opts: RunOptions, run_dir: Path, sock: str | None,
         argv += qemu.device_args(qemu.for_device(NSM_DEVICE_ID, NsmVirtioDevice.num_queues), sock)
     elif opts.device == "qemu":
         argv += ["-device", "virtio-nsm-pci"]
-    return argv
+    return argv + opts.extra_qemu_args
 
 
 def run(tc: Toolchain, opts: RunOptions) -> RunResult:

@@ -526,7 +526,7 @@ _MODULE_PATHS = {
 ENCLAVE_MODULES: tuple[str, ...] = (
     "virtio_mmio", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")
 #: Every module the kernel stage extracts.
-CACHED_MODULES: tuple[str, ...] = GUEST_MODULES + ENCLAVE_MODULES
+CACHED_MODULES: tuple[str, ...] = tuple(dict.fromkeys(GUEST_MODULES + ENCLAVE_MODULES))
 
 
 def kernel_has_modules(kernel: Kernel, modules: Sequence[str] = CACHED_MODULES) -> bool:

@@ -1,0 +1,203 @@
+"""The virtio-vsock device (ID 19) on the vhost-user backend: rings ↔ bridge ↔ Unix sockets.
+
+:class:`VsockDevice` is a :class:`~virtio_nsm.vhost_user.device.VhostUserDevice`:
+three queues (rx 0, tx 1, event 2), the feature ``VIRTIO_VSOCK_F_STREAM``, and an
+8-byte configuration space holding ``guest_cid`` (read by QEMU with
+``VHOST_USER_GET_CONFIG``).  Its workers only move packets:
+
+* tx: each chain's readable part (header and payload) goes to
+  :meth:`~.bridge.VsockBridge.guest_packet` and the chain is returned with length 0;
+* rx: while the bridge has packets and the guest has posted buffers, one packet per
+  buffer (a buffer smaller than a header is returned empty and counted);
+* event: ``VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`` when the bridge owes one.
+
+The host side is :class:`~.host.UnixHost`, registered on the daemon's event loop
+in :meth:`VsockDevice.attach`.  A new device owes the guest a TRANSPORT_RESET (a
+guest that outlived an earlier backend still holds connections nobody knows), and
+so does every transport reset (a frontend that went away, a virtio reset): its
+connections are gone, and their host sockets are closed.  The event reaches the
+guest only if the frontend hands us the event queue; QEMU's ``vhost-user-vsock``
+keeps that queue to itself (and sends the event itself after a migration).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from ..vhost_user.device import ConfigError, EventLoop, QueueWorker, VhostUserDevice
+from ..vhost_user.inflight import InflightQueue
+from ..virtio.queue import DeviceQueue, VirtqueueError
+from .bridge import BridgeLimits, VsockBridge
+from .constants import (
+    CONFIG_SIZE,
+    EVENT_QUEUE,
+    HEADER_SIZE,
+    MAX_PKT_PAYLOAD,
+    NUM_QUEUES,
+    RX_QUEUE,
+    TX_QUEUE,
+    VIRTIO_ID_VSOCK,
+    VIRTIO_VSOCK_F_STREAM,
+)
+from .host import UnixHost
+
+__all__ = ["VsockDevice"]
+
+log = logging.getLogger(__name__)
+
+#: Interrupt the guest mid-pass after this many rx packets (it can start reading).
+_NOTIFY_EVERY = 32
+
+
+class _Worker:
+    def __init__(self, device: VsockDevice, queue: DeviceQueue, notify: Callable[[], None]) -> None:
+        self.device = device
+        self.queue = queue
+        self.notify = notify
+
+    def rewind(self) -> int:
+        return self.queue.last_avail_idx
+
+    def track_inflight(self, tracker: InflightQueue, resubmit: list[int]) -> None:
+        # Connections do not survive a backend anyway (TRANSPORT_RESET), so there is
+        # nothing to resume; a frontend that insists gets a stopped ring.
+        raise VirtqueueError("virtio-vsock keeps no inflight record")
+
+
+class _TxWorker(_Worker):
+    def process(self) -> bool:
+        queue, memory, bridge = self.queue, self.queue.memory, self.device.bridge
+        taken = False
+        while (chain := queue.pop()) is not None:
+            data = chain.read(memory, HEADER_SIZE + MAX_PKT_PAYLOAD)
+            queue.add_used(chain.head, 0)
+            bridge.guest_packet(data)
+            taken = True
+        if taken:
+            queue.publish_used()
+            self.device.host.pump()
+        return taken
+
+
+class _RxWorker(_Worker):
+    def process(self) -> bool:
+        device = self.device
+        device.rx_busy = True
+        try:
+            return self._fill()
+        finally:
+            device.rx_busy = False
+
+    def _fill(self) -> bool:
+        queue, memory, bridge = self.queue, self.queue.memory, self.device.bridge
+        filled = 0
+        while bridge.has_rx():
+            chain = queue.pop()
+            if chain is None:
+                break
+            if chain.writable_len < HEADER_SIZE:
+                bridge.stats["bad_rx_buffer"] += 1
+                if bridge.stats["bad_rx_buffer"] <= 5:
+                    log.warning("vsock: rx buffer of %d bytes cannot hold a header", chain.writable_len)
+                queue.add_used(chain.head, 0)
+                filled += 1
+                continue
+            packet = bridge.next_rx(chain.writable_len)
+            if packet is None:
+                queue.unpop(chain)
+                break
+            queue.add_used(chain.head, chain.write(memory, packet))
+            filled += 1
+            if filled % _NOTIFY_EVERY == 0:
+                queue.publish_used()
+                self.notify()
+        if filled:
+            queue.publish_used()
+            # Packets sent make room to read more from host sockets.
+            self.device.host.pump()
+        return filled > 0
+
+
+class _EventWorker(_Worker):
+    def process(self) -> bool:
+        bridge = self.device.bridge
+        if not bridge.event_pending:
+            return False
+        chain = self.queue.pop()
+        if chain is None:
+            return False
+        event = bridge.take_event()
+        assert event is not None
+        if chain.writable_len < len(event):
+            log.warning("vsock: event buffer of %d bytes is too small", chain.writable_len)
+            self.queue.add_used(chain.head, 0)
+        else:
+            self.queue.add_used(chain.head, chain.write(self.queue.memory, event))
+            log.info("vsock: TRANSPORT_RESET sent to the guest")
+        self.queue.publish_used()
+        return True
+
+
+class VsockDevice(VhostUserDevice):
+    """virtio-vsock for the guest ``guest_cid``, bridged to Unix sockets at ``uds_path``."""
+
+    device_id = VIRTIO_ID_VSOCK
+    num_queues = NUM_QUEUES
+    max_queue_size = 1024
+    features = 1 << VIRTIO_VSOCK_F_STREAM
+    config_size = CONFIG_SIZE
+
+    def __init__(self, guest_cid: int, uds_path: str | Path, *, limits: BridgeLimits | None = None) -> None:
+        self.bridge = VsockBridge(guest_cid, limits=limits)
+        self.bridge.transport_reset()
+        self.host = UnixHost(self.bridge, Path(uds_path), self._guest_work)
+        self.rx_busy = False
+        self._loop: EventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"<VsockDevice cid={self.bridge.guest_cid} {self.host.path}>"
+
+    @property
+    def guest_cid(self) -> int:
+        return self.bridge.guest_cid
+
+    def worker(self, index: int, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
+        if index == RX_QUEUE:
+            return _RxWorker(self, queue, notify)
+        if index == TX_QUEUE:
+            return _TxWorker(self, queue, notify)
+        if index == EVENT_QUEUE:
+            return _EventWorker(self, queue, notify)
+        raise VirtqueueError(f"virtio-vsock has no queue {index}")
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        space = struct.pack("<Q", self.bridge.guest_cid)
+        if offset < 0 or size < 0 or offset + size > len(space):
+            raise ConfigError(f"config space read {offset}+{size} outside its {len(space)} bytes")
+        return space[offset : offset + size]
+
+    def attach(self, loop: EventLoop) -> None:
+        self._loop = loop
+        self.host.open(loop)
+
+    def detach(self) -> None:
+        self.host.close()
+        self._loop = None
+
+    def reset(self) -> None:
+        if self.bridge.connection_count or self.bridge.stream_count:
+            log.info("vsock: transport reset: %d connections dropped", self.bridge.connection_count)
+        self.bridge.transport_reset()
+        self.host.pump()
+
+    def _guest_work(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if self.bridge.has_rx() and not self.rx_busy:
+            loop.serve_queue(RX_QUEUE)
+        if self.bridge.event_pending:
+            loop.serve_queue(EVENT_QUEUE)

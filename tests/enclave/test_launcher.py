@@ -51,7 +51,8 @@ def parts_image(tmp_path: Path) -> launcher.BootImage:
 
 
 def _pids(e: launcher.Enclave) -> list[int]:
-    return [int(e.record[k]) for k in ("ProcessID", "QemuPID", "NsmBackendPID") if k in e.record]
+    return [int(e.record[k]) for k in ("ProcessID", "QemuPID", "NsmBackendPID", "VsockBackendPID")
+            if k in e.record]
 
 
 def _wait_dead(pids: list[int], timeout: float = 10) -> list[int]:
@@ -102,7 +103,7 @@ def test_start_describe_terminate_leaves_nothing(run_base: Path, fake_tc: Toolch
         launcher.start(parts_image, launcher.EnclaveOptions(enclave_cid=5, enclave_name="x",
                                                             memory_mib=128), tc=fake_tc)
     pids = _pids(e) + _pids(e2)
-    assert len(pids) == 6 and _wait_dead(pids, 0.1) == pids
+    assert len(pids) == 8 and _wait_dead(pids, 0.1) == pids
     assert e.terminate() and e2.terminate()
     assert _wait_dead(pids) == []
     assert list(run_base.iterdir()) == [run_base / ".lock"]
@@ -143,7 +144,8 @@ def test_failed_start_is_a_clear_error_and_leaves_nothing_running(
     assert failed.name.startswith(registry.FAILED_PREFIX)
     assert not any(p.is_socket() for p in failed.iterdir())
     rec = json.loads((failed / "enclave.json").read_text())
-    assert _wait_dead([int(rec[k]) for k in ("ProcessID", "QemuPID", "NsmBackendPID")]) == []
+    keys = ("ProcessID", "QemuPID", "NsmBackendPID", "VsockBackendPID")
+    assert _wait_dead([int(rec[k]) for k in keys]) == []
     assert launcher.list_enclaves() == []
     assert sorted(p.name for p in run_base.iterdir()) == [".lock", failed.name]
 
@@ -246,6 +248,7 @@ except KeyboardInterrupt:
     assert recs, "the enclave never got to QEMU"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 130
-    pids = [int(recs[0][k]) for k in ("ProcessID", "QemuPID", "NsmBackendPID")]  # type: ignore[call-overload]
+    keys = ("ProcessID", "QemuPID", "NsmBackendPID", "VsockBackendPID")
+    pids = [int(recs[0][k]) for k in keys]  # type: ignore[call-overload]
     assert _wait_dead(pids) == []
     assert [p.name for p in run_base.iterdir() if not p.name.startswith((".", "failed-"))] == []

@@ -155,43 +155,24 @@ def _python_env() -> dict[str, str]:
     return env
 
 
-def _cli_commands() -> dict[str, Any]:
-    from virtio_nsm.cli import main
-
-    return dict(getattr(main, "commands", {}))
-
-
-def vsock_backend_command() -> list[str] | None:
-    """``nsm vsock serve`` when this tree has it (the vsock device), else None."""
-    group = _cli_commands().get("vsock")
-    if group is None or "serve" not in getattr(group, "commands", {}):
-        return None
-    return [sys.executable, "-m", "virtio_nsm", "vsock", "serve"]
-
-
-def _serve_options() -> set[str]:
-    cmd = _cli_commands().get("serve")
-    return {opt for p in getattr(cmd, "params", []) for opt in getattr(p, "opts", [])}
+def vsock_backend_command() -> list[str]:
+    """The vsock device's backend (``nsm vsock serve``; the supervisor adds its sockets)."""
+    return [sys.executable, "-m", "virtio_nsm", "vsock", "serve", "-q"]
 
 
 def nsm_backend_command(image: BootImage, opts: EnclaveOptions, instance_id: str,
                         enclave_id: str) -> list[str]:
     """``nsm serve`` with the enclave's boot measurements (PCR0-2 from the image, PCR3 from
-    the role, PCR4 from the instance id; all zero in debug mode) when it supports them, and
-    the EnclaveID as the module id (as on Nitro: documents name their enclave)."""
+    the role, PCR4 from the instance id; all zero in debug mode) and the EnclaveID as the
+    module id (as on Nitro: documents name their enclave)."""
     argv = [sys.executable, "-m", "virtio_nsm", "serve", "-q"]
-    have = _serve_options()
-    if "--eif" in have:
-        if image.eif_path is not None:
-            argv += ["--eif", image.eif_path]
-        argv += ["--parent-instance-id", instance_id, "--module-id", enclave_id]
-        if opts.parent_role_arn:
-            argv += ["--parent-role-arn", opts.parent_role_arn]
-        if opts.debug_mode:
-            argv += ["--debug-mode"]
-    elif image.eif_path is not None or opts.parent_role_arn or opts.debug_mode:
-        raise EnclaveError("this tree's `nsm serve` cannot take an enclave's boot measurements "
-                           "(--eif/--debug-mode); the EIF support is missing")
+    if image.eif_path is not None:
+        argv += ["--eif", image.eif_path]
+    argv += ["--parent-instance-id", instance_id, "--module-id", enclave_id]
+    if opts.parent_role_arn:
+        argv += ["--parent-role-arn", opts.parent_role_arn]
+    if opts.debug_mode:
+        argv += ["--debug-mode"]
     return [*argv, *opts.extra_nsm_args]
 
 
@@ -433,9 +414,6 @@ def start(image: BootImage, opts: EnclaveOptions | None = None, tc: Toolchain | 
                     pass_fds=(wfd,), start_new_session=True, env=_python_env())
         finally:
             os.close(wfd)
-    if vsock_cmd is None and progress is not None:
-        progress("warning: this tree has no vsock device (`nsm vsock serve`); the enclave "
-                 "cannot send its readiness heartbeat")
     if progress is not None:
         progress(f"booting enclave {enclave_id} (CID {cid}, {cpus} vCPU, {memory} MiB) "
                  "under QEMU TCG; waiting for its readiness heartbeat")

@@ -32,6 +32,7 @@ from . import cuse as _cuse  # noqa: E402,F401
 from . import demo as _demo  # noqa: E402,F401
 from . import device as _device  # noqa: E402,F401
 from . import eif as _eif  # noqa: E402,F401
+from . import enclave as _enclave  # noqa: E402,F401
 from . import serve as _serve  # noqa: E402,F401
 from . import state as _state  # noqa: E402,F401
 from . import verify as _verify  # noqa: E402,F401

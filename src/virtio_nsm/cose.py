@@ -160,3 +160,72 @@ def verify_es384(key: ec.EllipticCurvePublicKey, protected: bytes, payload: byte
     except InvalidSignature:
         return False
     return True
+
+
+# --- ECDSA on any of the three COSE curves (EIF signatures) ----------------
+# Nitro attestation is always ES384; an enclave image may be signed with a
+# P-256, P-384 or P-521 key, and the algorithm follows the key's curve (as in
+# AWS's COSE library): ES256 / ES384 / ES512 with SHA-256 / 384 / 512.
+
+ALG_ES256 = -7
+ALG_ES384 = -35
+ALG_ES512 = -36
+
+
+@dataclass(frozen=True)
+class EcdsaAlgorithm:
+    """A COSE ECDSA algorithm: its identifier, hash and signature coordinate size."""
+
+    alg: int
+    name: str
+    curve: str
+    hash: type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]
+    coordinate_size: int
+
+    @property
+    def protected(self) -> bytes:
+        """The protected header ``{1: alg}`` as it is signed (bstr contents)."""
+        return cbor.map_head(1) + cbor.uint(1) + cbor.head(cbor.MAJOR_NINT, -1 - self.alg)
+
+
+ECDSA_ALGORITHMS: tuple[EcdsaAlgorithm, ...] = (
+    EcdsaAlgorithm(ALG_ES256, "ES256", "secp256r1", hashes.SHA256, 32),
+    EcdsaAlgorithm(ALG_ES384, "ES384", "secp384r1", hashes.SHA384, 48),
+    EcdsaAlgorithm(ALG_ES512, "ES512", "secp521r1", hashes.SHA512, 66),
+)
+
+
+def ecdsa_algorithm(curve: ec.EllipticCurve) -> EcdsaAlgorithm:
+    """The COSE algorithm for a key on ``curve``; ValueError for other curves."""
+    for algorithm in ECDSA_ALGORITHMS:
+        if algorithm.curve == curve.name:
+            return algorithm
+    raise ValueError(f"no COSE ECDSA algorithm for curve {curve.name} (P-256, P-384 or P-521 only)")
+
+
+def sign_ecdsa(key: ec.EllipticCurvePrivateKey, payload: bytes) -> bytes:
+    """An untagged COSE_Sign1 of ``payload``, protected header ``{1: alg}`` from the key's curve."""
+    algorithm = ecdsa_algorithm(key.curve)
+    der = key.sign(sig_structure(algorithm.protected, payload), ec.ECDSA(algorithm.hash()))
+    return encode_sign1(algorithm.protected, payload, der_to_raw(der, algorithm.coordinate_size))
+
+
+def verify_ecdsa(
+    key: ec.EllipticCurvePublicKey, alg: int, protected: bytes, payload: bytes, signature: bytes
+) -> bool:
+    """Whether ``signature`` (raw ``r || s``) signs the Sig_structure with ``key`` under ``alg``.
+
+    ``alg`` must be the algorithm of the key's curve (a signature claiming
+    another algorithm is not valid for this key).
+    """
+    try:
+        algorithm = ecdsa_algorithm(key.curve)
+    except ValueError:
+        return False
+    if algorithm.alg != alg or len(signature) != 2 * algorithm.coordinate_size:
+        return False
+    try:
+        key.verify(raw_to_der(signature), sig_structure(protected, payload), ec.ECDSA(algorithm.hash()))
+    except InvalidSignature:
+        return False
+    return True

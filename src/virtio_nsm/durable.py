@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from .nsm.device import Commit, NsmDevice
+from .nsm.device import Commit, DeviceState, NsmDevice
 from .nsm.pki import CertificateAuthority
 from .persist import Snapshot, StateError, StateStore, check_successor, sign_snapshot, verify_snapshot
 from .request import RequestToken
@@ -62,14 +62,15 @@ class DurableNsm:
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], *, durable: bool = True,
-             ca: CertificateAuthority | None = None) -> DurableNsm:
+             ca: CertificateAuthority | None = None, initial: DeviceState | None = None) -> DurableNsm:
         """Lock and load a state directory (initialised if new); raises ``StateError``.
 
         ``ca``: the root to sign with. A new directory keeps a copy of it; an
         existing one must already hold that same root (else ``StateError``:
-        documents would suddenly chain to another root).
+        documents would suddenly chain to another root). ``initial``: the boot
+        state of a new directory (default: a fresh debug-style boot state).
         """
-        store = StateStore.open(directory, durable=durable, ca=ca)
+        store = StateStore.open(directory, durable=durable, ca=ca, initial=initial)
         if ca is not None and store.ca.certificate_der != ca.certificate_der:
             store.close()
             raise StateError(f"{store.directory} holds a different CA than the one given; "
@@ -82,9 +83,10 @@ class DurableNsm:
         return cls(device, store)
 
     @classmethod
-    def ephemeral(cls, ca: CertificateAuthority | None = None) -> DurableNsm:
-        """A fresh in-memory device: its PCRs and locks die with the process."""
-        nsm = cls(NsmDevice(ca=ca))
+    def ephemeral(cls, ca: CertificateAuthority | None = None,
+                  initial: DeviceState | None = None) -> DurableNsm:
+        """A fresh in-memory device (booted in ``initial``): its PCRs and locks die with the process."""
+        nsm = cls(NsmDevice(ca=ca) if initial is None else NsmDevice(state=initial, ca=ca))
         nsm.device = NsmDevice(state=nsm.device.state, ca=nsm.device.ca, commit=nsm._count)
         return nsm
 

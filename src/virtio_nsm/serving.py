@@ -35,6 +35,8 @@ from pathlib import Path
 
 from . import persist
 from .durable import DurableNsm
+from .eif.boot import BootConfig, PreparedBoot
+from .eif.format import EifError
 from .errors import ConfigurationError
 from .nsm.virtio import NsmVirtioDevice
 from .vhost_user import cpu_qos, qemu
@@ -66,6 +68,8 @@ class ServeConfig:
     cpu_qos_linger_ms: int = cpu_qos.DEFAULT_LINGER_MS
     allow_file_memory: bool = False
     message_timeout: float = 5.0
+    #: A production enclave's boot configuration (``--eif`` ...), its image already read and checked.
+    boot: PreparedBoot | None = None
 
     @classmethod
     def validate(
@@ -81,6 +85,7 @@ class ServeConfig:
         cpu_qos_linger_ms: int = cpu_qos.DEFAULT_LINGER_MS,
         allow_file_memory: bool = False,
         message_timeout: float = 5.0,
+        boot: BootConfig | None = None,
     ) -> ServeConfig:
         """Check every option; raise :class:`ConfigurationError` before anything is created.
 
@@ -120,8 +125,18 @@ class ServeConfig:
             else:
                 reason = "Permission denied (it needs root or write access)"
             raise ConfigurationError(f"--cpu-latency-qos: cannot open {cpu_qos_device}: {reason}")
+        prepared = None
+        if boot is not None and not boot.is_default():
+            try:
+                prepared = boot.prepare()  # reads and checks the image (nothing is created)
+            except EifError as exc:
+                raise ConfigurationError(f"{boot.eif}: {exc}") from None
+            except ValueError as exc:
+                raise ConfigurationError(str(exc)) from None
+            except OSError as exc:
+                raise ConfigurationError(f"cannot read {boot.eif}: {exc.strerror or exc}") from None
         return cls(socket_path, state_dir, ephemeral, ca_dir, poll_us, adaptive_polling,
-                   cpu_qos_device, cpu_qos_linger_ms, allow_file_memory, message_timeout)
+                   cpu_qos_device, cpu_qos_linger_ms, allow_file_memory, message_timeout, prepared)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -218,12 +233,18 @@ def serving(config: ServeConfig, device: VhostUserDevice | None = None) -> Itera
         nsm = None
         if device is None:
             ca = persist.load_ca(config.ca_dir) if config.ca_dir is not None else None
+            initial = config.boot.initial_state() if config.boot is not None else None
             if config.ephemeral:
-                nsm = DurableNsm.ephemeral(ca)
+                nsm = DurableNsm.ephemeral(ca, initial)
             else:
                 assert config.state_dir is not None
-                nsm = DurableNsm.open(config.state_dir, ca=ca)
+                nsm = DurableNsm.open(config.state_dir, ca=ca, initial=initial)
             stack.callback(nsm.close)
+            if config.boot is not None and config.state_dir is not None:
+                try:  # an existing state booted otherwise is never re-measured
+                    config.boot.check(nsm.device.state, str(config.state_dir))
+                except ConfigurationError as exc:
+                    raise persist.StateError(str(exc)) from None
             device = NsmVirtioDevice(nsm.handle, device_state=nsm)
         daemon = VhostUserDaemon(
             socket_path,

@@ -35,10 +35,18 @@ def _check(ok: bool, what: str) -> None:
 
 
 @main.command()
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the attestation document here.")
-def demo(output: Path | None) -> None:
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Also write the attestation document here (with --enclave: a directory "
+              "for the document, its root certificate and the image).")
+@click.option("--enclave", is_flag=True,
+              help="Instead: the enclave loop (build the sample image, describe, run it under "
+              "QEMU, attest over vsock, verify against the described PCRs, terminate). Needs "
+              "root and the VM toolchain (`nsm vm setup`, built on first use).")
+def demo(output: Path | None, enclave: bool) -> None:
     """Run every NSM request through vhost-user on an embedded device and verify a document."""
+    if enclave:
+        _enclave_demo(output)
+        return
     step = click.echo
     # An in-memory device on a socket in a private temporary directory (removed on exit).
     config = ServeConfig(socket_path=None, ephemeral=True)
@@ -103,3 +111,16 @@ def _run_demo(served: Served, output: Path | None, step: Callable[[str], None]) 
     finally:
         daemon.stop()
         thread.join(timeout=10)
+
+
+def _enclave_demo(output: Path | None) -> None:
+    from ..enclave.demo import DemoError, run_demo
+    from ..enclave.launcher import EnclaveError
+    from ..enclave.registry import RegistryError
+    from ..vm.setup import SetupError
+
+    try:
+        run_demo(click.echo, keep=output)
+    except (DemoError, EnclaveError, RegistryError, SetupError, VerificationError, OSError) as exc:
+        click.echo(f"nsm demo --enclave: FAILED: {exc}", err=True)
+        raise SystemExit(1) from None

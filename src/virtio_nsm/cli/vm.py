@@ -6,10 +6,12 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
 from . import main
+from .eif import boot_argv, boot_config, boot_options, prepare_boot
 
 
 def _cache_option(f: click.decorators.FC) -> click.decorators.FC:
@@ -24,13 +26,14 @@ def vm() -> None:
     """Boot Linux guests (QEMU TCG) with the NSM device; the real-kernel tier.
 
     \b
-    Quick start (as root; the first set-up downloads ~250 MB from Debian):
+    Quick start (as root; the first set-up builds a ~430 MB cache from Debian's archive):
       nsm vm setup                     # cached in ~/.cache/virtio-nsm/vm
       nsm vm run -- nsm describe       # Linux's nsm.ko talks to `nsm serve`
       nsm vm run -- sh -c 'cat /sys/class/misc/hw_random/rng_current'
 
-    The guest runs COMMAND chrooted into this machine's root (read-only over 9p,
-    /tmp writable), so the same programs, venv and PYTHONPATH work inside it.
+    The guest runs COMMAND chrooted into this machine's root (read-only over 9p),
+    so the same programs, venv and PYTHONPATH work inside it. Its writes to /tmp
+    stay in the guest; `--share DIR` shares a host directory read-write.
     """
 
 
@@ -42,7 +45,7 @@ def vm() -> None:
               help="Use the debootstrapped trixie root's QEMU even if the host has one.")
 @click.option("--with-builtin-nsm", is_flag=True,
               help="Also build QEMU from Debian's source with libcbor for QEMU's own C "
-                   "virtio-nsm-pci (benchmark reference; ~20 min).")
+                   "virtio-nsm-pci (benchmark reference; a long build, about 20 min on 2 cores).")
 def setup_cmd(cache_dir: Path | None, kernel_package: str, root_qemu: bool,
               with_builtin_nsm: bool) -> None:
     """Fetch and cache QEMU, the kernel (nsm.ko, 9p) and the initramfs. Idempotent."""
@@ -88,14 +91,17 @@ def setup_cmd(cache_dir: Path | None, kernel_package: str, root_qemu: bool,
 @click.option("--append", "kernel_args", default="", help="Extra kernel command line.")
 @click.option("--keep", is_flag=True, help="Keep the run directory (logs) on success too.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@boot_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run_cmd(cache_dir: Path | None, kernel: str | None, timeout: float, device: str,
             shares: tuple[Path, ...], env: tuple[str, ...], memory_mb: int,
             state_dir: Path | None, backend_args: tuple[str, ...], kernel_args: str, keep: bool, quiet: bool,
-            command: tuple[str, ...]) -> None:
+            command: tuple[str, ...], **boot: Any) -> None:
     """Run COMMAND in a throwaway guest chrooted into the host root; exit with its status.
 
     Example: nsm vm run -- nsm describe
+
+    The boot options (--eif ...) go to the `nsm serve` this starts (--device ours).
     """
     from ..vm.run import RunOptions, VmError, run
     from ..vm.setup import SetupError, load_or_setup, stderr_progress
@@ -106,6 +112,13 @@ def run_cmd(cache_dir: Path | None, kernel: str | None, timeout: float, device: 
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not K=V", param_hint="--env")
         extra_env[key] = value
+    config = boot_config(**boot)
+    if not config.is_default():
+        if device != "ours":
+            raise click.BadParameter("the boot options configure the backend that `nsm vm run` "
+                                     "starts: use them with --device ours", param_hint="--eif")
+        prepare_boot(config)  # a bad image is a one-line error before anything boots
+        backend_args = (*backend_args, *boot_argv(config))
     try:
         tc = load_or_setup(cache_dir, kernel,
                            progress=(lambda _m: None) if quiet else stderr_progress)

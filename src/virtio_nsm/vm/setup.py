@@ -514,11 +514,24 @@ _MODULE_PATHS = {
     "9pnet_virtio": "kernel/net/9p/9pnet_virtio.ko",
     "9p": "kernel/fs/9p/9p.ko",
     "overlay": "kernel/fs/overlayfs/overlay.ko",
+    "cuse": "kernel/fs/fuse/cuse.ko",
     "nsm": "kernel/drivers/misc/nsm.ko",
+    # enclave images (virtio_nsm.enclave): virtio-mmio transports and vsock
+    "virtio_mmio": "kernel/drivers/virtio/virtio_mmio.ko",
     "vsock": "kernel/net/vmw_vsock/vsock.ko",
     "vmw_vsock_virtio_transport_common": "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
     "vmw_vsock_virtio_transport": "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
 }
+
+#: Modules an enclave image of Debian's kernel needs besides ``GUEST_MODULES`` (load order).
+ENCLAVE_MODULES: tuple[str, ...] = (
+    "virtio_mmio", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")
+#: Every module the kernel stage extracts.
+CACHED_MODULES: tuple[str, ...] = tuple(dict.fromkeys(GUEST_MODULES + ENCLAVE_MODULES))
+
+
+def kernel_has_modules(kernel: Kernel, modules: Sequence[str] = CACHED_MODULES) -> bool:
+    return all((Path(kernel.module_dir) / f"{m}.ko").exists() for m in modules)
 
 
 def _stage_kernel(cache_dir: Path, apt: _Apt, package: str, progress: Progress) -> Kernel:
@@ -526,13 +539,13 @@ def _stage_kernel(cache_dir: Path, apt: _Apt, package: str, progress: Progress) 
     real = packages[0]
     kdir = cache_dir / "kernels" / real.split("/")[0]
     stamp = kdir / ".done"
-    if stamp.exists() and all((kdir / "modules" / f"{m}.ko").exists() for m in GUEST_MODULES):
+    if stamp.exists() and all((kdir / "modules" / f"{m}.ko").exists() for m in CACHED_MODULES):
         info = json.loads(stamp.read_text())
         return Kernel(**info)
     progress(f"downloading {' '.join(packages)} (~110 MB)")
     debs = [apt.download(p, cache_dir / "kernels" / "dl", progress) for p in packages]
     deb = debs[0]
-    progress(f"extracting vmlinuz and {', '.join(GUEST_MODULES)} from {deb.name}")
+    progress(f"extracting vmlinuz and {', '.join(CACHED_MODULES)} from {deb.name}")
     tmp = kdir.with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "modules").mkdir(parents=True)
@@ -564,11 +577,16 @@ def _stage_kernel(cache_dir: Path, apt: _Apt, package: str, progress: Progress) 
         mod = by_suffix[re.sub(r"\.(xz|zst|gz)$", "", rel)]
         (tmp / "modules" / f"{mod}.ko").write_bytes(data)
         found.add(mod)
-    missing = set(GUEST_MODULES) - found
+    missing = set(CACHED_MODULES) - found
     if not version or missing:
         raise SetupError(f"{deb.name} lacks {'vmlinuz' if not version else ''} "
                          f"{' '.join(sorted(missing))} (a cloud kernel has no 9p; "
                          "use the generic flavour)")
+    # keep modules an earlier set-up extracted (another tree may need more than this one)
+    with contextlib.suppress(OSError):
+        for old in (kdir / "modules").glob("*.ko"):
+            if not (tmp / "modules" / old.name).exists():
+                shutil.copy2(old, tmp / "modules" / old.name)
     shutil.rmtree(kdir, ignore_errors=True)
     os.replace(tmp, kdir)
     kernel = Kernel(version=version, vmlinuz=str(kdir / "vmlinuz"),
@@ -652,11 +670,13 @@ def setup(cache_dir: Path | None = None, *, kernel_package: str = DEFAULT_KERNEL
     t0 = time.monotonic()
     existing = Toolchain.load(cache_dir)
     if existing is not None and kernel_package in existing.kernels and (
-            existing.builtin_nsm_device or not with_builtin_nsm):
+            existing.builtin_nsm_device or not with_builtin_nsm) and kernel_has_modules(
+            existing.kernels[kernel_package]):
         version, devices = probe_qemu(existing.qemu, existing.qemu_env)
         existing.qemu_version, existing.qemu_devices = version, devices
         kernel = existing.kernel(kernel_package)
         existing.initramfs(kernel)
+        _stage_enclave_tool(existing, progress)
         existing.save()
         progress(f"toolchain ready in {cache_dir} ({version}; kernel {kernel.version}) "
                  f"[{time.monotonic() - t0:.1f} s]")
@@ -741,10 +761,22 @@ def _setup_locked(cache_dir: Path, kernel_package: str, progress: Progress,
                 raise SetupError(f"the QEMU built in {built.parent} has no working virtio-nsm-pci")
             tc.builtin_qemu = []
     initrd = tc.initramfs(kernel)
+    _stage_enclave_tool(tc, progress)
     tc.save()
     progress(f"toolchain ready: kernel {kernel.version}, initramfs {initrd.name} "
              f"[{time.monotonic() - t0:.1f} s]")
     return tc
+
+
+def _stage_enclave_tool(tc: Toolchain, progress: Progress) -> None:
+    """Compile the enclave images' static helper now (cached by its source's hash); a
+    host without a C compiler still gets a working VM tier, with a warning."""
+    from virtio_nsm.enclave.image import tool_binary
+
+    try:
+        tool_binary(tc, progress)
+    except SetupError as exc:
+        progress(f"warning: enclave images will not build here: {exc}")
 
 
 def load_or_setup(cache_dir: Path | None = None, kernel: str | None = None,

@@ -1,0 +1,1 @@
+"""Run enclave images locally: EIF boot under QEMU TCG with our NSM and vsock devices."""

@@ -86,7 +86,7 @@ from .constants import (
     VMADDR_CID_ANY,
     VMADDR_CID_HOST,
 )
-from .packet import Header, PacketError, decode, encode_event, problem
+from .packet import Header, PacketError, decode, encode_event, pack_header, problem
 
 __all__ = [
     "LINE_MAX",
@@ -179,6 +179,9 @@ class _State(enum.Enum):
     DETACHED = "detached"  # the guest side is over; the host stream is being flushed
 
 
+_ATTACHED = frozenset({_State.CONNECTING_GUEST, _State.ESTABLISHED})
+
+
 class _Stream:
     """One host byte stream and the guest connection bridged to it."""
 
@@ -246,7 +249,7 @@ class _Stream:
 
     @property
     def attached(self) -> bool:
-        return self.state in (_State.CONNECTING_GUEST, _State.ESTABLISHED)
+        return self.state in _ATTACHED
 
     def credit(self) -> int:
         """Bytes the guest's receive buffer can take now."""
@@ -510,21 +513,22 @@ class VsockBridge:
         return None
 
     def _header(self, s: _Stream, op: int, *, length: int = 0, flags: int = 0) -> bytes:
-        assert s.key is not None
+        key = s.key
+        assert key is not None
         s.adv_fwd = s.fwd_cnt
         s.want_credit_update = False
-        return Header(
-            src_cid=s.key[0],
-            dst_cid=self.guest_cid,
-            src_port=s.key[1],
-            dst_port=s.key[2],
-            len=length,
-            type=VIRTIO_VSOCK_TYPE_STREAM,
-            op=op,
-            flags=flags,
-            buf_alloc=self.limits.buf_alloc,
-            fwd_cnt=s.fwd_cnt & U32_MASK,
-        ).encode()
+        return pack_header(
+            key[0],
+            self.guest_cid,
+            key[1],
+            key[2],
+            length,
+            VIRTIO_VSOCK_TYPE_STREAM,
+            op,
+            flags,
+            self.limits.buf_alloc,
+            s.fwd_cnt & U32_MASK,
+        )
 
     def _schedule(self, s: _Stream) -> None:
         if not s.queued and s.attached and self._has_work(s):

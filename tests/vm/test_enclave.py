@@ -201,3 +201,17 @@ def test_image_without_heartbeat_is_a_clear_error(toolchain: Toolchain, run_base
     assert [p for p in run_base.iterdir() if not p.name.startswith((".", "failed-"))] == []
     assert os.listdir(run_base / ".tmp") == []
     assert _wait_gone(console.parent) == []
+
+
+def test_demo_enclave(toolchain: Toolchain, run_base: Path, tmp_path: Path) -> None:
+    res = nsm("demo", "--enclave", "-o", str(tmp_path / "kept"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "5/6 verify" in res.stdout and "demo passed" in res.stdout
+    # what it kept verifies with the command it printed
+    kept = tmp_path / "kept"
+    line = next(ln for ln in res.stdout.splitlines() if "try: nsm verify" in ln)
+    args = line.split("try: nsm verify ", 1)[1].rstrip(")").split()
+    assert (kept / "document.cbor").is_file()
+    res = nsm("verify", *args)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [p for p in run_base.iterdir() if not p.name.startswith((".", "failed-"))] == []

@@ -417,7 +417,9 @@ def start(image: BootImage, opts: EnclaveOptions | None = None, tc: Toolchain | 
         registry.write_json(run_dir / registry.SPEC, spec)
         rfd, wfd = os.pipe()
         try:
-            with open(run_dir / "supervisor.out", "wb") as out:
+            out_fd = os.open(run_dir / "supervisor.out",
+                             os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(out_fd, "wb") as out:
                 sup = subprocess.Popen(
                     [sys.executable, "-m", "virtio_nsm.enclave.supervisor", str(run_dir),
                      str(wfd)],

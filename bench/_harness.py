@@ -1,14 +1,99 @@
-"""A tiny side-by-side rate harness for the benchmarks (not a test).
+"""What the benchmarks share (not a test).
 
-Each case is measured in alternating rounds with its baseline, so drift on a
-noisy machine hits both; the reported rate is the median over rounds.
+* Importing it puts this tree's ``src`` first on ``sys.path``: the benchmarks
+  measure the code beside them, run as ``.venv/bin/python bench/NAME.py``.
+* :func:`compare`: a tiny side-by-side rate harness. Each case is measured in
+  alternating rounds with its baseline, so drift on a noisy machine hits both;
+  the reported rate is the median over rounds.
+* :func:`children_cleaned_up`: SIGINT and SIGTERM unwind the benchmark, and
+  every process it started (backends, QEMU, in their own sessions) is stopped
+  on the way out, whether it finished, failed or was interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+
+
+def child_env(private: Path) -> dict[str, str]:
+    """The environment for a child (``nsm serve``): this tree's ``src`` first, and the
+    default state directory and CA inside ``private`` (never the user's own)."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(":") if p and p != str(SRC)]
+    return dict(os.environ, PYTHONPATH=":".join([str(SRC), *paths]),
+                XDG_STATE_HOME=str(private / "xdg-state"), XDG_DATA_HOME=str(private / "xdg-data"))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` (from /proc; children first, then theirs)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_descendants(grace: float = 5.0) -> list[int]:
+    """SIGTERM each process (and its process group) below us, SIGKILL what is left after
+    ``grace`` s; returns the pids that had to be stopped."""
+    pids = descendants(os.getpid())
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        time.sleep(0.05)
+    for pid in pids + descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    return pids
+
+
+@contextlib.contextmanager
+def children_cleaned_up() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C; on the way out no child process is left running."""
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        # a second signal must not stop the cleanup half-way
+        for sig in old:
+            signal.signal(sig, signal.SIG_IGN)
+        left = stop_descendants()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if left:
+            print(f"(stopped {len(left)} leftover child process(es): {left})", file=sys.stderr)
 
 
 def rate(fn: Callable[[], object], seconds: float) -> float:

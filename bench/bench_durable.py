@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from _harness import rate
+from _harness import child_env, rate
 
 from virtio_nsm import journal, persist
 from virtio_nsm.durable import DurableNsm
@@ -113,7 +113,7 @@ def vhost_user(directory: Path, rounds: int, seconds: float) -> None:
             sock = directory / f"{len(procs)}.sock"
             proc = subprocess.Popen(
                 [sys.executable, "-m", "virtio_nsm", "serve", "-q", "--vhost-user", str(sock), *args],
-                stdout=subprocess.PIPE, text=True, env=dict(os.environ),
+                stdout=subprocess.PIPE, text=True, env=child_env(directory),
             )
             procs.append(proc)
             assert proc.stdout is not None and proc.stdout.readline()  # listening

@@ -16,16 +16,27 @@ spent in QEMU and the guest (and in waking them up), which the backend does not
 control.  Variants run interleaved (A B A B ...) so that drift on a shared machine
 hits all of them; each figure is the median over ``--runs`` runs.
 
-    PYTHONPATH=src python bench/bench_latency.py -n 2000 --runs 5 \\
+    .venv/bin/python bench/bench_latency.py -n 2000 --runs 5 \\
         --variant off='python -m virtio_nsm serve --poll-us 0' \\
         --variant default='python -m virtio_nsm serve -v' --qemu
 
 (``-v`` puts the polling trials' decisions in the backend log, kept in ``--json``.)
 
+``--cuse`` also starts ``nsm cuse --ephemeral`` inside each guest and times the same
+ops on its CUSE device, after the ``/dev/nsm`` loops of the same boot (floor, ``nsm.ko``
+over the vhost-user backend and CUSE side by side); "CPU us/req" is then the CUSE
+server's own CPU inside the guest.
+
 A variant is ``LABEL=COMMAND``: the command starts a backend and gets
-``--vhost-user SOCK`` appended (``python`` is this interpreter; run it from any
-tree with ``env PYTHONPATH=/other/src python -m virtio_nsm serve``).  ``--qemu``
-adds QEMU's built-in C device (``nsm vm setup --with-builtin-nsm``) as a reference.
+``--vhost-user SOCK`` appended, and, for ``nsm serve``, ``--state-dir`` a fresh
+temporary directory (unless it has ``--state-dir`` or ``--ephemeral``): a
+benchmark never touches your default state directory or CA (``XDG_STATE_HOME``
+and ``XDG_DATA_HOME`` point into that temporary directory as well).  ``python``
+is this interpreter; run it from any tree with ``env PYTHONPATH=/other/src python
+-m virtio_nsm serve``.  ``--qemu`` adds QEMU's built-in C device as a reference; it
+needs ``nsm vm setup --with-builtin-nsm`` first (it builds QEMU from Debian's
+source).  Needs root (QEMU guests).  Ctrl-C, SIGTERM or a failure stop every
+backend and guest it started and remove its temporary files.
 """
 
 from __future__ import annotations
@@ -142,7 +153,40 @@ def _loop(fd: int, op: str, n: int, cpu: HostCpu) -> dict[str, Any]:
             "cpu_us_per_req": None if c0 is None or c1 is None else (c1 - c0) / n * 1e6}
 
 
-def guest_main(n: int, ops: list[str], share: str, idle: float) -> None:
+class GuestCpu:
+    """CPU time of a process inside the guest (the CUSE server), from its schedstat."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __call__(self) -> float | None:
+        with contextlib.suppress(OSError, ValueError):
+            return backend_cpu_seconds(self.pid)
+        return None
+
+
+def cuse_loops(n: int, ops: list[str]) -> dict[str, Any]:
+    """Start ``nsm cuse`` here (in the guest) and time the ops on its device."""
+    node = "/dev/nsm-bench"
+    server = subprocess.Popen([sys.executable, "-m", "virtio_nsm", "cuse", "--name", "nsm-bench",
+                               "--ephemeral", "-q"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(node):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"nsm cuse did not create {node}")
+            time.sleep(0.05)
+        fd = os.open(node, os.O_RDWR)
+        cpu = GuestCpu(server.pid)
+        results = {op: _loop(fd, op, n, cpu) for op in ["floor", *ops]}
+        os.close(fd)
+        return results
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def guest_main(n: int, ops: list[str], share: str, idle: float, cuse: bool = False) -> None:
     cpu = HostCpu(share)
     fd = os.open("/dev/nsm", os.O_RDWR)
     results: dict[str, Any] = {}
@@ -155,8 +199,10 @@ def guest_main(n: int, ops: list[str], share: str, idle: float) -> None:
         c1 = cpu()
         idle_cpu = None if c0 is None or c1 is None else c1 - c0
     os.close(fd)
+    cuse_results = cuse_loops(n, ops) if cuse else None
     print("BENCH-JSON " + json.dumps({"results": results, "idle_s": idle, "idle_cpu_s": idle_cpu,
-                                      "kernel": os.uname().release}), flush=True)
+                                      "kernel": os.uname().release, "cuse": cuse_results}),
+          flush=True)
 
 
 # --------------------------------------------------------------------------- host side
@@ -232,26 +278,43 @@ class GuestOutput:
 TURNAROUND = re.compile(r"turnaround p10 (\d+) / p50 (\d+) / p90 (\d+) us over (\d+)")
 
 
-def _start_backend(command: str, sock: Path, log: Path) -> subprocess.Popen[bytes]:
-    argv = shlex.split(command)
-    argv = [sys.executable if a == "python" else a for a in argv]
-    env = dict(os.environ)
-    if "PYTHONPATH" not in env:
-        env["PYTHONPATH"] = str(REPO / "src")
+def is_nsm_serve(argv: list[str]) -> bool:
+    """Whether a variant's command runs our ``nsm serve`` (which takes ``--state-dir``)."""
+    words = [Path(a).name for a in argv]
+    return "serve" in words and ("virtio_nsm" in words or "nsm" in words)
+
+
+def backend_argv(command: str, sock: Path, tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """A variant's command line and environment: private state, never the user's."""
+    argv = [sys.executable if a == "python" else a for a in shlex.split(command)]
+    argv += ["--vhost-user", str(sock)]
+    if is_nsm_serve(argv) and not {"--state-dir", "--ephemeral"} & set(argv):
+        argv += ["--state-dir", str(tmp / "state")]
+    from _harness import child_env
+
+    env = child_env(tmp)
+    if "PYTHONPATH" in os.environ:  # a variant run from another tree keeps its own
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return argv, env
+
+
+def _start_backend(command: str, sock: Path, tmp: Path) -> subprocess.Popen[bytes]:
+    argv, env = backend_argv(command, sock, tmp)
+    log = tmp / "backend.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*argv, "--vhost-user", str(sock)], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 30
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"backend `{command}` did not start:\n{log.read_text()}")
+            why = "exited with " + str(proc.returncode) if proc.poll() is not None else "timed out"
+            raise SystemExit(f"backend `{shlex.join(argv)}` did not start ({why}):\n"
+                             f"{log.read_text(errors='replace').strip() or '(no output)'}")
         time.sleep(0.05)
     return proc
 
 
 def one_run(label: str, command: str | None, args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO / "src"))
     from virtio_nsm.vm.run import RunOptions, run
     from virtio_nsm.vm.setup import load_or_setup
 
@@ -264,19 +327,27 @@ def one_run(label: str, command: str | None, args: argparse.Namespace) -> dict[s
             device = "qemu"
         else:
             sock = tmp / "nsm.sock"
-            proc = _start_backend(command, sock, tmp / "backend.log")
+            proc = _start_backend(command, sock, tmp)
             device = f"vhost-user:{sock}"
         out = GuestOutput(share, proc.pid if proc else None, tmp / "backend.log" if proc else None)
         guest = [sys.executable, str(HERE), "--guest", "-n", str(args.n), "--ops",
                  ",".join(args.ops), "--share", str(share), "--idle", str(args.idle)]
+        if args.cuse:
+            guest.append("--cuse")
         result = run(load_or_setup(), RunOptions(command=guest, device=device, shares=[share],
                                                  timeout=args.timeout, quiet=True,
                                                  kernel_args=args.kernel_args,
                                                  stdout=out))  # type: ignore[arg-type]
         line = next((ln for ln in out.lines if ln.startswith("BENCH-JSON ")), None)
         if result.status != 0 or line is None:
-            tail = "\n".join(out.lines[-20:])
-            raise SystemExit(f"{label}: guest failed (exit {result.status}):\n{tail}")
+            why = [result.error or "", "\n".join(out.lines[-20:])]
+            if proc is not None:
+                why.append("backend log tail:\n" + "\n".join(
+                    (tmp / "backend.log").read_text(errors="replace").splitlines()[-10:]))
+            if result.kept:
+                why.append(f"logs kept in {result.run_dir}")
+            text = "\n".join(w for w in why if w.strip()) or "(no output)"
+            raise SystemExit(f"guest failed (exit {result.status}):\n{text}")
         data: dict[str, Any] = json.loads(line.removeprefix("BENCH-JSON "))
         for i, op in enumerate(["floor", *args.ops]):  # question 2i+2 ends op i's timed loop
             m = TURNAROUND.search(out.stats.get(2 * i + 2, ""))
@@ -302,7 +373,7 @@ def summarize(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"runs": len(runs), "ops": {}}
     for op in runs[0]["results"]:
         rs = [r["results"][op] for r in runs]
-        summary["ops"][op] = {key: _med([x[key] for x in rs])
+        summary["ops"][op] = {key: _med([x.get(key) for x in rs])
                               for key in ("rps", "p50_us", "p90_us", "p99_us", "cpu_us_per_req",
                                           "turn_p50_us")}
         summary["ops"][op]["p50_over_floor"] = _med(
@@ -326,7 +397,25 @@ def print_summary(label: str, command: str | None, s: dict[str, Any], n: int) ->
               f"{r['p99_us']:>7.1f} {r['p50_over_floor']:>9.1f} {cpu:>10} {turn:>8}")
 
 
+def preflight(args: argparse.Namespace) -> None:
+    """Refuse early, saying what to run, instead of failing every boot alike."""
+    from virtio_nsm.vm.setup import SetupError, load_or_setup
+
+    if os.geteuid() != 0:
+        raise SystemExit("bench_latency.py boots QEMU guests: run it as root")
+    try:
+        tc = load_or_setup()
+    except SetupError as exc:
+        raise SystemExit(f"no VM toolchain: {exc} (run `nsm vm setup` as root)") from None
+    if args.qemu and tc.builtin_nsm_device is None:
+        raise SystemExit(f"--qemu needs QEMU's own C virtio-nsm-pci, which {tc.qemu_version} "
+                         "lacks (Debian builds QEMU without libcbor): run `nsm vm setup "
+                         "--with-builtin-nsm` once (it builds QEMU from Debian's source), or "
+                         "drop --qemu")
+
+
 def host_main(args: argparse.Namespace) -> int:
+    preflight(args)
     variants: list[tuple[str, str | None]] = []
     for spec in args.variant or ["ours=python -m virtio_nsm serve"]:
         label, sep, command = spec.partition("=")
@@ -345,6 +434,10 @@ def host_main(args: argparse.Namespace) -> int:
                 print(f"run {i + 1}/{args.runs} {label}: {exc}", file=sys.stderr, flush=True)
                 continue
             raw[label].append(data)
+            if data.get("cuse"):
+                raw.setdefault(f"{label}+cuse", []).append(
+                    {"results": data["cuse"], "idle_s": 0.0, "idle_cpu_s": None,
+                     "vhost_user": data["results"]})
             for ln in data.get("backend_log", "").splitlines():
                 if "DEBUG" in ln:
                     print(label, ln)
@@ -356,6 +449,9 @@ def host_main(args: argparse.Namespace) -> int:
                   f"floor p50 {data['results']['floor']['p50_us']:.1f} us, "
                   f"DescribeNSM p50 {dn.get('p50_us', float('nan')):.1f} us {stats}", flush=True)
     report: dict[str, Any] = {"n": args.n, "runs": args.runs, "variants": {}}
+    if args.cuse:
+        variants += [(f"{label}+cuse", f"nsm cuse in the guest (same boots as {label})")
+                     for label, _ in list(variants) if f"{label}+cuse" in raw]
     for label, command in variants:
         if not raw[label]:
             print(f"\n== {label}: no successful run")
@@ -363,6 +459,12 @@ def host_main(args: argparse.Namespace) -> int:
         s = summarize(label, raw[label])
         report["variants"][label] = {"command": command, "summary": s, "raw": raw[label]}
         print_summary(label, command, s, args.n)
+        if label.endswith("+cuse"):
+            ratios = {op: _med([r["results"][op]["p50_us"] / r["vhost_user"][op]["p50_us"]
+                                for r in raw[label]]) for op in args.ops}
+            report["variants"][label]["p50_over_vhost_user"] = ratios
+            print("   CUSE p50 / vhost-user p50, same boot (median over runs): "
+                  + ", ".join(f"{op} {v:.2f}" for op, v in ratios.items() if v is not None))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
@@ -380,6 +482,8 @@ def main() -> int:
                     help="LABEL=COMMAND starting a backend (repeatable; "
                          "default ours='python -m virtio_nsm serve')")
     ap.add_argument("--qemu", action="store_true", help="also QEMU's built-in C device")
+    ap.add_argument("--cuse", action="store_true",
+                    help="also time `nsm cuse` (a CUSE device) inside each guest")
     ap.add_argument("--idle", type=float, default=10.0,
                     help="idle seconds at the end of each guest run (backend CPU measured)")
     ap.add_argument("--kernel-args", default="",
@@ -391,9 +495,17 @@ def main() -> int:
     if bad:
         ap.error(f"unknown op(s) {bad}")
     if args.guest:
-        guest_main(args.n, args.ops, args.share, args.idle)
+        guest_main(args.n, args.ops, args.share, args.idle, args.cuse)
         return 0
-    return host_main(args)
+    import _harness
+
+    try:
+        with _harness.children_cleaned_up():
+            return host_main(args)
+    except KeyboardInterrupt as exc:
+        print(f"bench_latency: interrupted ({exc or 'SIGINT'}); every backend and guest it "
+              "started is stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

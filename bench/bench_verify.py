@@ -27,7 +27,7 @@ from virtio_nsm import NsmDevice, cose, verify_document
 from virtio_nsm.client import Nsm
 from virtio_nsm.verify import aws_nitro_root, load_pem_roots
 
-AWS_DOC = Path(__file__).resolve().parents[1].parent / "shared/testdata/aws/nitrite_production.b64"
+AWS_DOC = Path(__file__).resolve().parents[1] / "tests/data/aws/nitrite_production.b64"
 
 
 def raw_baseline(doc: bytes, roots: list[x509.Certificate], at: dt.datetime) -> Callable[[], object]:

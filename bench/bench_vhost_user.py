@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _harness import child_env
+
 from virtio_nsm.nsm.device import NsmDevice
 from virtio_nsm.nsm.frontend import VhostUserTransport
 from virtio_nsm.nsm.protocol import DescribePCR, encode_request
@@ -66,7 +68,7 @@ def main() -> None:
         sock = Path(tmp) / "nsm.sock"
         server = subprocess.Popen(
             [sys.executable, "-m", "virtio_nsm", "serve", "-q", "--ephemeral", "--vhost-user", str(sock)],
-            stdout=subprocess.PIPE, stderr=None, text=True, env=dict(os.environ),
+            stdout=subprocess.PIPE, stderr=None, text=True, env=child_env(Path(tmp)),
         )
         try:
             assert server.stdout is not None

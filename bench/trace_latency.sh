@@ -8,11 +8,13 @@
 # cpu_idle events from tracefs into OUT, and lets the run finish.  Thread names in
 # OUT: "CPU 0/TCG" is the guest's vCPU, ld-linux-x86-64 is QEMU's main loop (QEMU
 # runs through the cache's loader), python is the backend.  PYTHON: the interpreter
-# (default python; the venv's, e.g. PYTHON=.venv/bin/python).
+# (default .venv/bin/python, else python3).
 set -euo pipefail
 out=${1:?usage: trace_latency.sh OUT [variant options]}
 shift
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
 T=/sys/kernel/tracing
 [ -d "$T/events" ] || mount -t tracefs nodev "$T"
 echo 0 > "$T/tracing_on"
@@ -20,7 +22,7 @@ echo > "$T/trace"
 echo 8192 > "$T/buffer_size_kb"
 echo "sched:sched_switch sched:sched_waking sched:sched_wakeup power:cpu_idle" > "$T/set_event"
 log=$(mktemp)
-PYTHONPATH=src "${PYTHON:-python}" bench/bench_latency.py -n 200000 --runs 1 --ops DescribeNSM --idle 0 "$@" \
+"$PY" bench/bench_latency.py -n 200000 --runs 1 --ops DescribeNSM --idle 0 "$@" \
     > "$log" 2>&1 &
 bench=$!
 busy=0

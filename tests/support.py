@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import NoReturn
 
 from hypothesis import HealthCheck, settings
 
@@ -19,16 +18,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def shared_data_missing(path: object) -> NoReturn:
-    """Skip when ../shared is absent on a developer machine; in CI it must be there."""
-    import pytest
-
-    message = f"shared AWS test data not found at {path}"
-    if os.environ.get("CI"):
-        pytest.fail(message + " (CI must run with ../shared beside the clone)")
-    pytest.skip(message)
 
 
 #: Environment variable that sets the number of cases of every fuzz target (README, "Fuzzing").

@@ -1,4 +1,4 @@
-"""Verifier test helpers: the shared AWS documents, and a local test PKI shaped like
+"""Verifier test helpers: the real AWS documents (tests/data/aws), and a local test PKI shaped like
 AWS's with a document builder on top of it.
 
 root (no pathLen, decades) → regional (pathLen 2, 20 days) → zonal (pathLen 1,
@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
-from support import shared_data_missing
 
 from virtio_nsm import cbor, cose
 
@@ -240,11 +239,11 @@ def document(pki: Pki, *, indefinite: bool = False, **kwargs: Any) -> bytes:
     return sign(pki.leaf_key, encode_payload(payload_fields(pki, **kwargs), indefinite=indefinite))
 
 
-# -- the shared AWS documents ------------------------------------------------
+# -- the real AWS documents ---------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]
-#: Read-only test data shared between worktrees (never written by tests).
-AWS_DATA = REPO.parent / "shared" / "testdata" / "aws"
+#: Real documents shipped with the tests (sources and verdicts: AWS_DATA/NOTICE.md).
+AWS_DATA = REPO / "tests" / "data" / "aws"
 
 
 @dataclass(frozen=True)
@@ -260,7 +259,7 @@ def _ms(ms: int) -> dt.datetime:
     return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=ms)
 
 
-# Verdicts and pinned times as listed in AWS_DATA/NOTICE.md.
+# Verdicts and pinned times as listed in AWS_DATA/NOTICE.md (a test checks they agree).
 AWS_EXPECTED = {
     "nitrite_production.b64": (_ms(1725719859545), True),
     "nitrite_debug.b64": (_ms(1725719886508), True),
@@ -272,8 +271,6 @@ AWS_EXPECTED = {
 
 def load_aws(name: str) -> AwsDocument:
     path = AWS_DATA / name
-    if not path.exists():
-        shared_data_missing(path)
     at, valid = AWS_EXPECTED[name]
     return AwsDocument(name, base64.b64decode(path.read_bytes()), at, valid)
 

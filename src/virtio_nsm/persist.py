@@ -611,7 +611,7 @@ class StateStore:
             store.recovered = replayed
             return store
         except BaseException:
-            os.close(lock_fd)
+            cls._unlock(lock_fd)
             raise
 
     @staticmethod
@@ -623,14 +623,28 @@ class StateStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StateError(f"{d} is in use by another backend (pid {owner})") from None
+                # The flock is the truth; the pid is what its holder wrote (it may be
+                # a moment late, or name a process that passed the lock on).
+                who = f"pid {owner}" if owner.isdigit() else "pid not recorded yet"
+                if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+                    who = f"pid {owner} recorded, no longer running: another process holds the lock"
+                raise StateError(f"{d} is in use by another backend ({who})") from None
             raise StateError(f"cannot lock {d}: {exc.strerror}") from None
+        # The lock is the flock, never this file's contents: they say who holds it
+        # (while it is held) and are emptied when it is released.
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
+
+    @staticmethod
+    def _unlock(fd: int) -> None:
+        """Release the lock, leaving an empty lock file (no pid of a process that is gone)."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)
 
     @property
     def state(self) -> DeviceState:
@@ -710,7 +724,7 @@ class StateStore:
     def close(self) -> None:
         self._journal.close()
         if self._lock_fd >= 0:
-            os.close(self._lock_fd)
+            self._unlock(self._lock_fd)
             self._lock_fd = -1
 
     def __enter__(self) -> StateStore:
@@ -840,5 +854,5 @@ def import_state(directory: str | os.PathLike[str], data: bytes, *, replace: boo
         # A new generation: whatever the journal holds belongs to the replaced state.
         write_atomic(state_path, encode_snapshot(incoming, _new_generation()))
     finally:
-        os.close(lock_fd)
+        StateStore._unlock(lock_fd)
     return incoming

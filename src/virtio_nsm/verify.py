@@ -63,9 +63,11 @@ errors and raise :class:`ValueError` or :class:`TypeError`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -558,7 +560,7 @@ def _diagnose_links(
         except (ValueError, TypeError, InvalidSignature):
             continue
         return root
-    reasons.append(f"{label(n - 1)} is neither a trusted root nor issued by one")
+    reasons.append(f"{label(n - 1)} {_NOT_ANCHORED}")
     return None
 
 
@@ -589,14 +591,42 @@ def _check_chain(
         elif built != path:
             failure = "X.509 path validation chose a chain other than [leaf, cabundle reversed]"
     if failure is not None:
-        reasons.append(failure)
         root = _diagnose_links(path, roots, reasons)
         if root is not None:
             path.append(root)
             anchored_by_root = True
     for i, cert in enumerate(path):
         _check_certificate(cert, _label(i, len(path), anchored_by_root), i, at, reasons)
+    if failure is not None:
+        # Our own findings lead (they name the certificate and the broken property);
+        # the validator's message follows, in words, unless it only says that no
+        # path to a root exists, which a reason above already says precisely.
+        unanchored = any(r.endswith(_NOT_ANCHORED) for r in reasons)
+        if not (unanchored and "candidates exhausted" in failure):
+            reasons.append(_readable_failure(failure, path, anchored_by_root))
     return tuple(path), reasons
+
+
+_NOT_ANCHORED = "is neither a trusted root nor issued by one"
+#: How cryptography's validator names a certificate in its messages (a Python repr).
+_CERT_REPR = re.compile(r"<Certificate\(subject=<Name\((?P<subject>.*?)\)>, \.\.\.\)>")
+
+
+def _readable_failure(failure: str, path: Sequence[x509.Certificate], anchored_by_root: bool) -> str:
+    """The validator's message with each certificate named by its place in the chain."""
+    subjects: dict[str, str] = {}
+    for i, cert in enumerate(path):
+        with contextlib.suppress(ValueError):
+            subjects.setdefault(cert.subject.rfc4514_string(), _label(i, len(path), anchored_by_root))
+
+    def name(m: re.Match[str]) -> str:
+        subject = m.group("subject")
+        label = subjects.get(subject)
+        return f"the {label} ({subject})" if label else f"the certificate {subject}"
+
+    text = failure.replace("validation failed: validation failed: ", "validation failed: ")
+    text = _CERT_REPR.sub(name, text)
+    return re.sub(r"<[A-Za-z]+\((.*?)\)>", r"\1", text)  # any other repr: its contents only
 
 
 # -- arguments -----------------------------------------------------------------------

@@ -30,7 +30,7 @@ def device_on(store: ps.StateStore) -> NsmDevice:
 def test_new_directory_is_initialised_privately(tmp_path: Path) -> None:
     with ps.StateStore.open(tmp_path / "s") as store:
         assert store.snapshot.seq == 0
-    for name in (ps.STATE_FILE, ps.LOCK_FILE, "ca/root-key.pem"):
+    for name in (ps.STATE_FILE, ps.JOURNAL_FILE, ps.LOCK_FILE, "ca/root-key.pem"):
         assert stat.S_IMODE(os.stat(tmp_path / "s" / name).st_mode) == 0o600, name
     assert stat.S_IMODE(os.stat(tmp_path / "s").st_mode) == 0o700
 

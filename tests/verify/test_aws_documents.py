@@ -1,14 +1,14 @@
-"""Real AWS documents from ../shared/testdata/aws, with the verdicts NOTICE.md lists."""
+"""Real AWS documents shipped in tests/data/aws, with the verdicts its NOTICE.md lists."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 
 import cbor2
 import pytest
-from support import shared_data_missing
-from verify_support import AWS_DATA, AwsDocument, Pki, aws_names, der, load_aws
+from verify_support import AWS_DATA, AWS_EXPECTED, AwsDocument, Pki, aws_names, der, load_aws
 
 from virtio_nsm import cose
 from virtio_nsm.verify import (
@@ -20,20 +20,33 @@ from virtio_nsm.verify import (
 )
 
 
-def test_every_shared_document_has_an_expected_verdict() -> None:
-    if not AWS_DATA.is_dir():
-        shared_data_missing(AWS_DATA)
+def test_every_shipped_document_has_an_expected_verdict() -> None:
     assert sorted(p.name for p in AWS_DATA.glob("*.b64")) == aws_names()
 
 
+def test_expected_verdicts_are_the_ones_notice_lists() -> None:
+    # NOTICE.md is the human-readable source of the verdicts; the tests must agree with it.
+    rows = {}
+    for line in (AWS_DATA / "NOTICE.md").read_text().splitlines():
+        m = re.match(r"\| `([^`]+\.b64)` \| [^|]+ \| (.+) \|$", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    assert sorted(rows) == aws_names()
+    for name, (at, valid) in AWS_EXPECTED.items():
+        verdict = rows[name]
+        assert verdict.startswith("valid") == valid, name
+        if valid:
+            ms = int(re.search(r"(\d{13}) ms", verdict).group(1))  # type: ignore[union-attr]
+            assert round(at.timestamp() * 1000) == ms, name
+
+
 def test_shipped_root_is_the_published_one() -> None:
+    from cryptography import x509
+
     root = aws_nitro_root()
     assert hashlib.sha256(der(root)).hexdigest() == AWS_NITRO_ROOT_SHA256
-    shared = AWS_DATA / "aws_nitro_enclaves_root_g1.pem"
-    if shared.exists():
-        from cryptography import x509
-
-        assert der(x509.load_pem_x509_certificate(shared.read_bytes())) == der(root)
+    shipped = AWS_DATA / "aws_nitro_enclaves_root_g1.pem"
+    assert der(x509.load_pem_x509_certificate(shipped.read_bytes())) == der(root)
 
 
 @pytest.mark.parametrize("name", aws_names())

@@ -11,6 +11,12 @@ import pytest
 collect_ignore = [] if os.environ.get("NSM_VM_GUEST") == "1" else ["guest"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "nsm_ko: a guest test of Linux's nsm.ko itself (virtio binding, hwrng, reset); "
+        "deselected when the suite runs against a CUSE device")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("NSM_VM_GUEST") == "1":
         return  # inside a guest: the guest module decides for itself

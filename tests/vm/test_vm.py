@@ -26,6 +26,7 @@ pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_TESTS = Path(__file__).resolve().parent / "guest" / "test_guest_nsm.py"
+GUEST_AWS_TESTS = Path(__file__).resolve().parent / "guest" / "test_guest_aws_nsm.py"
 
 
 def _serve_available() -> bool:
@@ -169,3 +170,64 @@ def test_running_backend_outlives_guests(toolchain: Toolchain, tmp_path: Path) -
         serve.wait(10)
         log.close()
         print((tmp_path / "serve.log").read_text())  # pytest shows it on failure
+
+
+def test_cuse_device_in_guest(toolchain: Toolchain, tmp_path: Path) -> None:
+    """`nsm cuse` inside a guest (Debian's cuse.ko): the conformance suite against
+    /dev/nsm-cuse (our client and CLI with --device included; the attestation document
+    verified here against the CUSE device's root), SIGTERM removing the device, then
+    AWS's aws-nsm-interface, unmodified, against a CUSE /dev/nsm (no virtio NSM device
+    in this guest, so /dev/nsm is ours)."""
+    from cryptography import x509
+
+    from virtio_nsm.verify import verify_document
+
+    out = tmp_path / "out"
+    out.mkdir()
+    pytest_cmd = (f"{sys.executable} -m pytest -p no:cacheprovider -q -ra --color=no "
+                  f"--rootdir {REPO}")
+    wait = ('i=0; while [ ! -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; '
+            '[ -e "$1" ] || { echo "no $1"; exit 9; }')
+    script = f"""
+set -u
+waitdev() {{ {wait}; }}
+nsm cuse --name nsm-cuse --state-dir /tmp/cuse-state --mode 0666 > {out}/cuse.log 2>&1 &
+pid=$!
+waitdev /dev/nsm-cuse
+echo "== conformance"
+NSM_GUEST_DEVICE=/dev/nsm-cuse {pytest_cmd} -m "not nsm_ko" {GUEST_TESTS}
+rc1=$?
+nsm describe --device /dev/nsm-cuse | grep max_pcrs
+cp /tmp/cuse-state/ca/root.pem {out}/root.pem
+kill -TERM $pid; wait $pid; echo "cuse-exit=$?"
+[ -e /dev/nsm-cuse ] && echo "cuse-node=present" || echo "cuse-node=gone"
+nsm cuse --ephemeral --mode 0666 > {out}/cuse2.log 2>&1 &
+pid=$!
+waitdev /dev/nsm
+echo "== aws-nsm-interface"
+{pytest_cmd} {GUEST_AWS_TESTS}
+rc2=$?
+kill -TERM $pid; wait $pid; echo "cuse2-exit=$?"
+exit $((rc1 | rc2))
+"""
+    r = nsm_vm_run("--device", "none", "--share", str(out), "--env", f"NSM_VM_OUT={out}",
+                   "--timeout", "500", "--", "sh", "-c", script)
+    print(r.stdout)
+    print(r.stderr, file=sys.stderr)
+    logs = "".join((out / f).read_text() for f in ("cuse.log", "cuse2.log") if (out / f).exists())
+    assert r.returncode == 0, f"guest failed:\n{r.stdout}\n{r.stderr}\n{logs}"
+    conformance, aws = r.stdout.split("== conformance", 1)[1].split("== aws-nsm-interface", 1)
+    summaries = [ln for ln in conformance.splitlines() if " passed" in ln]
+    assert summaries and "failed" not in summaries[-1] and "skipped" not in summaries[-1]
+    assert "deselected" in summaries[-1]  # the nsm.ko-only tests
+    assert "max_pcrs:    32" in conformance
+    assert "cuse-exit=0" in r.stdout and "cuse-node=gone" in r.stdout
+    aws_summary = [ln for ln in aws.splitlines() if " passed" in ln]
+    assert aws_summary and "5 passed" in aws_summary[-1] and "skipped" not in aws_summary[-1]
+    assert "cuse2-exit=0" in r.stdout
+    root = x509.load_pem_x509_certificate((out / "root.pem").read_bytes())
+    meta = json.loads((out / "attestation.json").read_text())
+    verified = verify_document(
+        (out / "attestation.cbor").read_bytes(), roots=[root], nonce=bytes.fromhex(meta["nonce"]),
+        expected_pcrs={int(k): bytes.fromhex(v) for k, v in meta["pcrs"].items()}, max_age=600)
+    assert verified.user_data == bytes.fromhex(meta["user_data"])

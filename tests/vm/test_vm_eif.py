@@ -66,7 +66,12 @@ def test_eif_device_has_the_production_layout(toolchain: Toolchain, tmp_path: Pa
                "--parent-instance-id", INSTANCE, "--share", str(out), "--timeout", "300",
                "--", "sh", "-c", script)
     assert run.returncode == 0, run.stdout + run.stderr
-    seen = [json.loads(line) for line in (out / "pcrs.json").read_text().splitlines() if line.strip()]
+    text, seen, decoder = (out / "pcrs.json").read_text(), [], json.JSONDecoder()
+    position = 0
+    while text[position:].strip():  # one indented JSON object per `nsm pcr get --json`
+        position += len(text[position:]) - len(text[position:].lstrip())
+        entry, position = decoder.raw_decode(text, position)
+        seen.append(entry)
     values = {entry["index"]: (entry["locked"], entry["data"]) for entry in seen}
     zero = "00" * 48
     expected = {0: pcrs[0], 1: pcrs[1], 2: pcrs[2], 4: pcr_of_instance(INSTANCE).hex()}

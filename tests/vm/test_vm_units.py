@@ -125,3 +125,42 @@ def test_guest_status_from_file_or_console(tmp_path: Path) -> None:
     assert run._guest_status(tmp_path) == 7
     (tmp_path / "status").write_text("3\n")
     assert run._guest_status(tmp_path) == 3
+
+
+def test_kernel_stage_adds_cuse_and_keeps_modules_extracted_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache extracted without cuse.ko is extracted again (nsm cuse needs /dev/cuse in the
+    guest); modules another tree's set-up put there stay."""
+    from collections.abc import Callable, Iterator
+
+    kdir = tmp_path / "kernels" / "linux-image-6.12-amd64"
+    (kdir / "modules").mkdir(parents=True)
+    for m in initramfs.GUEST_MODULES:
+        if m != "cuse":
+            (kdir / "modules" / f"{m}.ko").write_bytes(b"old")
+    (kdir / "modules" / "vsock.ko").write_bytes(b"someone else's")
+    (kdir / ".done").write_text('{"version": "6.12", "vmlinuz": "x", "module_dir": "y"}')
+
+    class FakeApt:
+        def resolve_kernel(self, package: str) -> list[str]:
+            return ["linux-image-6.12-amd64"]
+
+        def download(self, package: str, dest: Path, progress: object) -> Path:
+            dest.mkdir(parents=True, exist_ok=True)
+            return dest / "k.deb"
+
+    def members(deb: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+        names = ["boot/vmlinuz-6.12-amd64"] + [
+            f"lib/modules/6.12-amd64/{path}" for path in setup._MODULE_PATHS.values()]
+        for name in names:
+            if wanted(name):
+                yield name, b"new " + name.encode()
+
+    monkeypatch.setattr(setup, "_deb_members", members)
+    kernel = setup._stage_kernel(tmp_path, FakeApt(), "linux-image-amd64",  # type: ignore[arg-type]
+                                 lambda _m: None)
+    mods = Path(kernel.module_dir)
+    assert (mods / "cuse.ko").read_bytes().endswith(b"kernel/fs/fuse/cuse.ko")
+    assert (mods / "nsm.ko").read_bytes().startswith(b"new ")
+    assert (mods / "vsock.ko").read_bytes() == b"someone else's"
+    assert "insmod /lib/modules/cuse.ko" in initramfs.INIT_SCRIPT

@@ -11,11 +11,24 @@ import click
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="virtio-nsm", prog_name="nsm")
-def main() -> None:
+@click.option("--device", "device", default=None, metavar="DEV",
+              help="Device for the device commands (describe, pcr, random, attest), as their "
+              "own --device: a /dev/nsm path, vhost-user:SOCKET or local.")
+@click.pass_context
+def main(ctx: click.Context, device: str | None) -> None:
     """virtio NitroSecureModule: device, transports, client and verifier."""
+    if device is not None:
+        from .device import _GROUP_DEVICE, DEVICE_COMMANDS
+
+        if ctx.invoked_subcommand not in DEVICE_COMMANDS:
+            raise click.UsageError(
+                f"`nsm --device` applies to {', '.join(sorted(DEVICE_COMMANDS))}, "
+                f"not to `{ctx.invoked_subcommand}`")
+        ctx.meta[_GROUP_DEVICE] = device
 
 
 # Command modules register themselves on `main` when imported.
+from . import cuse as _cuse  # noqa: E402,F401
 from . import demo as _demo  # noqa: E402,F401
 from . import device as _device  # noqa: E402,F401
 from . import eif as _eif  # noqa: E402,F401

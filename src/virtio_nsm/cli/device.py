@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,11 +13,12 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 
-from ..client import DEFAULT_DEVICE, DEVICE_ENV, Nsm
+from ..client import DEFAULT_DEVICE, DEVICE_ENV, LOCAL_DEVICE, Nsm
 from ..errors import ConfigurationError, DeviceNotFoundError, NsmError, TransportError
+from ..nsm.device import NsmDevice
 from ..nsm.pki import CertificateAuthority
 from ..nsm.protocol import MAX_REQUEST_SIZE
-from ..persist import default_ca_dir, load_ca, save_ca
+from ..persist import ROOT_CERT_FILE, ROOT_KEY_FILE, default_ca_dir, load_ca, save_ca
 from . import main
 from .inputs import InputError, read_input
 
@@ -34,19 +36,37 @@ def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
     sys.exit(status)
 
 
+#: Commands that talk to a device: they take ``--device``, also before their name
+#: (``nsm --device local describe``).
+DEVICE_COMMANDS = frozenset({"describe", "pcr", "random", "attest"})
+#: Where :data:`main` keeps a ``--device`` given before the subcommand.
+_GROUP_DEVICE = "virtio_nsm.device"
+
+
 def device_options(f: Callable[P, T]) -> Callable[P, T]:
     f = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
     f = click.option(
-        "--device", envvar=DEVICE_ENV, default=DEFAULT_DEVICE, show_default=True,
-        help=f"/dev/nsm path, vhost-user:SOCKET or local (default from ${DEVICE_ENV}).",
+        "--device", default=None, metavar="DEV",
+        help=f"/dev/nsm path, vhost-user:SOCKET or local (a throwaway in-process device). "
+        f"Default: `nsm --device DEV` before the command, else ${DEVICE_ENV}, else {DEFAULT_DEVICE}.",
     )(f)
     return f
 
 
+def resolve_device(device: str | None) -> str:
+    """``--device`` after the command, else before it, else ``$NSM_DEVICE``, else /dev/nsm."""
+    if device is not None:
+        return device
+    ctx = click.get_current_context(silent=True)
+    before = ctx.meta.get(_GROUP_DEVICE) if ctx is not None else None
+    return before or os.environ.get(DEVICE_ENV) or DEFAULT_DEVICE
+
+
 @contextmanager
-def open_device(device: str) -> Iterator[Nsm]:
+def open_device(device: str, *, signs: bool = False) -> Iterator[Nsm]:
+    """Open ``device``; ``signs``: the command makes a document (see :func:`local_device`)."""
     try:
-        nsm = Nsm.open(device)
+        nsm = Nsm.local(local_device()) if device == LOCAL_DEVICE and signs else Nsm.open(device)
     except DeviceNotFoundError as exc:
         fail(str(exc.strerror))
     except (TransportError, OSError, ConfigurationError) as exc:
@@ -94,13 +114,17 @@ def pcr_index(f: Callable[P, T]) -> Callable[P, T]:
     return click.argument("index", type=click.IntRange(0, 0xFFFF))(f)
 
 
-def _with_device(f: Callable[..., None]) -> Callable[..., None]:
+def _with_device(f: Callable[..., None], *, signs: bool = False) -> Callable[..., None]:
     @functools.wraps(f)
-    def wrapper(device: str, as_json: bool, **kwargs: Any) -> None:
-        with open_device(device) as nsm:
+    def wrapper(device: str | None, as_json: bool, **kwargs: Any) -> None:
+        with open_device(resolve_device(device), signs=signs) as nsm:
             f(nsm, as_json, **kwargs)
 
     return device_options(wrapper)
+
+
+def _signing_device(f: Callable[..., None]) -> Callable[..., None]:
+    return _with_device(f, signs=True)
 
 
 @main.command()
@@ -206,13 +230,23 @@ def random(nsm: Nsm, as_json: bool, count: int) -> None:
 @main.command()
 @click.option("--nonce", metavar="HEX", help="Nonce, in hex.")
 @click.option("--user-data", metavar="HEX|@FILE", help="User data, in hex or @FILE.")
-@click.option("--public-key", metavar="@FILE|HEX", help="Public key bytes, @FILE or hex.")
+@click.option(
+    "--public-key", metavar="@FILE|HEX",
+    help="Public key bytes to put in the document, @FILE or hex (at most 1024 bytes; the NSM "
+    "does not look inside). E.g. a P-384 key in DER: openssl ecparam -name secp384r1 -genkey "
+    "-noout -out key.pem && openssl ec -in key.pem -pubout -outform DER -out pk.der, "
+    "then --public-key @pk.der.",
+)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
               help="Where to write the document (raw COSE_Sign1; '-' for standard output).")
-@_with_device
+@_signing_device
 def attest(nsm: Nsm, as_json: bool, nonce: str | None, user_data: str | None,
            public_key: str | None, output: str) -> None:
-    """Get a signed attestation document (Attestation)."""
+    """Get a signed attestation document (Attestation).
+
+    With --device local, the document is signed by the default CA (created on
+    first use, like `nsm ca init`): `nsm ca root` prints the root to verify it with.
+    """
     document = nsm.attestation(
         user_data=hex_or_file(user_data, "--user-data"),
         nonce=parse_hex(nonce, "--nonce") if nonce is not None else None,
@@ -230,7 +264,48 @@ def attest(nsm: Nsm, as_json: bool, nonce: str | None, user_data: str | None,
 
 @main.group()
 def ca() -> None:
-    """The local attestation CA (root key and certificate)."""
+    """The attestation CA (root key and certificate) that signs documents.
+
+    \b
+    One default CA signs every document made on this machine: by `nsm serve`
+    (a new state directory keeps a copy of it), `nsm serve --ephemeral` (when it
+    exists) and `nsm attest --device local`. `nsm ca init` creates it; so does
+    the first `nsm serve` or local attestation that needs it. `nsm ca root`
+    prints its certificate:  nsm ca root > root.pem; nsm verify doc.cose --root root.pem
+    """
+
+
+def default_ca(*, create: bool) -> tuple[CertificateAuthority | None, bool]:
+    """The default CA (:func:`default_ca_dir`) and whether this call created it.
+
+    ``None`` when it does not exist and ``create`` is false. Raises
+    ``ConfigurationError`` when it exists but cannot be read.
+    """
+    directory = default_ca_dir()
+    if not (directory / ROOT_CERT_FILE).exists() and not (directory / ROOT_KEY_FILE).exists():
+        if not create:
+            return None, False
+        try:
+            save_ca(CertificateAuthority.generate(), directory)
+            return load_ca(directory), True
+        except ConfigurationError:
+            pass  # created meanwhile by another process: load that one
+        except OSError as exc:
+            raise ConfigurationError(f"cannot create the default CA in {directory}: "
+                                     f"{exc.strerror or exc}") from None
+    return load_ca(directory), False
+
+
+def local_device() -> NsmDevice:
+    """A throwaway in-process device that signs with the default CA (created if missing)."""
+    try:
+        authority, created = default_ca(create=True)
+    except ConfigurationError as exc:
+        fail(f"{exc} (the default CA signs documents of --device local)")
+    if created:
+        click.echo(f"nsm: created the default CA in {default_ca_dir()} (`nsm ca root` prints "
+                   "its root)", err=True)
+    return NsmDevice(ca=authority)
 
 
 def _ca_dir_option(f: Callable[P, T]) -> Callable[P, T]:
@@ -243,33 +318,46 @@ def _ca_dir_option(f: Callable[P, T]) -> Callable[P, T]:
 @ca.command("init")
 @_ca_dir_option
 def ca_init(directory: Path | None) -> None:
-    """Create a persistent CA (root key 0600) that `nsm serve` loads."""
+    """Create a CA (root key 0600, certificate); by default the one that signs everything."""
     directory = directory or default_ca_dir()
     try:
         save_ca(CertificateAuthority.generate(), directory)
-    except (ConfigurationError, OSError) as exc:
-        fail(str(exc))
+    except ConfigurationError as exc:
+        where = "" if directory == default_ca_dir() else f" --dir {directory}"
+        fail(f"{exc} (`nsm ca root{where}` prints its root)")
+    except OSError as exc:
+        fail(f"cannot create a CA in {directory}: {exc.strerror or exc}")
     click.echo(f"created CA in {directory}")
 
 
 @ca.command("root")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="A CA directory (e.g. made by `nsm ca init`).")
+              help="A CA directory (e.g. made by `nsm ca init --dir`).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The CA of the `nsm serve` state directory DIR.")
+              help="The CA of the `nsm serve` state directory DIR (its ca/).")
 def ca_root(directory: Path | None, state_dir: Path | None) -> None:
     """Print a root certificate (PEM), the trust anchor for its documents.
 
-    Default: the root `nsm serve` signs with by default (its default state directory).
+    Default: the default CA's (see `nsm ca --help`), which signs documents of
+    `nsm serve`, `nsm attest --device local` and `nsm vm run`.
     """
-    from ..persist import CA_DIR, default_state_dir
+    from ..persist import CA_DIR
 
     if directory is not None and state_dir is not None:
         raise click.UsageError("give --dir or --state-dir, not both")
-    if directory is None:
-        directory = (state_dir or default_state_dir()) / CA_DIR
+    if state_dir is not None:
+        directory = state_dir / CA_DIR
+        if not directory.exists():
+            fail(f"{state_dir} holds no CA (is it a state directory? `nsm serve --state-dir "
+                 f"{state_dir}` creates one)")
+    elif directory is None:
+        directory = default_ca_dir()
+        if not directory.exists():
+            fail(f"no default CA in {directory} yet: create it with `nsm ca init` (the first "
+                 "`nsm serve` or `nsm attest --device local` also does)")
     try:
         authority = load_ca(directory)
     except ConfigurationError as exc:
-        fail(f"{exc} (start `nsm serve` once, or create a CA with `nsm ca init`)")
+        fail(f"{exc} (a CA directory holds root.pem and root-key.pem, e.g. from `nsm ca init "
+             f"--dir {directory}`)")
     click.echo(authority.certificate_pem.decode("ascii"), nl=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -13,6 +14,8 @@ import click
 
 from .. import persist
 from ..errors import ConfigurationError
+from ..nsm.pki import CertificateAuthority
+from ..persist import ROOT_CERT_FILE, default_ca_dir
 from ..serving import ServeConfig, Served, qemu_options, serving
 from ..vhost_user import cpu_qos
 from ..vhost_user.daemon import DEFAULT_POLL_US
@@ -41,8 +44,9 @@ from .eif import boot_config, boot_options
 @click.option(
     "--ephemeral",
     is_flag=True,
-    help="Keep the device state in memory only (fresh PCRs and CA every start; "
-    "a crash loses it).",
+    help="Keep the device state in memory only (fresh PCRs every start; a crash loses "
+    "it). Writes nothing: signs with the default CA if it exists, else with a throwaway "
+    "root that it prints.",
 )
 @click.option(
     "--ca-dir",
@@ -136,6 +140,20 @@ def serve(
     except ConfigurationError as exc:
         click.echo(f"nsm: {exc}", err=True)
         sys.exit(2)
+    default_root: bytes | None = None  # the default CA's certificate, when it signs
+    if ca_dir is None and (ephemeral or (config.state_dir is not None
+                                         and _new_state_dir(config.state_dir))):
+        # One CA signs everything by default (see `nsm ca --help`): a new state
+        # directory starts with a copy of it (created if need be); --ephemeral,
+        # which writes nothing, uses it only if it exists. An existing state
+        # directory keeps the root it has.
+        try:
+            authority, default_root = _default_ca(create=not ephemeral)
+        except ConfigurationError as exc:
+            click.echo(f"nsm: {exc}", err=True)
+            sys.exit(2)
+        if authority is not None:
+            config = dataclasses.replace(config, ca_dir=default_ca_dir())
     try:
         with serving(config) as served:
             daemon = served.daemon
@@ -150,6 +168,8 @@ def serve(
             signal.signal(signal.SIGINT, stop)
             signal.signal(signal.SIGUSR1, stats)
             _announce(served)  # once signals stop us cleanly: a reader may SIGTERM at once
+            if ca_dir is None:
+                _announce_default_root(served, default_root)
             daemon.serve_forever()
     except persist.StateError as exc:
         click.echo(f"nsm: {exc}", err=True)
@@ -161,6 +181,52 @@ def serve(
         where = config.socket_path or "a temporary socket"
         click.echo(f"nsm: cannot serve on {where}: {exc}", err=True)
         sys.exit(2)
+
+
+def _new_state_dir(directory: Path) -> bool:
+    """Whether ``nsm serve`` would initialise ``directory`` (it holds no state and no CA)."""
+    return not (directory / persist.STATE_FILE).exists() and not (directory / persist.CA_DIR).exists()
+
+
+def _default_ca(*, create: bool) -> tuple[CertificateAuthority | None, bytes | None]:
+    """The default CA and its certificate (PEM); announces it when this call created it."""
+    from .device import default_ca
+
+    authority, created = default_ca(create=create)
+    if created:
+        click.echo(f"nsm: created the default CA in {default_ca_dir()} (`nsm ca root` prints "
+                   "its root)", err=True)
+    return authority, None if authority is None else authority.certificate_pem
+
+
+def _announce_default_root(served: Served, default_root: bytes | None) -> None:
+    """Which root documents chain to, when no --ca-dir said so (see `nsm ca --help`)."""
+    nsm = served.nsm
+    if nsm is None:
+        return
+    signing_root = nsm.device.ca.certificate_pem
+    if nsm.store is not None:
+        if _is_default_root(signing_root):
+            click.echo("That is the default CA's root: `nsm ca root` prints it")
+        else:
+            click.echo(f"That is not the default CA's root (this state directory was made "
+                       f"with another one): `nsm ca root --state-dir {nsm.store.directory}` "
+                       "prints it")
+    elif default_root is not None:
+        click.echo("That is the default CA's root: `nsm ca root` prints it")
+    else:
+        click.echo("Documents chain to this throwaway root (no default CA exists; "
+                   "`nsm ca init` makes one); save it to verify them with "
+                   "nsm verify DOC --root FILE:")
+        click.echo(signing_root.decode("ascii"), nl=False)
+    sys.stdout.flush()
+
+
+def _is_default_root(certificate_pem: bytes) -> bool:
+    try:
+        return (default_ca_dir() / ROOT_CERT_FILE).read_bytes() == certificate_pem
+    except OSError:
+        return False
 
 
 def _announce(served: Served) -> None:

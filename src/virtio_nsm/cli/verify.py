@@ -255,12 +255,40 @@ def verify(
             click.echo("attestation document is INVALID:", err=True)
             for reason in exc.reasons:
                 click.echo(f"  - {reason}", err=True)
+            for hint in _hints(exc.reasons, data, trusted):
+                click.echo(f"hint: {hint}", err=True)
         sys.exit(1)
     if as_json:
         out = {"valid": True, "reasons": [], "document": _document_json(result)}
         click.echo(json.dumps(out, indent=2))
     else:
         click.echo(_human(result))
+
+
+_PCR_ABSENT = re.compile(r"PCR(\d+) is not in the document")
+
+
+def _hints(reasons: Sequence[str], data: bytes, trusted: Sequence[x509.Certificate] | None) -> list[str]:
+    """What to do about the usual mistakes: the wrong root, an unlocked PCR."""
+    hints = []
+    if any(r.endswith("is neither a trusted root nor issued by one") for r in reasons):
+        bundle = [c for c in parse_unverified(data).bundle if c is not None]
+        top = f"goes up to {_issuer(bundle[0])}" if bundle else "has no usable cabundle"
+        names = ", ".join(_subject(r) for r in trusted) if trusted else "the AWS Nitro root"
+        hints.append(
+            f"the document's chain {top}, but only {names} is trusted. Documents from AWS "
+            "verify with no --root; documents from this project's devices verify with their "
+            "root: `nsm ca root > root.pem` then --root root.pem, or --root DIR/ca/root.pem for "
+            "`nsm serve --state-dir DIR`"
+        )
+    absent = [m.group(1) for r in reasons if (m := _PCR_ABSENT.fullmatch(r))]
+    if absent:
+        pcrs = ", ".join(f"PCR{i}" for i in absent)
+        hints.append(
+            f"documents carry only locked PCRs, as on a real NSM: {pcrs} must be locked "
+            f"(nsm pcr lock {absent[0]}) before the document is made"
+        )
+    return hints
 
 
 def _describe_key(cert: x509.Certificate) -> str:

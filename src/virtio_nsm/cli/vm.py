@@ -26,13 +26,14 @@ def vm() -> None:
     """Boot Linux guests (QEMU TCG) with the NSM device; the real-kernel tier.
 
     \b
-    Quick start (as root; the first set-up downloads ~250 MB from Debian):
+    Quick start (as root; the first set-up builds a ~430 MB cache from Debian's archive):
       nsm vm setup                     # cached in ~/.cache/virtio-nsm/vm
       nsm vm run -- nsm describe       # Linux's nsm.ko talks to `nsm serve`
       nsm vm run -- sh -c 'cat /sys/class/misc/hw_random/rng_current'
 
-    The guest runs COMMAND chrooted into this machine's root (read-only over 9p,
-    /tmp writable), so the same programs, venv and PYTHONPATH work inside it.
+    The guest runs COMMAND chrooted into this machine's root (read-only over 9p),
+    so the same programs, venv and PYTHONPATH work inside it. Its writes to /tmp
+    stay in the guest; `--share DIR` shares a host directory read-write.
     """
 
 
@@ -44,7 +45,7 @@ def vm() -> None:
               help="Use the debootstrapped trixie root's QEMU even if the host has one.")
 @click.option("--with-builtin-nsm", is_flag=True,
               help="Also build QEMU from Debian's source with libcbor for QEMU's own C "
-                   "virtio-nsm-pci (benchmark reference; ~20 min).")
+                   "virtio-nsm-pci (benchmark reference; a long build, about 20 min on 2 cores).")
 def setup_cmd(cache_dir: Path | None, kernel_package: str, root_qemu: bool,
               with_builtin_nsm: bool) -> None:
     """Fetch and cache QEMU, the kernel (nsm.ko, 9p) and the initramfs. Idempotent."""

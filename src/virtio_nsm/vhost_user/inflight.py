@@ -90,23 +90,27 @@ class InflightQueue:
         self._batch: list[int] = []
         _features, version, desc_num, _, _ = _HEADER.unpack_from(view)
         if version == 0:
-            self._initialise()
-        elif version != INFLIGHT_VERSION:
+            self.counter = self._initialise() + 1
+            return
+        if version != INFLIGHT_VERSION:
             raise InflightError(f"inflight region version {version} (this backend knows {INFLIGHT_VERSION})")
-        elif desc_num != queue_size:
+        if desc_num != queue_size:
             raise InflightError(f"inflight region for {desc_num} descriptors, queue has {queue_size}")
-        self.counter = max(self.counter_of(i) for i in range(queue_size)) + 1
+        with view[_HEADER.size : _HEADER.size + _ENTRY.size * queue_size] as entries:
+            self.counter = max(counter for _, _, counter in _ENTRY.iter_unpack(entries)) + 1
 
     def __repr__(self) -> str:
         return f"<InflightQueue size={self.size} inflight={self.inflight_count} counter={self.counter}>"
 
-    def _initialise(self) -> None:
+    def _initialise(self) -> int:
+        """Write a fresh header and entries; return the counter base every entry holds."""
         base = secrets.randbits(62)
         size = queue_region_size(self.size)
         entries = _ENTRY.pack(0, 0, base) * self.size
         padding = size - _HEADER.size - len(entries)
         self._view[:size] = bytes(_HEADER.size) + entries + bytes(padding)
         _HEADER.pack_into(self._view, 0, 0, INFLIGHT_VERSION, self.size, 0, 0)
+        return base
 
     def release(self) -> None:
         self._flags.release()

@@ -18,8 +18,10 @@ from pathlib import Path
 VSOCK_MODULES: tuple[str, ...] = ("vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")
 #: Kernel modules the guest needs, in load order (names without ``.ko``).
 #: Debian's generic kernel builds virtio, virtio-pci, the 8250 UART and the
-#: hwrng core in; these are modules.
-GUEST_MODULES: tuple[str, ...] = ("netfs", "9pnet", "9pnet_virtio", "9p", "overlay", "nsm", *VSOCK_MODULES)
+#: hwrng core in; these are modules. ``cuse`` (FUSE itself is built in) gives
+#: the guest ``/dev/cuse`` for ``nsm cuse``.
+GUEST_MODULES: tuple[str, ...] = (
+    "netfs", "9pnet", "9pnet_virtio", "9p", "overlay", "cuse", "nsm", *VSOCK_MODULES)
 
 #: Marker the init prints on the kernel console with the command's exit status.
 EXIT_MARKER = "NSM-VM-EXIT:"
@@ -52,6 +54,8 @@ done
 for m in netfs 9pnet 9pnet_virtio 9p; do
     insmod /lib/modules/$m.ko || fail "insmod $m failed"
 done
+# /dev/cuse, for `nsm cuse` (a CUSE character device served from inside the guest)
+insmod /lib/modules/cuse.ko || fail "insmod cuse failed"
 if [ "$NSMMOD" = 1 ]; then
     insmod /lib/modules/nsm.ko || fail "insmod nsm failed"
 fi

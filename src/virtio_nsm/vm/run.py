@@ -23,13 +23,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import virtio_nsm
 from virtio_nsm.nsm.virtio import NSM_DEVICE_ID, NsmVirtioDevice
+from virtio_nsm.persist import ROOT_KEY_FILE
 from virtio_nsm.vhost_user import qemu
 from virtio_nsm.vm.initramfs import EXIT_MARKER
 from virtio_nsm.vm.setup import SetupError, Toolchain, stderr_progress
@@ -44,7 +45,11 @@ PASS_ENV = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "LANG", "LANGUAGE", "TERM", "HO
             "LOGNAME", "TZ", "PYTHONHASHSEED", "PYTHONWARNINGS", "NO_COLOR", "CI")
 #: ... except these, which would point the guest at a host-side device.
 DROP_ENV = ("NSM_DEVICE",)
-KEEP_RUNS = 20
+#: Run directories kept under ``CACHE/runs`` (failed runs and ``--keep`` ones; a
+#: successful run removes its own): older ones are pruned when a run starts.
+KEEP_RUNS = 5
+#: Where the guest's init says it is about to run the command (the end of the boot).
+BOOTED_MARKER = b"nsm-vm-init: running "
 
 
 class VmError(RuntimeError):
@@ -83,6 +88,8 @@ class RunResult:
     kept: bool
     backend_cpu_s: float | None = None
     """CPU time (user+system) of the backend ``nsm vm run`` started, if it did"""
+    error: str | None = None
+    """Why the run failed, when ``nsm vm run`` knows (also printed unless quiet)"""
 
 
 def _package_parent() -> str:
@@ -129,16 +136,83 @@ def write_command_script(opts: RunOptions, run_dir: Path) -> None:
     (run_dir / "cmd.sh").write_text("\n".join(lines) + "\n")
 
 
+def _run_pid(run_dir: Path) -> int | None:
+    """The pid of the ``nsm vm run`` that made ``run_dir`` (``STAMP-TIME-PID-N``)."""
+    parts = run_dir.name.split("-")
+    return int(parts[2]) if len(parts) == 4 and parts[2].isdigit() else None
+
+
+def _in_use(run_dir: Path) -> bool:
+    pid = _run_pid(run_dir)
+    return pid is not None and pid != os.getpid() and Path(f"/proc/{pid}").exists()
+
+
+def remove_keys(directory: Path) -> None:
+    """Delete every CA private key under ``directory`` (a throwaway run's state)."""
+    for key in directory.rglob(ROOT_KEY_FILE):
+        with contextlib.suppress(OSError):
+            key.unlink()
+
+
+def prune_runs(runs: Path, keep: int = KEEP_RUNS) -> None:
+    """Keep the newest ``keep`` run directories (and those of runs still going); no keys."""
+    try:
+        entries = [p for p in runs.iterdir() if p.is_dir()]
+    except OSError:
+        return
+    finished = sorted((p for p in entries if not _in_use(p)), key=lambda p: p.stat().st_mtime)
+    for stale in finished[:-keep] if keep > 0 else finished:
+        shutil.rmtree(stale, ignore_errors=True)
+    for kept in finished[-keep:] if keep > 0 else []:
+        remove_keys(kept)  # run directories made before keys were removed after each run
+
+
 def _new_run_dir(cache_dir: Path) -> Path:
     runs = cache_dir / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    old = sorted(runs.iterdir(), key=lambda p: p.stat().st_mtime)
-    for stale in old[:-KEEP_RUNS]:
-        shutil.rmtree(stale, ignore_errors=True)
+    prune_runs(runs, KEEP_RUNS - 1)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     run_dir = runs / f"{stamp}-{os.getpid()}-{time.monotonic_ns() % 100000}"
     run_dir.mkdir()
     return run_dir
+
+
+class _BootProgress:
+    """Progress lines while the guest boots: a start line, one every ``every`` s, the end."""
+
+    def __init__(self, console: Path, say: Callable[[str], None], every: float = 5.0) -> None:
+        self._console, self._say, self._every = console, say, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._t0 = time.monotonic()
+
+    def start(self, what: str) -> None:
+        self._say(f"booting {what}; under TCG that takes 10-20 s")
+        self._t0 = time.monotonic()
+        self._thread.start()
+
+    def _booted(self) -> bool:
+        try:
+            with open(self._console, "rb") as fh:
+                return BOOTED_MARKER in fh.read()
+        except OSError:
+            return False
+
+    def _watch(self) -> None:
+        next_note = self._every
+        while not self._stop.wait(0.25):
+            elapsed = time.monotonic() - self._t0
+            if self._booted():
+                self._say(f"guest booted in {elapsed:.1f} s; running the command")
+                return
+            if elapsed >= next_note:
+                self._say(f"still booting ({elapsed:.0f} s)")
+                next_note += self._every
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(1)
 
 
 #: Overrides the backend command (``--vhost-user SOCK`` is appended), e.g. to run
@@ -180,6 +254,8 @@ class _Backend:
             # nsm serve keeps its state (PCRs, locks, CA) in a directory: a fresh one per
             # run (a throwaway device) unless the caller names one to keep
             state = ["--state-dir", str(state_dir or run_dir / "state")]
+        #: the run's own state directory (its CA key is deleted when the run ends)
+        self.own_state = run_dir / "state" if state and state_dir is None else None
         self.argv = [*backend_command(), "--vhost-user", str(self.sock), *state, *extra]
         self.proc: subprocess.Popen[bytes] | None = None
         self.cpu_s: float | None = None
@@ -250,6 +326,8 @@ class _Backend:
             self.cpu_s = usage.ru_utime + usage.ru_stime
         if self._sock_dir is not None:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
+        if self.own_state is not None:
+            remove_keys(self.own_state)  # a kept run keeps root.pem and state.bin, no key
         return proc.returncode
 
 
@@ -314,6 +392,8 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
     write_command_script(opts, run_dir)
 
     backend: _Backend | None = None
+    boot: _BootProgress | None = None
+    error: str | None = None
     sock: str | None = None
     status = EXIT_VM_FAILURE
     qemu_rc: int | None = None
@@ -336,6 +416,11 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
         with open(run_dir / "qemu.log", "wb") as qlog, open(run_dir / "output.log", "wb") as olog:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=qlog, env=env, start_new_session=True)
+            if not opts.quiet:
+                boot = _BootProgress(console, progress)
+                device = {"ours": "nsm serve", "qemu": "QEMU's virtio-nsm-pci",
+                          "none": "no NSM device"}.get(opts.device, opts.device)
+                boot.start(f"a guest: Linux {kernel.version}, {opts.memory_mb} MiB, {device}")
             assert proc.stdout is not None
             fd = proc.stdout.fileno()
 
@@ -358,11 +443,14 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
                 proc.kill()
                 proc.wait()
                 relay_thread.join(5)
-                progress(f"timeout: the guest did not finish within {opts.timeout:.0f} s "
+                error = (f"timeout: the guest did not finish within {opts.timeout:.0f} s "
                          f"(console log: {console})")
+                progress(error)
                 status = EXIT_TIMEOUT
                 raise _Done from None
             relay_thread.join(5)
+            if boot is not None:
+                boot.stop()
         reported = _guest_status(run_dir)
         if reported is not None:
             status = reported
@@ -371,27 +459,37 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
             qtail = (run_dir / "qemu.log").read_text(errors="replace").strip()
             ctail = "\n".join(console.read_text(errors="replace").splitlines()[-15:]) \
                 if console.exists() else "(no console output)"
-            progress(f"the guest reported no exit status (QEMU exit {qemu_rc}).\n"
+            error = (f"the guest reported no exit status (QEMU exit {qemu_rc}).\n"
                      f"QEMU: {qtail or '(nothing)'}\nconsole tail:\n{ctail}")
+            progress(error)
     except _Done:
         pass
     except (VmError, SetupError) as exc:
-        progress(str(exc))
+        error = str(exc)
+        progress(error)
         status = EXIT_VM_FAILURE
     finally:
+        if boot is not None:
+            boot.stop()
         stack.close()
         if backend is not None and backend.returncode not in (0, None, -signal.SIGTERM):
-            progress(f"the backend exited with {backend.returncode}; log: {backend.log_path}")
+            note = f"the backend exited with {backend.returncode}; log: {backend.log_path}"
+            error = note if error is None else f"{error}\n{note}"
+            progress(note)
     seconds = time.monotonic() - t0
     failed = status != 0
-    kept = opts.keep or failed
-    if failed:
+    started = (run_dir / "qemu.log").exists()  # QEMU was started (its console may be empty)
+    kept = opts.keep or (failed and started)
+    if failed and started:
         progress(f"guest exit status {status} after {seconds:.1f} s; "
                  f"console log: {console} (run dir {run_dir})")
+    elif failed:
+        progress(f"no guest was started (exit status {status})")
     if not kept:
         shutil.rmtree(run_dir, ignore_errors=True)
     return RunResult(status=status, run_dir=run_dir, console_log=console, seconds=seconds,
-                     kept=kept, backend_cpu_s=backend.cpu_s if backend is not None else None)
+                     kept=kept, backend_cpu_s=backend.cpu_s if backend is not None else None,
+                     error=error)
 
 
 class _Done(Exception):

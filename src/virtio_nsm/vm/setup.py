@@ -514,6 +514,7 @@ _MODULE_PATHS = {
     "9pnet_virtio": "kernel/net/9p/9pnet_virtio.ko",
     "9p": "kernel/fs/9p/9p.ko",
     "overlay": "kernel/fs/overlayfs/overlay.ko",
+    "cuse": "kernel/fs/fuse/cuse.ko",
     "nsm": "kernel/drivers/misc/nsm.ko",
     # enclave images (virtio_nsm.enclave): virtio-mmio transports and vsock
     "virtio_mmio": "kernel/drivers/virtio/virtio_mmio.ko",
@@ -581,6 +582,11 @@ def _stage_kernel(cache_dir: Path, apt: _Apt, package: str, progress: Progress) 
         raise SetupError(f"{deb.name} lacks {'vmlinuz' if not version else ''} "
                          f"{' '.join(sorted(missing))} (a cloud kernel has no 9p; "
                          "use the generic flavour)")
+    # keep modules an earlier set-up extracted (another tree may need more than this one)
+    with contextlib.suppress(OSError):
+        for old in (kdir / "modules").glob("*.ko"):
+            if not (tmp / "modules" / old.name).exists():
+                shutil.copy2(old, tmp / "modules" / old.name)
     shutil.rmtree(kdir, ignore_errors=True)
     os.replace(tmp, kdir)
     kernel = Kernel(version=version, vmlinuz=str(kdir / "vmlinuz"),

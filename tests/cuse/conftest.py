@@ -1,0 +1,8 @@
+"""Tests of ``nsm cuse`` that need no /dev/cuse: the fake kernel lives beside them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -123,6 +123,20 @@ def test_enclave_survives_a_killed_launcher_and_supervisor_kill_is_cleaned(
     assert list(run_base.iterdir()) == [run_base / ".lock"]
 
 
+def test_a_dead_device_ends_the_enclave(run_base: Path, fake_tc: Toolchain,
+                                        parts_image: launcher.BootImage,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_QEMU_MODE", "ok")
+    e = launcher.start(parts_image, launcher.EnclaveOptions(memory_mib=128), tc=fake_tc)
+    for p in e.run_dir.iterdir():
+        assert p.stat().st_mode & 0o077 == 0, p  # private to the user
+    pids = _pids(e)
+    os.kill(int(e.record["NsmBackendPID"]), signal.SIGKILL)
+    assert e.wait(15)
+    assert _wait_dead(pids) == []
+    assert list(run_base.iterdir()) == [run_base / ".lock"]
+
+
 @pytest.mark.parametrize(("mode", "message"), [
     ("exit", "stopped before it was ready"),
     ("wrong", "stopped before it was ready"),

@@ -41,16 +41,21 @@ def toolchain() -> Toolchain:
 
 @pytest.fixture(scope="module")
 def run_base() -> Iterator[Path]:
+    """A private registry, and a private TMPDIR for the commands (to see what they leave)."""
     base = Path(tempfile.mkdtemp(prefix="encvm", dir="/tmp"))
-    old = os.environ.get(registry.RUN_DIR_ENV)
+    private_tmp = base / ".tmp"
+    private_tmp.mkdir()
+    saved = {k: os.environ.get(k) for k in (registry.RUN_DIR_ENV, "TMPDIR")}
     os.environ[registry.RUN_DIR_ENV] = str(base)
+    os.environ["TMPDIR"] = str(private_tmp)
     yield base
     for e in launcher.list_enclaves():
         e.terminate()
-    if old is None:
-        del os.environ[registry.RUN_DIR_ENV]
-    else:
-        os.environ[registry.RUN_DIR_ENV] = old
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -97,7 +102,6 @@ def _wait_gone(run_dir: Path, timeout: float = 20) -> list[int]:
 def test_run_attest_verify_terminate(sample: tuple[Path, dict], run_base: Path,
                                      tmp_path: Path) -> None:
     eif, measurements = sample
-    tmp_before = set(os.listdir(tempfile.gettempdir()))
     res = nsm("enclave", "run", "--eif-path", str(eif), "--parent-instance-id", INSTANCE,
               "--enclave-name", "e2e")
     assert res.returncode == 0, res.stderr
@@ -143,10 +147,9 @@ def test_run_attest_verify_terminate(sample: tuple[Path, dict], run_base: Path,
                                       "Terminated": True}
     assert _wait_gone(run_dir) == []
     assert not run_dir.exists() and not Path(info["VsockSocket"]).exists()
-    assert sorted(os.listdir(run_base)) == [".lock"]
+    assert sorted(os.listdir(run_base)) == [".lock", ".tmp"]
+    assert os.listdir(run_base / ".tmp") == []  # no temporary file of the commands is left
     assert json.loads(nsm("enclave", "describe").stdout) == []
-    leftovers = set(os.listdir(tempfile.gettempdir())) - tmp_before
-    assert not [n for n in leftovers if "nsm" in n or "enclave" in n], leftovers
 
 
 def test_debug_mode_zero_pcrs_and_console(sample: tuple[Path, dict], run_base: Path,
@@ -196,4 +199,19 @@ def test_image_without_heartbeat_is_a_clear_error(toolchain: Toolchain, run_base
     console = Path(res.stderr.split("console log: ")[1].split()[0])
     assert "broken init" in console.read_text()
     assert [p for p in run_base.iterdir() if not p.name.startswith((".", "failed-"))] == []
+    assert os.listdir(run_base / ".tmp") == []
     assert _wait_gone(console.parent) == []
+
+
+def test_demo_enclave(toolchain: Toolchain, run_base: Path, tmp_path: Path) -> None:
+    res = nsm("demo", "--enclave", "-o", str(tmp_path / "kept"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "5/6 verify" in res.stdout and "demo passed" in res.stdout
+    # what it kept verifies with the command it printed
+    kept = tmp_path / "kept"
+    line = next(ln for ln in res.stdout.splitlines() if "try: nsm verify" in ln)
+    args = line.split("try: nsm verify ", 1)[1].rstrip(")").split()
+    assert (kept / "document.cbor").is_file()
+    res = nsm("verify", *args)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [p for p in run_base.iterdir() if not p.name.startswith((".", "failed-"))] == []

@@ -232,8 +232,19 @@ class Enclave:
         return {k: self.record[k] for k in keys if k in self.record}
 
     def connect(self, port: int, timeout: float = 30.0) -> socket.socket:
-        """A stream to the enclave's vsock ``port`` (hybrid vsock: ``CONNECT port``)."""
-        return connect_vsock(self.vsock_socket, port, timeout)
+        """A stream to the enclave's vsock ``port`` (hybrid vsock: ``CONNECT port``).
+
+        The enclave is ready once its init sent the heartbeat, a moment before its app
+        listens: a refused connection is retried until ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return connect_vsock(self.vsock_socket, port, max(1.0, deadline - time.monotonic()))
+            except ConnectionRefusedError:
+                if time.monotonic() >= deadline or not self.alive():
+                    raise
+                time.sleep(0.2)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the enclave has ended; True if it did within ``timeout``."""
@@ -406,7 +417,9 @@ def start(image: BootImage, opts: EnclaveOptions | None = None, tc: Toolchain | 
         registry.write_json(run_dir / registry.SPEC, spec)
         rfd, wfd = os.pipe()
         try:
-            with open(run_dir / "supervisor.out", "wb") as out:
+            out_fd = os.open(run_dir / "supervisor.out",
+                             os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(out_fd, "wb") as out:
                 sup = subprocess.Popen(
                     [sys.executable, "-m", "virtio_nsm.enclave.supervisor", str(run_dir),
                      str(wfd)],

@@ -265,6 +265,11 @@ class Supervisor:
             self.report(ok=True)
             qemu = self.procs["qemu"]
             while not self.stopping and qemu.poll() is None:
+                dead = [k for k, p in self.procs.items() if k != "qemu" and p.poll() is not None]
+                if dead:  # a device is gone: the enclave cannot go on
+                    self.say(f"{dead[0]} exited ({self.procs[dead[0]].returncode}); "
+                             "stopping the enclave")
+                    return 1
                 time.sleep(0.2)
             self.say("terminating" if self.stopping else f"QEMU exited ({qemu.returncode})")
             return 0
@@ -297,6 +302,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3:
         print("usage: python -m virtio_nsm.enclave.supervisor DIR READY_FD", file=sys.stderr)
         return 2
+    os.umask(0o077)  # logs, sockets and state: the user's only
     return Supervisor(Path(argv[1]), int(argv[2])).run()
 
 

@@ -227,11 +227,22 @@ def random(nsm: Nsm, as_json: bool, count: int) -> None:
     emit(as_json, {"random": data.hex()}, data.hex())
 
 
+# The inputs are read while the options are parsed, before the device is opened:
+# a bad file fails the command before anything (e.g. the default CA) is created.
+def _early_hex(ctx: click.Context, param: click.Parameter, value: str | None) -> bytes | None:
+    return None if value is None else parse_hex(value, f"--{param.name}".replace("_", "-"))
+
+
+def _early_hex_or_file(ctx: click.Context, param: click.Parameter, value: str | None) -> bytes | None:
+    return hex_or_file(value, f"--{param.name}".replace("_", "-"))
+
+
 @main.command()
-@click.option("--nonce", metavar="HEX", help="Nonce, in hex.")
-@click.option("--user-data", metavar="HEX|@FILE", help="User data, in hex or @FILE.")
+@click.option("--nonce", metavar="HEX", help="Nonce, in hex.", callback=_early_hex)
+@click.option("--user-data", metavar="HEX|@FILE", help="User data, in hex or @FILE.",
+              callback=_early_hex_or_file)
 @click.option(
-    "--public-key", metavar="@FILE|HEX",
+    "--public-key", metavar="@FILE|HEX", callback=_early_hex_or_file,
     help="Public key bytes to put in the document, @FILE or hex (at most 1024 bytes; the NSM "
     "does not look inside). E.g. a P-384 key in DER: openssl ecparam -name secp384r1 -genkey "
     "-noout -out key.pem && openssl ec -in key.pem -pubout -outform DER -out pk.der, "
@@ -240,18 +251,14 @@ def random(nsm: Nsm, as_json: bool, count: int) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
               help="Where to write the document (raw COSE_Sign1; '-' for standard output).")
 @_signing_device
-def attest(nsm: Nsm, as_json: bool, nonce: str | None, user_data: str | None,
-           public_key: str | None, output: str) -> None:
+def attest(nsm: Nsm, as_json: bool, nonce: bytes | None, user_data: bytes | None,
+           public_key: bytes | None, output: str) -> None:
     """Get a signed attestation document (Attestation).
 
     With --device local, the document is signed by the default CA (created on
     first use, like `nsm ca init`): `nsm ca root` prints the root to verify it with.
     """
-    document = nsm.attestation(
-        user_data=hex_or_file(user_data, "--user-data"),
-        nonce=parse_hex(nonce, "--nonce") if nonce is not None else None,
-        public_key=hex_or_file(public_key, "--public-key"),
-    )
+    document = nsm.attestation(user_data=user_data, nonce=nonce, public_key=public_key)
     try:
         with click.open_file(output, "wb", atomic=output != "-") as fh:
             fh.write(document)

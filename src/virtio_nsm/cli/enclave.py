@@ -21,6 +21,7 @@ from ..enclave import launcher
 from ..enclave.registry import RegistryError
 from ..vm.setup import SetupError, load_or_setup
 from . import main
+from .inputs import InputError, read_input
 
 
 def _fail(msg: str, code: int = 1) -> NoReturn:
@@ -70,6 +71,9 @@ def build_sample(output: Path, name: str) -> None:
     _print(result)
 
 
+#: Far above any real config (a handful of keys).
+_CONFIG_LIMIT = 1 << 16
+
 _CONFIG_KEYS = {"eif_path": str, "cpu_count": int, "memory_mib": int, "enclave_cid": int,
                 "enclave_name": str, "debug_mode": bool, "parent_instance_id": str,
                 "parent_role_arn": str, "vsock_socket": str}
@@ -77,8 +81,13 @@ _CONFIG_KEYS = {"eif_path": str, "cpu_count": int, "memory_mib": int, "enclave_c
 
 def _load_config(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        # bounded, and only a regular file: a FIFO or /dev/zero would never end
+        raw = read_input(str(path), limit=_CONFIG_LIMIT, what=f"--config {path}", allow_stdin=False)
+    except InputError as exc:
+        _fail(str(exc), 2)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         _fail(f"--config {path}: {exc}", 2)
     if not isinstance(data, dict):
         _fail(f"--config {path}: not a JSON object", 2)

@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pcr", type=int, default=0)
     parser.add_argument("--queue-size", type=int, default=1024)
+    parser.add_argument("--poll-us", type=int, default=None,
+                        help="the backend's --poll-us (default: nsm serve's own, 200); 0: no polling")
     args = parser.parse_args()
     request = encode_request(DescribePCR(args.pcr))
 
@@ -66,8 +68,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         sock = Path(tmp) / "nsm.sock"
+        poll = [] if args.poll_us is None else ["--poll-us", str(args.poll_us)]
         server = subprocess.Popen(
-            [sys.executable, "-m", "virtio_nsm", "serve", "-q", "--ephemeral", "--vhost-user", str(sock)],
+            [sys.executable, "-m", "virtio_nsm", "serve", "-q", "--ephemeral", *poll,
+             "--vhost-user", str(sock)],
             stdout=subprocess.PIPE, stderr=None, text=True, env=child_env(Path(tmp)),
         )
         try:

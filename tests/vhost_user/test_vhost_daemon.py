@@ -456,7 +456,8 @@ class LyingWorker(NsmQueueWorker):
     [("response-first", "response chain before the request"),
      ("request-length", "request chain returned with length 16|16 bytes written")],
 )
-def test_frontend_rejects_wrong_used_entries(tmp_path: Path, mode: str, match: str) -> None:
+@pytest.mark.parametrize("burst", [False, True], ids=["one-request-path", "burst-path"])
+def test_frontend_rejects_wrong_used_entries(tmp_path: Path, mode: str, match: str, burst: bool) -> None:
     class Lying(NsmVirtioDevice):
         def worker(self, index: int, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
             worker = LyingWorker(queue, self.handler, notify)
@@ -469,7 +470,11 @@ def test_frontend_rejects_wrong_used_entries(tmp_path: Path, mode: str, match: s
     thread.start()
     try:
         with VhostUserTransport(daemon.path, timeout=10) as t, pytest.raises(VhostUserError, match=match):
-            t.exchange(encode_request(DescribePCR(0)))
+            request = encode_request(DescribePCR(0))
+            if burst:
+                t.exchange_many([request])
+            else:
+                t.exchange(request)
     finally:
         daemon.stop()
         thread.join(10)

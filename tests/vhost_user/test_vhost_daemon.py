@@ -534,3 +534,35 @@ def test_stop_after_close_touches_no_reused_descriptor(tmp_path: Path) -> None:
     finally:
         for fd in (r, w, old_wake):
             os.close(fd)
+
+
+# -- the loop's epoll wrapper ------------------------------------------------------------------------
+
+
+def test_poller_reports_tags_and_forgets_closed_fds() -> None:
+    from virtio_nsm.vhost_user.daemon import _Poller, _ready
+
+    poller = _Poller()
+    a, b = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        poller.register(a, 1, "a")
+        poller.register(b, 1, 7)
+        with pytest.raises(KeyError):
+            poller.register(a, 1, "again")
+        assert poller.select(0) == []
+        os.eventfd_write(b, 1)
+        [(fd, tag, mask)] = poller.select(0.001)
+        assert (fd, tag) == (b, 7) and _ready(mask) & 1
+        # A descriptor closed before it is unwatched (epoll dropped it itself) is only
+        # forgotten, and its number can be watched again for something else.
+        os.close(b)
+        poller.unregister(b)
+        with pytest.raises(KeyError):
+            poller.unregister(b)
+        b = os.eventfd(1, os.EFD_NONBLOCK)
+        poller.register(b, 1, "new")
+        assert [(fd, tag) for fd, tag, _ in poller.select(None)] == [(b, "new")]
+    finally:
+        poller.close()
+        os.close(a)
+        os.close(b)

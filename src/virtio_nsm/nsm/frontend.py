@@ -113,18 +113,27 @@ class NsmFrontend(VhostUserFrontend):
         req_head = queue.add_buffer(base, len(request), False)
         resp_addr = base + MAX_REQUEST_SIZE
         queue.add_buffer(resp_addr, RESPONSE_BUFFER_SIZE, True)
+        # Ask for the interrupt before the chains are visible: a device that sees them
+        # sees this too, so the first wait needs no look at the used ring before it.
+        queue.request_interrupt_after(2)
         if queue.publish():
             self.kick()
         # Only our two chains are in flight, so collect_used can return nothing else.
         used: list[tuple[int, int]] = []
         try:
-            while len(used) < 2:
-                queue.request_interrupt_after(2 - len(used))
-                new = queue.collect_used()
-                if not new:
-                    self.wait_interrupt()
+            while True:
+                self.wait_interrupt()
+                used += queue.collect_used()
+                while len(used) < 2:
+                    # A wake-up for less (a stale interrupt, a device that publishes
+                    # one at a time): ask again, look again, then wait.
+                    queue.request_interrupt_after(2 - len(used))
                     new = queue.collect_used()
-                used += new
+                    if not new:
+                        break
+                    used += new
+                else:
+                    break
         except VirtioError as exc:
             raise VhostUserError(f"invalid used ring: {exc}") from exc
         (first, req_len), (_, resp_len) = used

@@ -566,3 +566,46 @@ def test_poller_reports_tags_and_forgets_closed_fds() -> None:
         poller.close()
         os.close(a)
         os.close(b)
+
+
+class StaggeredWorker(NsmQueueWorker):
+    """Publishes a pair's request chain, then its response chain 50 ms later."""
+
+    def process(self) -> bool:
+        queue, answered = self.queue, False
+        while (req := queue.pop()) is not None:
+            resp = queue.pop()
+            assert resp is not None
+            response = self.handler(req.read(queue.memory, 0x1000), None, max_response=resp.writable_len)
+            queue.add_used(req.head, 0)
+            queue.publish_used()
+            time.sleep(0.05)
+            queue.add_used(resp.head, resp.write(queue.memory, response))
+            queue.publish_used()
+            answered = True
+        return answered
+
+
+def test_one_request_path_survives_stale_interrupts_and_split_publishing(tmp_path: Path) -> None:
+    class Staggered(NsmVirtioDevice):
+        def worker(self, index: int, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
+            return StaggeredWorker(queue, self.handler, notify)
+
+    device = NsmDevice()
+    daemon = VhostUserDaemon(tmp_path / "s", Staggered(device.handle))
+    daemon.bind()
+    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with VhostUserTransport(daemon.path, timeout=10) as t:
+            for index in range(3):
+                # An interrupt left over from nothing: the first wait ends at once with
+                # at most the request chain used; the driver must ask again and wait.
+                os.eventfd_write(t.call_fd, 1)
+                request = encode_request(DescribePCR(index))
+                assert t.exchange(request) == device.handle(request)
+            assert t.queue.in_flight == 0
+    finally:
+        daemon.stop()
+        thread.join(10)
+        daemon.close()

@@ -550,6 +550,7 @@ def test_poller_reports_tags_and_forgets_closed_fds() -> None:
         with pytest.raises(KeyError):
             poller.register(a, 1, "again")
         assert poller.select(0) == []
+        assert poller.select(-0.5) == []  # a deadline already passed: no blocking
         os.eventfd_write(b, 1)
         [(fd, tag, mask)] = poller.select(0.001)
         assert (fd, tag) == (b, 7) and _ready(mask) & 1

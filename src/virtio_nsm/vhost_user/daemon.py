@@ -4,7 +4,7 @@ Event loop
 ----------
 :class:`VhostUserDaemon` listens on a Unix socket (mode 0600) and serves one
 frontend at a time; further connections wait in the backlog until the current one
-ends.  One ``selectors`` loop watches the listening socket, the connection, every
+ends.  One ``epoll`` loop watches the listening socket, the connection, every
 vring's kick eventfd, the descriptors the device registered (:class:`~.device.EventLoop`:
 the daemon is the device's event loop, given to :meth:`~.device.VhostUserDevice.attach`
 when the daemon binds) and a wake-up pipe used by :meth:`VhostUserDaemon.stop`
@@ -132,7 +132,9 @@ class _Poller:
         """Wait up to ``timeout`` seconds (None: forever); ``(fd, tag, epoll mask)`` per ready fd."""
         if timeout is None:
             timeout = -1
-        elif timeout > 0:
+        elif timeout <= 0:
+            timeout = 0  # a deadline already passed: look, do not block
+        else:
             timeout = -(-timeout * 1000 // 1) / 1000  # whole ms up, as selectors does: no busy loop
         tags = self._tags
         return [(fd, tags[fd], mask) for fd, mask in self._epoll.poll(timeout, max(len(tags), 1))

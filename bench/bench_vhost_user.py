@@ -7,8 +7,10 @@ an eventfd kick and an eventfd interrupt between two processes.
     PYTHONPATH=src python bench/bench_vhost_user.py [--seconds 0.5] [--rounds 5] [--pcr 0]
 
 Prints requests/s, wall microseconds per request, the backend process's CPU
-microseconds per request ("device time" as the frontend's peer spends it), and
-the ratio to ``handle()`` (1.0 would mean the transport costs nothing).
+microseconds per request ("device time" as the frontend's peer spends it), this
+process's (the driver's) CPU microseconds per request, and the ratio to
+``handle()`` (1.0 would mean the transport costs nothing).  ``--poll-us 0``
+runs the backend without polling (every request waits for its kick).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pcr", type=int, default=0)
     parser.add_argument("--queue-size", type=int, default=1024)
+    parser.add_argument("--poll-us", type=int, default=None,
+                        help="the backend's --poll-us (default: nsm serve's own, 200); 0: no polling")
     args = parser.parse_args()
     request = encode_request(DescribePCR(args.pcr))
 
@@ -66,8 +70,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         sock = Path(tmp) / "nsm.sock"
+        poll = [] if args.poll_us is None else ["--poll-us", str(args.poll_us)]
         server = subprocess.Popen(
-            [sys.executable, "-m", "virtio_nsm", "serve", "-q", "--ephemeral", "--vhost-user", str(sock)],
+            [sys.executable, "-m", "virtio_nsm", "serve", "-q", "--ephemeral", *poll,
+             "--vhost-user", str(sock)],
             stdout=subprocess.PIPE, stderr=None, text=True, env=child_env(Path(tmp)),
         )
         try:
@@ -97,20 +103,24 @@ def main() -> None:
                       f"{len(expected)}-byte response; medians of {args.rounds} alternating rounds")
                 print("us/req = wall time per request; backend us/req = CPU time of the backend")
                 print("process per request (the device's handle() plus all vhost-user/virtqueue work)")
+                print("driver us/req = CPU time of this process (our virtio driver) per request")
                 print(f"{'mode':<36} {'req/s':>9} {'us/req':>7} {'backend us/req':>15} "
-                      f"{'handle() req/s':>15} {'ratio':>7}")
+                      f"{'driver us/req':>14} {'handle() req/s':>15} {'ratio':>7}")
                 for name, fn in modes:
-                    rates, bases, device_us = [], [], []
+                    rates, bases, device_us, driver_us = [], [], [], []
                     for _ in range(args.rounds):
-                        cpu = cpu_seconds(server.pid)
+                        cpu, own = cpu_seconds(server.pid), time.process_time()
                         rate, done = measure(fn, args.seconds)
                         device_us.append((cpu_seconds(server.pid) - cpu) / done * 1e6)
+                        driver_us.append((time.process_time() - own) / done * 1e6)
                         rates.append(rate)
                         bases.append(measure(handle_batch, args.seconds / 2)[0])
                     r, b = statistics.median(rates), statistics.median(bases)
                     print(f"{name:<36} {r:>9.0f} {1e6 / r:>7.1f} "
-                          f"{statistics.median(device_us):>15.1f} {b:>15.0f} {r / b:>7.1%}")
-                print(f"handle() alone: {1e6 / b:.2f} us/req")
+                          f"{statistics.median(device_us):>15.1f} {statistics.median(driver_us):>14.1f} "
+                          f"{b:>15.0f} {r / b:>7.1%}")
+                polling = "default polling" if args.poll_us is None else f"--poll-us {args.poll_us}"
+                print(f"handle() alone: {1e6 / b:.2f} us/req (backend: nsm serve, {polling})")
         finally:
             server.terminate()
             server.wait(10)

@@ -456,7 +456,8 @@ class LyingWorker(NsmQueueWorker):
     [("response-first", "response chain before the request"),
      ("request-length", "request chain returned with length 16|16 bytes written")],
 )
-def test_frontend_rejects_wrong_used_entries(tmp_path: Path, mode: str, match: str) -> None:
+@pytest.mark.parametrize("burst", [False, True], ids=["one-request-path", "burst-path"])
+def test_frontend_rejects_wrong_used_entries(tmp_path: Path, mode: str, match: str, burst: bool) -> None:
     class Lying(NsmVirtioDevice):
         def worker(self, index: int, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
             worker = LyingWorker(queue, self.handler, notify)
@@ -469,7 +470,11 @@ def test_frontend_rejects_wrong_used_entries(tmp_path: Path, mode: str, match: s
     thread.start()
     try:
         with VhostUserTransport(daemon.path, timeout=10) as t, pytest.raises(VhostUserError, match=match):
-            t.exchange(encode_request(DescribePCR(0)))
+            request = encode_request(DescribePCR(0))
+            if burst:
+                t.exchange_many([request])
+            else:
+                t.exchange(request)
     finally:
         daemon.stop()
         thread.join(10)
@@ -529,3 +534,79 @@ def test_stop_after_close_touches_no_reused_descriptor(tmp_path: Path) -> None:
     finally:
         for fd in (r, w, old_wake):
             os.close(fd)
+
+
+# -- the loop's epoll wrapper ------------------------------------------------------------------------
+
+
+def test_poller_reports_tags_and_forgets_closed_fds() -> None:
+    from virtio_nsm.vhost_user.daemon import _Poller, _ready
+
+    poller = _Poller()
+    a, b = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        poller.register(a, 1, "a")
+        poller.register(b, 1, 7)
+        with pytest.raises(KeyError):
+            poller.register(a, 1, "again")
+        assert poller.select(0) == []
+        assert poller.select(-0.5) == []  # a deadline already passed: no blocking
+        os.eventfd_write(b, 1)
+        [(fd, tag, mask)] = poller.select(0.001)
+        assert (fd, tag) == (b, 7) and _ready(mask) & 1
+        # A descriptor closed before it is unwatched (epoll dropped it itself) is only
+        # forgotten, and its number can be watched again for something else.
+        os.close(b)
+        poller.unregister(b)
+        with pytest.raises(KeyError):
+            poller.unregister(b)
+        b = os.eventfd(1, os.EFD_NONBLOCK)
+        poller.register(b, 1, "new")
+        assert [(fd, tag) for fd, tag, _ in poller.select(None)] == [(b, "new")]
+    finally:
+        poller.close()
+        os.close(a)
+        os.close(b)
+
+
+class StaggeredWorker(NsmQueueWorker):
+    """Publishes a pair's request chain, then its response chain 50 ms later."""
+
+    def process(self) -> bool:
+        queue, answered = self.queue, False
+        while (req := queue.pop()) is not None:
+            resp = queue.pop()
+            assert resp is not None
+            response = self.handler(req.read(queue.memory, 0x1000), None, max_response=resp.writable_len)
+            queue.add_used(req.head, 0)
+            queue.publish_used()
+            time.sleep(0.05)
+            queue.add_used(resp.head, resp.write(queue.memory, response))
+            queue.publish_used()
+            answered = True
+        return answered
+
+
+def test_one_request_path_survives_stale_interrupts_and_split_publishing(tmp_path: Path) -> None:
+    class Staggered(NsmVirtioDevice):
+        def worker(self, index: int, queue: DeviceQueue, notify: Callable[[], None]) -> QueueWorker:
+            return StaggeredWorker(queue, self.handler, notify)
+
+    device = NsmDevice()
+    daemon = VhostUserDaemon(tmp_path / "s", Staggered(device.handle))
+    daemon.bind()
+    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with VhostUserTransport(daemon.path, timeout=10) as t:
+            for index in range(3):
+                # An interrupt left over from nothing: the first wait ends at once with
+                # at most the request chain used; the driver must ask again and wait.
+                os.eventfd_write(t.call_fd, 1)
+                request = encode_request(DescribePCR(index))
+                assert t.exchange(request) == device.handle(request)
+            assert t.queue.in_flight == 0
+    finally:
+        daemon.stop()
+        thread.join(10)
+        daemon.close()

@@ -399,14 +399,19 @@ class VhostUserBackend:
 
         Returns whether any chain was answered.
         """
-        queue = self._ready_queue(vring)
-        if queue is None or vring.worker is None:
+        queue = vring.queue
+        if queue is None:
+            queue = self._ready_queue(vring)
+            if queue is None:
+                return False
+        worker = vring.worker
+        if worker is None:
             return False
         published = False
         try:
             while True:
                 seen = queue.avail_idx
-                published |= vring.worker.process()
+                published |= worker.process()
                 queue.publish_avail_event()
                 # A chain made available while we published avail_event must not wait
                 # for a kick that the driver may have decided not to send (when we poll,
@@ -415,7 +420,10 @@ class VhostUserBackend:
                 # not count: only the driver moving the index again does.
                 if not queue.kicks_wanted or queue.avail_idx == seen:
                     break
-            if published and queue.needs_notify():
+            # With kicks wanted, publish_avail_event ended with a barrier after every
+            # store of this pass (used elements, used index, avail_event): the load of
+            # the driver's used_event needs no second one.
+            if published and queue.needs_notify(barrier=not queue.kicks_wanted):
                 self._signal(vring)
         except VirtioError as exc:
             self._break(vring, str(exc))

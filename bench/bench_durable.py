@@ -1,6 +1,6 @@
 """What durability costs: ExtendPCR with the state on disk before each answer, or not.
 
-    PYTHONPATH=src python bench/bench_durable.py [--dir DIR] [--seconds 0.5] [--rounds 5] [--no-vhost-user]
+    .venv/bin/python bench/bench_durable.py [--dir DIR] [--seconds 0.5] [--rounds 5] [--no-vhost-user]
 
 All in one run, in alternating rounds (medians), on the disk holding ``--dir``
 (default: a temporary directory under the system temp dir; make sure it is a

@@ -5,7 +5,7 @@ plus one X.509 path validation of the same chain with cryptography's verifier,
 on pre-parsed certificates; both are measured in alternating rounds in the
 same run (bench/_harness.py), and the ratio of rates is printed.
 
-Run: PYTHONPATH=src python bench/bench_verify.py   (or after `pip install .`)
+Run: .venv/bin/python bench/bench_verify.py   (it finds this tree's src itself)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The backend is a real ``nsm serve --vhost-user`` process; this process is the
 frontend (our Python virtio driver), so every request crosses shared memory,
 an eventfd kick and an eventfd interrupt between two processes.
 
-    PYTHONPATH=src python bench/bench_vhost_user.py [--seconds 0.5] [--rounds 5] [--pcr 0]
+    .venv/bin/python bench/bench_vhost_user.py [--seconds 0.5] [--rounds 5] [--pcr 0]
 
 Prints requests/s, wall microseconds per request, the backend process's CPU
 microseconds per request ("device time" as the frontend's peer spends it), this

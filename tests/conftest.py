@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+from collections.abc import Iterator
 
 import pytest
 from support import FakeClock
@@ -11,27 +10,22 @@ from virtio_nsm import NsmDevice
 
 #: Where the tests' default CA and default state directory go (never the user's own).
 _XDG = ("XDG_DATA_HOME", "XDG_STATE_HOME")
-_saved_env: dict[str, str | None] = {}
-_private_home: list[str] = []
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """Point the default CA and state directory (and children's) at a private temp dir."""
-    home = tempfile.mkdtemp(prefix="virtio-nsm-tests-")
-    _private_home.append(home)
+@pytest.fixture(scope="session", autouse=True)
+def _private_xdg_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point the default CA and state directory (ours and children's) at pytest's temp dir,
+    which pytest removes with its old runs (even after a killed run)."""
+    home = tmp_path_factory.mktemp("xdg")
+    saved = {name: os.environ.get(name) for name in _XDG}
     for name in _XDG:
-        _saved_env[name] = os.environ.get(name)
-        os.environ[name] = os.path.join(home, name.lower())
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    for name, value in _saved_env.items():
+        os.environ[name] = str(home / name.lower())
+    yield
+    for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    for home in _private_home:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ def test_kernel_stage_adds_cuse_and_keeps_modules_extracted_before(
     for m in initramfs.GUEST_MODULES:
         if m != "cuse":
             (kdir / "modules" / f"{m}.ko").write_bytes(b"old")
-    (kdir / "modules" / "vsock.ko").write_bytes(b"someone else's")
+    (kdir / "modules" / "other.ko").write_bytes(b"someone else's")  # no set-up extracts it
     (kdir / ".done").write_text('{"version": "6.12", "vmlinuz": "x", "module_dir": "y"}')
 
     class FakeApt:
@@ -162,5 +162,6 @@ def test_kernel_stage_adds_cuse_and_keeps_modules_extracted_before(
     mods = Path(kernel.module_dir)
     assert (mods / "cuse.ko").read_bytes().endswith(b"kernel/fs/fuse/cuse.ko")
     assert (mods / "nsm.ko").read_bytes().startswith(b"new ")
-    assert (mods / "vsock.ko").read_bytes() == b"someone else's"
+    assert (mods / "other.ko").read_bytes() == b"someone else's"
+    assert (mods / "vsock.ko").read_bytes().startswith(b"new ")  # the guests load it now
     assert "insmod /lib/modules/cuse.ko" in initramfs.INIT_SCRIPT

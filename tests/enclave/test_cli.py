@@ -62,6 +62,26 @@ def test_run_config_errors(tmp_path: Path) -> None:
     cfg.write_text(json.dumps({"eif_path": "x.eif"}))
     code, _, err = _nsm("run", "--config", str(cfg), "--memory", "512")
     assert code == 2 and "excludes the other run options" in err
+    cfg.write_text(json.dumps({"eif_path": "x.eif", "cpu_ids": [1, 1]}))
+    code, _, err = _nsm("run", "--config", str(cfg))
+    assert code == 2 and "distinct CPU numbers" in err
+    cfg.write_text(json.dumps({"eif_path": "x.eif", "cpu_ids": [1], "cpu_count": 1}))
+    code, _, err = _nsm("run", "--config", str(cfg))
+    assert code == 2 and "not both" in err
+    cfg.write_text(json.dumps({"eif_path": "x.eif", "attach_console": True, "debug_mode": False}))
+    code, _, err = _nsm("run", "--config", str(cfg))
+    assert code == 2 and "--attach-console needs --debug-mode" in err
+
+
+def test_run_config_takes_nitro_cli_run_args(tmp_path: Path) -> None:
+    """nitro-cli's run_args as they are (nulls for options not given) reach the image check."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"eif_path": str(tmp_path / "hello.eif"), "enclave_cid": None,
+                               "memory_mib": 512, "cpu_ids": None, "debug_mode": True,
+                               "attach_console": False, "cpu_count": 2,
+                               "enclave_name": "farshad1"}))
+    code, _, err = _nsm("run", "--config", str(cfg))
+    assert code == 1 and "hello.eif" in err  # the options were accepted; the image is missing
 
 
 def test_run_refuses_broken_images(tmp_path: Path) -> None:

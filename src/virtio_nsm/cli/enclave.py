@@ -74,9 +74,11 @@ def build_sample(output: Path, name: str) -> None:
 #: Far above any real config (a handful of keys).
 _CONFIG_LIMIT = 1 << 16
 
-_CONFIG_KEYS = {"eif_path": str, "cpu_count": int, "memory_mib": int, "enclave_cid": int,
-                "enclave_name": str, "debug_mode": bool, "parent_instance_id": str,
-                "parent_role_arn": str, "vsock_socket": str}
+#: nitro-cli's run-enclave config keys (its ``run_args``), plus ours; null means "not given".
+_CONFIG_KEYS: dict[str, type] = {
+    "eif_path": str, "cpu_count": int, "cpu_ids": list, "memory_mib": int, "enclave_cid": int,
+    "enclave_name": str, "debug_mode": bool, "attach_console": bool, "parent_instance_id": str,
+    "parent_role_arn": str, "vsock_socket": str}
 
 
 def _load_config(path: Path) -> dict[str, Any]:
@@ -91,12 +93,24 @@ def _load_config(path: Path) -> dict[str, Any]:
         _fail(f"--config {path}: {exc}", 2)
     if not isinstance(data, dict):
         _fail(f"--config {path}: not a JSON object", 2)
-    for key, value in data.items():
+    for key, value in list(data.items()):
         kind = _CONFIG_KEYS.get(key)
         if kind is None:
             _fail(f"--config {path}: unknown key {key!r} (known: {', '.join(_CONFIG_KEYS)})", 2)
+        if value is None:
+            del data[key]
+            continue
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             _fail(f"--config {path}: {key} must be a {kind.__name__}", 2)
+    ids = data.pop("cpu_ids", None)
+    if ids is not None:
+        # CPUs are vCPU threads here: the ids only give their number
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                              for i in ids) or len(set(ids)) != len(ids):
+            _fail(f"--config {path}: cpu_ids must be a list of distinct CPU numbers", 2)
+        if "cpu_count" in data:
+            _fail(f"--config {path}: give cpu_count or cpu_ids, not both", 2)
+        data["cpu_count"] = len(ids)
     if "eif_path" not in data:
         _fail(f"--config {path}: eif_path is missing", 2)
     return data
@@ -114,9 +128,10 @@ def _load_config(path: Path) -> dict[str, Any]:
 @click.option("--attach-console", is_flag=True,
               help="Follow the console once the enclave runs (needs --debug-mode).")
 @click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
-              help="A JSON file with the options (eif_path, cpu_count, memory_mib, "
-              "enclave_cid, enclave_name, debug_mode, parent_instance_id, parent_role_arn, "
-              "vsock_socket); excludes the other options.")
+              help="A JSON file with the options, nitro-cli's keys (eif_path, cpu_count or "
+              "cpu_ids, memory_mib, enclave_cid, enclave_name, debug_mode, attach_console; null: "
+              "not given) and ours (parent_instance_id, parent_role_arn, vsock_socket); excludes "
+              "the other options.")
 @click.option("--parent-instance-id", help="The parent's instance id (PCR4; part of EnclaveID).")
 @click.option("--parent-role-arn", help="The parent's IAM role ARN (PCR3).")
 @click.option("--vsock-socket", type=click.Path(path_type=Path),
@@ -130,14 +145,16 @@ def run(eif_path: Path | None, cpu_count: int | None, memory: int | None,
     """Start an enclave from an EIF; print nitro-cli's run-enclave JSON once it is ready."""
     if config is not None:
         if any(v not in (None, False) for v in (eif_path, cpu_count, memory, enclave_cid,
-                                               enclave_name, debug_mode, parent_instance_id,
-                                               parent_role_arn, vsock_socket)):
+                                               enclave_name, debug_mode, attach_console,
+                                               parent_instance_id, parent_role_arn,
+                                               vsock_socket)):
             _fail("--config excludes the other run options", 2)
         cfg = _load_config(config)
         eif_path = Path(cfg["eif_path"])
         cpu_count, memory = cfg.get("cpu_count"), cfg.get("memory_mib")
         enclave_cid, enclave_name = cfg.get("enclave_cid"), cfg.get("enclave_name")
         debug_mode = bool(cfg.get("debug_mode", False))
+        attach_console = bool(cfg.get("attach_console", False))
         parent_instance_id = cfg.get("parent_instance_id")
         parent_role_arn = cfg.get("parent_role_arn")
         vsock_socket = Path(cfg["vsock_socket"]) if "vsock_socket" in cfg else None

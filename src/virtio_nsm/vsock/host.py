@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,6 +82,9 @@ class UnixHost:
         self._socks: dict[int, socket.socket] = {}  # host_id -> socket
         self._events: dict[int, int] = {}  # host_id -> events watched
         self._pumping = False
+        self._listener_paused = False
+        self._paused_at = 0.0
+        self._accept_failing = False
 
     def __repr__(self) -> str:
         return f"<UnixHost {str(self.path)!r} sockets={len(self._socks)}>"
@@ -117,13 +121,30 @@ class UnixHost:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError as exc:  # EMFILE and friends: try again on the next report
-                log.warning("vsock: accept on %s failed: %s", self.path, exc)
+            except OSError as exc:
+                # EMFILE and friends: the listener stays readable, so watching it would
+                # spin; wait for a host socket to close (or the next pump) instead.
+                (log.debug if self._accept_failing else log.warning)(
+                    "vsock: accept on %s failed: %s (waiting for a socket to close)", self.path, exc)
+                self._accept_failing = True
+                self._pause_listener()
                 break
+            self._accept_failing = False
             sock.setblocking(False)
             host_id = self.bridge.host_accepted()
             self._socks[host_id] = sock
         self.pump()
+
+    def _pause_listener(self) -> None:
+        if self._listener is not None and self._loop is not None and not self._listener_paused:
+            self._loop.unwatch(self._listener.fileno())
+            self._listener_paused = True
+            self._paused_at = time.monotonic()
+
+    def _resume_listener(self) -> None:
+        if self._listener is not None and self._loop is not None and self._listener_paused:
+            self._listener_paused = False
+            self._loop.watch(self._listener.fileno(), EVENT_READ, self._on_listener)
 
     def _on_ready(self, host_id: int, ready: int) -> None:
         sock = self._socks.get(host_id)
@@ -188,6 +209,8 @@ class UnixHost:
                     break
         finally:
             self._pumping = False
+        if self._listener_paused and time.monotonic() - self._paused_at >= 1.0:
+            self._resume_listener()  # descriptors may have been freed elsewhere: try again
         self.guest_work()
 
     def _apply(self, action: HostAction) -> None:
@@ -208,7 +231,15 @@ class UnixHost:
 
     def _connect(self, host_id: int, port: int) -> None:
         target = f"{self.path}_{port}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            # socket() too can fail (EMFILE: the guest opened as many connections as
+            # we have descriptors): that refuses this connection, not the device.
+            sock = socket.socket(socket.AF_UNIX,
+                                 socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            log.info("vsock: guest connection to %s refused: %s", target, exc)
+            self.bridge.host_connect_failed(host_id)
+            return
         try:
             sock.connect(target)
         except OSError as exc:
@@ -228,6 +259,7 @@ class UnixHost:
         if self._loop is not None:
             self._loop.unwatch(sock.fileno())
         sock.close()
+        self._resume_listener()  # a descriptor is free again
 
     def _watch(self, host_id: int) -> None:
         sock = self._socks.get(host_id)

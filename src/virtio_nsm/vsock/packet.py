@@ -57,18 +57,7 @@ class Header:
 
     def __post_init__(self) -> None:
         try:  # one C-level check of every range; the loop below only names the culprit
-            _HEADER.pack(
-                self.src_cid,
-                self.dst_cid,
-                self.src_port,
-                self.dst_port,
-                self.len,
-                self.type,
-                self.op,
-                self.flags,
-                self.buf_alloc,
-                self.fwd_cnt,
-            )
+            self.encode()
         except struct.error:
             pass
         else:

@@ -43,7 +43,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import _strict_cbor, cbor, journal
+from ._files import open_regular, read_capped
 from .cose import der_to_raw, raw_to_der
 from .errors import ConfigurationError
 from .nsm.device import Commit, DeviceState
@@ -736,19 +736,9 @@ class StateStore:
 
 def _read_regular(path: Path, limit: int) -> bytes:
     """Up to ``limit`` + 1 bytes of a regular file (never blocks on a FIFO); raises OSError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    fd = open_regular(path)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        chunks: list[bytes] = []
-        size = 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
+        return read_capped(fd, limit)
     finally:
         os.close(fd)
 

@@ -22,6 +22,8 @@ import stat
 import sys
 from typing import BinaryIO
 
+from .._files import NotRegularFile, open_regular, read_capped
+
 __all__ = ["InputError", "read_input"]
 
 #: A cap for files with no natural limit (documents, certificates): far above
@@ -49,17 +51,10 @@ def _kind(mode: int) -> str:
 
 
 def _read_capped(fh: BinaryIO | int, limit: int, what: str) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    while total <= limit:
-        chunk = os.read(fh, limit + 1 - total) if isinstance(fh, int) else fh.read(limit + 1 - total)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    if total > limit:
+    data = read_capped(fh, limit)
+    if len(data) > limit:
         raise InputError(f"{what} is larger than {limit} bytes; refusing to read it")
-    return b"".join(chunks)
+    return data
 
 
 def read_input(path: str, *, limit: int = DEFAULT_LIMIT, what: str | None = None,
@@ -79,13 +74,12 @@ def read_input(path: str, *, limit: int = DEFAULT_LIMIT, what: str | None = None
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):
             raise InputError(f"{name} is {_kind(mode)}, not a regular file; refusing to read it")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = open_regular(path)  # checks the file opened, not what the name pointed to before
+    except NotRegularFile as exc:
+        raise InputError(f"{name} is {_kind(exc.mode)}, not a regular file; refusing to read it") from None
     except OSError as exc:
         raise InputError(f"cannot read {name}: {exc.strerror or exc}") from None
     try:
-        mode = os.fstat(fd).st_mode  # the file opened, not what the name pointed to before
-        if not stat.S_ISREG(mode):
-            raise InputError(f"{name} is {_kind(mode)}, not a regular file; refusing to read it")
         return _read_capped(fd, limit, name)
     except OSError as exc:
         raise InputError(f"cannot read {name}: {exc.strerror or exc}") from None

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .. import _files
 from .format import (
     CRC_OFFSET,
     HEADER_SIZE,
@@ -234,11 +234,11 @@ def _read_sections(stream: io.BufferedIOBase, header: Header, slots: list[Sectio
 
 def open_regular(path: str | os.PathLike[str], what: str = "") -> io.BufferedReader:
     """Open a regular file for reading; refuse FIFOs, devices and directories without blocking."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise EifError(f"{what or os.fspath(path)} is not a regular file")
+        fd = _files.open_regular(path)
+    except _files.NotRegularFile:
+        raise EifError(f"{what or os.fspath(path)} is not a regular file") from None
+    try:
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)

@@ -63,6 +63,8 @@ _USED_ELEM = struct.Struct("<II")
 _U32_LIMIT = 1 << 32
 _F_WRITE = spec.VIRTQ_DESC_F_WRITE
 _NEXT_OR_INDIRECT = spec.VIRTQ_DESC_F_NEXT | spec.VIRTQ_DESC_F_INDIRECT
+_DESC_UNPACK = _DESC.unpack_from
+_USED_PACK = _USED_ELEM.pack_into
 _FENCE = threading.Lock()
 
 
@@ -91,18 +93,29 @@ class Segment(NamedTuple):
     writable: bool = False
 
 
+_SEGMENT = Segment._make
+
+
 class Chain:
     """A descriptor chain popped by the device: the readable part, then the writable part."""
 
     __slots__ = ("avail_index", "head", "readable", "readable_len", "writable", "writable_len")
 
-    def __init__(self, head: int, avail_index: int = 0) -> None:
+    def __init__(
+        self,
+        head: int,
+        avail_index: int = 0,
+        readable: list[Segment] | None = None,
+        readable_len: int = 0,
+        writable: list[Segment] | None = None,
+        writable_len: int = 0,
+    ) -> None:
         self.head = head
         self.avail_index = avail_index
-        self.readable: list[Segment] = []
-        self.writable: list[Segment] = []
-        self.readable_len = 0
-        self.writable_len = 0
+        self.readable: list[Segment] = [] if readable is None else readable
+        self.readable_len = readable_len
+        self.writable: list[Segment] = [] if writable is None else writable
+        self.writable_len = writable_len
 
     def __repr__(self) -> str:
         return f"<Chain head={self.head} readable={self.readable} writable={self.writable}>"
@@ -198,6 +211,7 @@ class _SplitRing:
             raise VirtqueueError(f"virtqueue rings are not in guest memory: {exc}") from exc
         self._avail16 = self._avail.cast("H")
         self._used16 = self._used.cast("H")
+        self._mask = size - 1
         # Positions, in 16-bit words, of avail->used_event and used->avail_event.
         self._used_event = 2 + size
         self._avail_event = 2 + 4 * size
@@ -274,33 +288,29 @@ class DeviceQueue(_SplitRing):
 
     def pop(self) -> Chain | None:
         """Take the next available chain, fully validated, or ``None`` if there is none."""
-        # Re-read avail->idx only once everything seen so far has been taken.
-        if self._avail_seen == self.last_avail_idx and not self.available():
-            return None
         last = self.last_avail_idx
-        head = int(self._avail16[2 + last % self.size])
+        # Re-read avail->idx only once everything seen so far has been taken.
+        if self._avail_seen == last and not self.available():
+            return None
+        head = self._avail16[2 + (last & self._mask)]
         in_flight = self._in_flight
         if head in in_flight:
             raise VirtqueueError(f"driver made chain {head} available again while in flight")
-        chain = Chain(head, last)
         if head < self.size:
             # Fast path for the common one-descriptor chain; anything else takes _walk.
-            addr, length, flags, _ = _DESC.unpack_from(self._desc, head << 4)
+            addr, length, flags, _ = _DESC_UNPACK(self._desc, head << 4)
             if not flags & _NEXT_OR_INDIRECT and length:
                 try:
                     self.memory.check(addr, length)
                 except GuestMemoryError as exc:
                     raise VirtqueueError(f"chain {head}: descriptor buffer: {exc}") from exc
+                self.last_avail_idx = (last + 1) & 0xFFFF
                 if flags & _F_WRITE:
-                    chain.writable.append(Segment(addr, length, True))
-                    chain.writable_len = length
-                else:
-                    chain.readable.append(Segment(addr, length, False))
-                    chain.readable_len = length
-            else:
-                self._walk(chain)
-        else:
-            self._walk(chain)
+                    in_flight[head] = length
+                    return Chain(head, last, [], 0, [_SEGMENT((addr, length, True))], length)
+                in_flight[head] = 0
+                return Chain(head, last, [_SEGMENT((addr, length, False))], length)
+        chain = self._walk(Chain(head, last))
         self.last_avail_idx = (last + 1) & 0xFFFF
         in_flight[head] = chain.writable_len
         return chain
@@ -400,7 +410,7 @@ class DeviceQueue(_SplitRing):
         if not 0 <= length <= capacity:
             raise ValueError(f"used length {length} exceeds chain {head}'s {capacity} bytes")
         idx = self.next_used_idx
-        _USED_ELEM.pack_into(self._used, 4 + 8 * (idx % self.size), head, length)
+        _USED_PACK(self._used, 4 + 8 * (idx & self._mask), head, length)
         self.next_used_idx = (idx + 1) & 0xFFFF
 
     def publish_used(self) -> None:
@@ -571,6 +581,11 @@ class DriverQueue(_SplitRing):
         else:
             self._avail16[0] = 0
         memory_barrier()
+
+    def used_moved(self) -> bool:
+        """A cheap look (no barrier, no checks) at whether the device published anything
+        new; for busy polling, followed by :meth:`collect_used` when it says yes."""
+        return self._used16[1] != self.last_used_idx
 
     def collect_used(self) -> list[tuple[int, int]]:
         """Every newly used ``(head, length)``, validated against what is in flight."""

@@ -68,6 +68,8 @@ NSM_DEVICE_ID = 33
 
 INTERNAL_ERROR = encode_error(ErrorCode.InternalError)
 BUFFER_TOO_SMALL = encode_error(ErrorCode.BufferTooSmall)
+#: Requests are read up to one byte past the largest one (see the module docstring).
+_REQUEST_LIMIT = MAX_REQUEST_SIZE + 1
 
 
 class NsmVirtioDevice(VhostUserDevice):
@@ -116,43 +118,6 @@ class NsmQueueWorker:
         return f"<NsmQueueWorker {self.queue!r} pending={self.pending and self.pending.head}>"
 
     def process(self) -> bool:
-        if self.tracker is not None or self.resubmit or self.pending is not None:
-            return self._process_tracked()
-        # The path of every nsm.ko request: pairs of a request chain and a response
-        # chain, no inflight tracking; the same rules as _take, with fewer calls.
-        queue = self.queue
-        memory = queue.memory
-        pop, add_used = queue.pop, queue.add_used
-        answered = 0
-        try:
-            while (chain := pop()) is not None:
-                if chain.writable or not chain.readable:
-                    answered += self._take(chain)  # one chain with both parts, or a rule broken
-                    continue
-                response = pop()
-                if response is None:
-                    self.pending = chain  # its response chain is not available yet
-                    break
-                if response.readable or not response.writable:
-                    raise VirtqueueError(
-                        f"request chain {chain.head} is followed by chain {response.head}, "
-                        "which is not a device-writable response buffer"
-                    )
-                written = response.write(memory, self._serve(chain, response.writable_len))
-                add_used(chain.head, 0)
-                add_used(response.head, written)
-                answered += 1
-                if answered % self.NOTIFY_EVERY == 0 and self.notify is not None:
-                    queue.publish_used()
-                    self.notify()
-        finally:
-            # Publish what was answered even if a later chain broke the rules.
-            if answered:
-                queue.publish_used()
-        return answered > 0
-
-    def _process_tracked(self) -> bool:
-        """:meth:`process` with inflight tracking, resubmissions or a request held."""
         queue = self.queue
         answered = 0
         try:
@@ -162,6 +127,10 @@ class NsmQueueWorker:
                     answered += 1
                     self._publish()
                 self.resubmit.popleft()
+            if self.tracker is None and self.pending is None:
+                answered += self._serve_pairs()
+            # Anything else (a chain with both parts, a request whose response chain is
+            # not there yet, a broken rule, inflight tracking): one chain at a time.
             while (chain := queue.pop()) is not None:
                 if self._take(chain):
                     answered += 1
@@ -177,6 +146,36 @@ class NsmQueueWorker:
             if answered:
                 self._publish()
         return answered > 0
+
+    def _serve_pairs(self) -> int:
+        """Answer pairs as long as the ring holds them (the path of every nsm.ko request).
+
+        :meth:`_take`'s rules for a request chain followed by its response chain, with
+        fewer calls: :meth:`~virtio_nsm.virtio.queue.DeviceQueue.pop_pair` takes both
+        only when they are one readable and one writable descriptor.  Returns how many
+        were answered (their used entries written, not published).
+        """
+        queue = self.queue
+        memory = queue.memory
+        pop_pair, add_used_pair = queue.pop_pair, queue.add_used_pair
+        notify = self.notify
+        answered = 0
+        try:
+            while (pair := pop_pair()) is not None:
+                req_head, req_addr, req_len, resp_head, resp_addr, capacity = pair
+                request = memory.read(req_addr, req_len if req_len <= _REQUEST_LIMIT else _REQUEST_LIMIT)
+                response = self._answer(request, capacity, req_head)
+                memory.write(resp_addr, response)
+                add_used_pair(req_head, 0, resp_head, len(response))
+                answered += 1
+                if notify is not None and answered % self.NOTIFY_EVERY == 0:
+                    queue.publish_used()
+                    notify()
+        except BaseException:
+            if answered:  # what was answered is published, whatever happens next
+                queue.publish_used()
+            raise
+        return answered
 
     def _publish(self) -> None:
         self.queue.publish_used()
@@ -228,9 +227,13 @@ class NsmQueueWorker:
         return self.queue.last_avail_idx
 
     def _serve(self, request_chain: Chain, capacity: int) -> bytes:
-        request = request_chain.read(self.queue.memory, MAX_REQUEST_SIZE + 1)
+        request = request_chain.read(self.queue.memory, _REQUEST_LIMIT)
+        return self._answer(request, capacity, request_chain.head)
+
+    def _answer(self, request: bytes, capacity: int, head: int) -> bytes:
+        """The handler's answer to ``request`` (chain ``head``), made to fit ``capacity`` bytes."""
         try:
-            token = None if self.tracker is None else self.tracker.token(request_chain.head)
+            token = None if self.tracker is None else self.tracker.token(head)
             response = self.handler(request, token, max_response=capacity)
         except Exception:
             log.exception("NSM handler failed on a %d-byte request", len(request))
@@ -243,7 +246,7 @@ class NsmQueueWorker:
                 "response of %d bytes does not fit the %d-byte buffer of chain %d",
                 len(response),
                 capacity,
-                request_chain.head,
+                head,
             )
             response = BUFFER_TOO_SMALL if len(BUFFER_TOO_SMALL) <= capacity else b""
         return response

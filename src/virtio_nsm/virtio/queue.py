@@ -65,6 +65,7 @@ _F_WRITE = spec.VIRTQ_DESC_F_WRITE
 _NEXT_OR_INDIRECT = spec.VIRTQ_DESC_F_NEXT | spec.VIRTQ_DESC_F_INDIRECT
 _DESC_UNPACK = _DESC.unpack_from
 _USED_PACK = _USED_ELEM.pack_into
+_USED_PAIR_PACK = struct.Struct("<IIII").pack_into
 _FENCE = threading.Lock()
 
 
@@ -290,7 +291,7 @@ class DeviceQueue(_SplitRing):
         """Take the next available chain, fully validated, or ``None`` if there is none."""
         last = self.last_avail_idx
         # Re-read avail->idx only once everything seen so far has been taken.
-        if self._avail_seen == last and not self.available():
+        if self._avail_seen == last and (self._avail16[1] == last or not self.available()):
             return None
         head = self._avail16[2 + (last & self._mask)]
         in_flight = self._in_flight
@@ -314,6 +315,50 @@ class DeviceQueue(_SplitRing):
         self.last_avail_idx = (last + 1) & 0xFFFF
         in_flight[head] = chain.writable_len
         return chain
+
+    def pop_pair(self) -> tuple[int, int, int, int, int, int] | None:
+        """Take the next two chains if they are a request/response pair, else take nothing.
+
+        A pair is a chain of one device-readable descriptor followed by a chain of one
+        device-writable descriptor (how e.g. Linux's NSM driver sends a request): the
+        answer is ``(request head, address, length, response head, address, length)``,
+        both buffers checked and both chains in flight, as :meth:`pop` twice would
+        leave them, without building :class:`Chain` objects.  ``None`` when fewer than
+        two chains are available or they are anything else, valid or not: :meth:`pop`
+        then takes them one at a time (and names what is wrong with them).
+        """
+        last = self.last_avail_idx
+        avail16 = self._avail16
+        if (self._avail_seen - last) & 0xFFFF < 2:
+            avail_idx = avail16[1]
+            pending = (avail_idx - last) & 0xFFFF
+            if pending < 2:
+                if not pending:
+                    self._avail_seen = avail_idx
+                return None
+            memory_barrier()  # read the ring entries only after the index that covers them
+            if pending > self.size:
+                return None  # pop() says what is wrong
+            self._avail_seen = avail_idx
+        mask, size, in_flight = self._mask, self.size, self._in_flight
+        req = avail16[2 + (last & mask)]
+        resp = avail16[2 + ((last + 1) & mask)]
+        if req >= size or resp >= size or req == resp or req in in_flight or resp in in_flight:
+            return None
+        req_addr, req_len, req_flags, _ = _DESC_UNPACK(self._desc, req << 4)
+        resp_addr, resp_len, resp_flags, _ = _DESC_UNPACK(self._desc, resp << 4)
+        if req_flags or resp_flags != _F_WRITE or not req_len or not resp_len:
+            return None
+        check = self.memory.check
+        try:
+            check(req_addr, req_len)
+            check(resp_addr, resp_len)
+        except GuestMemoryError:
+            return None
+        in_flight[req] = 0
+        in_flight[resp] = resp_len
+        self.last_avail_idx = (last + 2) & 0xFFFF
+        return req, req_addr, req_len, resp, resp_addr, resp_len
 
     def _walk(self, chain: Chain) -> Chain:
         head = chain.head
@@ -412,6 +457,29 @@ class DeviceQueue(_SplitRing):
         idx = self.next_used_idx
         _USED_PACK(self._used, 4 + 8 * (idx & self._mask), head, length)
         self.next_used_idx = (idx + 1) & 0xFFFF
+
+    def add_used_pair(self, first: int, first_length: int, second: int, second_length: int) -> None:
+        """:meth:`add_used` for two chains, in this order."""
+        in_flight = self._in_flight
+        capacity = in_flight.get(first)
+        if capacity is None or first == second:
+            raise ValueError(f"chain {first} is not in flight (or given twice)")
+        if not 0 <= first_length <= capacity:
+            raise ValueError(f"used length {first_length} exceeds chain {first}'s {capacity} bytes")
+        capacity = in_flight.get(second)
+        if capacity is None:
+            raise ValueError(f"chain {second} is not in flight")
+        if not 0 <= second_length <= capacity:
+            raise ValueError(f"used length {second_length} exceeds chain {second}'s {capacity} bytes")
+        del in_flight[first], in_flight[second]
+        idx, mask = self.next_used_idx, self._mask
+        slot = idx & mask
+        if slot != mask:  # both entries side by side
+            _USED_PAIR_PACK(self._used, 4 + 8 * slot, first, first_length, second, second_length)
+        else:
+            _USED_PACK(self._used, 4 + 8 * slot, first, first_length)
+            _USED_PACK(self._used, 4, second, second_length)
+        self.next_used_idx = (idx + 2) & 0xFFFF
 
     def publish_used(self) -> None:
         """Make the used elements written so far visible to the driver."""

@@ -330,3 +330,51 @@ def test_sigterm_while_the_frontend_stalls(tmp_path: Path, stall: str) -> None:
         finally:
             os.close(load_r)
             os.close(load_w)
+
+
+# -- kick and call eventfds are edge-triggered: never drained, every write heard ----------------------
+
+_NEAR_FULL = 2**62  # any count: nothing reads these counters back to zero
+
+
+def test_every_kick_is_heard_though_the_kick_fd_is_never_read(tmp_path: Path) -> None:
+    with nsm_serve(tmp_path) as srv, NsmFrontend(srv.path, timeout=3) as fe:
+        os.eventfd_write(fe.kick_fd, _NEAR_FULL)  # stays readable from now on
+        for _ in range(50):
+            assert fe.exchange(REQUEST)  # each kick (one per request, --poll-us 0) woke it
+        # The backend spent no system call on reading the kicks.
+        assert os.eventfd_read(fe.kick_fd) == _NEAR_FULL + 50
+        assert fe.exchange(REQUEST)  # drained by us meanwhile: still heard
+        assert "internal error" not in srv.stderr()
+
+
+def test_every_interrupt_is_heard_though_the_call_fd_is_never_read(tmp_path: Path) -> None:
+    with nsm_serve(tmp_path) as srv, NsmFrontend(srv.path, timeout=3) as fe:
+        os.eventfd_write(fe.call_fd, _NEAR_FULL)  # a stale interrupt, and it stays readable
+        for _ in range(20):
+            assert fe.exchange(REQUEST)
+        # One interrupt per request, none of them read by our driver.
+        assert os.eventfd_read(fe.call_fd) == _NEAR_FULL + 20
+
+
+def test_a_polling_driver_is_answered_without_interrupts(tmp_path: Path) -> None:
+    with (
+        nsm_serve(tmp_path) as srv,
+        NsmFrontend(srv.path, timeout=3, poll_us=2_000_000) as fe,
+    ):
+        for _ in range(20):
+            assert fe.exchange(REQUEST)
+        # While the driver spins, used_event stays behind: at most the backend's very
+        # first answer (it has no earlier one to compare with) interrupts.
+        try:
+            interrupts = os.eventfd_read(fe.call_fd)
+        except BlockingIOError:
+            interrupts = 0
+        assert interrupts <= 1
+    (tmp_path / "short").mkdir()
+    with nsm_serve(tmp_path / "short") as srv, NsmFrontend(srv.path, timeout=3, poll_us=1) as fe:
+        # A spin too short for any answer: it asks for the interrupt and waits for it.
+        for _ in range(20):
+            assert fe.exchange(REQUEST)
+    with pytest.raises(ValueError, match="poll_us"):
+        NsmFrontend(srv.path, poll_us=-1)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from virtio_nsm.virtio import spec
 from virtio_nsm.virtio.memory import GuestMemory, MemoryRegion
 from virtio_nsm.virtio.queue import (
+    Chain,
     DeviceQueue,
     DriverQueue,
     RingLayout,
@@ -420,3 +421,172 @@ def test_fuzz_pop_never_escapes_guest_memory(
             chain.write(mem, b"z" * min(chain.writable_len, 64))
     except VirtqueueError:
         pass
+
+
+# -- pop_pair: a request chain and its response chain in one step ------------------------
+
+
+def test_pop_pair_takes_a_readable_then_a_writable_chain() -> None:
+    mem, drv, dev = make()
+    mem.write(BUF, b"request")
+    h1 = drv.add_buffer(BUF, 7, False)
+    h2 = drv.add_buffer(BUF + 0x100, 0x40, True)
+    drv.publish()
+    assert dev.pop_pair() == (h1, BUF, 7, h2, BUF + 0x100, 0x40)
+    assert dev.in_flight == 2 and dev.pop() is None and dev.pop_pair() is None
+    with pytest.raises(ValueError, match="exceeds"):
+        dev.add_used_pair(h1, 1, h2, 0)  # the request chain has no writable byte
+    with pytest.raises(ValueError, match="exceeds"):
+        dev.add_used_pair(h1, 0, h2, 0x41)
+    with pytest.raises(ValueError, match="not in flight"):
+        dev.add_used_pair(h1, 0, h1, 0)
+    dev.add_used_pair(h1, 0, h2, 0x20)
+    dev.publish_used()
+    assert drv.collect_used() == [(h1, 0), (h2, 0x20)]
+    with pytest.raises(ValueError, match="not in flight"):
+        dev.add_used_pair(h1, 0, h2, 0)
+
+
+def test_pop_pair_takes_nothing_but_a_pair() -> None:
+    _mem, drv, dev = make()
+    drv.add_buffer(BUF, 7, False)
+    drv.publish()
+    assert dev.pop_pair() is None  # the response chain is not there yet
+    drv.add_buffer(BUF + 0x100, 0x40, True)
+    drv.publish()
+    assert dev.pop_pair() is not None
+    for first, second in [
+        ([Segment(BUF, 7)], [Segment(BUF, 7)]),  # two requests
+        ([Segment(BUF, 7, True)], [Segment(BUF, 7, True)]),  # two responses
+        ([Segment(BUF, 7), Segment(BUF + 8, 1)], [Segment(BUF, 7, True)]),  # a longer chain
+        ([Segment(BUF, 7)], [Segment(BUF, 7, True), Segment(BUF + 8, 1, True)]),
+        ([Segment(BUF, 7)], [Segment(BUF, 0, True)]),  # an empty buffer
+    ]:
+        _mem, drv, dev = make()
+        drv.add(first)
+        drv.add(second)
+        drv.publish()
+        assert dev.pop_pair() is None
+        assert dev.in_flight == 0 and dev.last_avail_idx == 0  # nothing taken
+        assert dev.pop() is not None  # pop() takes (or refuses) them one by one
+
+
+@pytest.mark.parametrize(
+    ("request_desc", "response_desc", "match"),
+    [
+        ((0xDEAD_0000_0000, 16, 0, 0), (BUF, 0x40, F_WRITE, 0), "not backed by guest memory"),
+        ((BUF, 16, 0, 0), (BASE + MEM_SIZE - 8, 0x40, F_WRITE, 0), "not backed by guest memory"),
+        ((BUF, 16, 0, 0), (BUF, 0x40, F_WRITE | F_INDIRECT, 0), "INDIRECT"),
+    ],
+)
+def test_pop_pair_leaves_hostile_pairs_to_pop(
+    request_desc: tuple[int, int, int, int], response_desc: tuple[int, int, int, int], match: str
+) -> None:
+    _mem, drv, dev = make(indirect=False)
+    drv.raw_descriptor(0, *request_desc)
+    drv.raw_descriptor(1, *response_desc)
+    drv.raw_avail([0, 1])
+    assert dev.pop_pair() is None and dev.in_flight == 0
+    with pytest.raises(VirtqueueError, match=match):
+        while dev.pop() is not None:
+            pass
+
+
+def test_pop_pair_refuses_heads_outside_the_table_or_in_flight() -> None:
+    _mem, drv, dev = make()
+    drv.raw_descriptor(0, BUF, 16, 0, 0)
+    drv.raw_descriptor(1, BUF, 0x40, F_WRITE, 0)
+    for heads in ([0, SIZE], [SIZE + 3, 1], [0, 0], [1, 1]):
+        _mem, drv, dev = make()
+        drv.raw_descriptor(0, BUF, 16, 0, 0)
+        drv.raw_descriptor(1, BUF, 0x40, F_WRITE, 0)
+        drv.raw_avail(heads)
+        assert dev.pop_pair() is None and dev.in_flight == 0
+    _mem, drv, dev = make()
+    drv.raw_descriptor(0, BUF, 16, 0, 0)
+    drv.raw_descriptor(1, BUF, 0x40, F_WRITE, 0)
+    drv.raw_descriptor(2, BUF, 16, 0, 0)
+    drv.raw_avail([0, 2, 0, 1])
+    assert dev.pop() is not None and dev.pop() is not None  # 0 and 2 in flight
+    assert dev.pop_pair() is None  # 0 again, while in flight
+    with pytest.raises(VirtqueueError, match="again while in flight"):
+        dev.pop()
+
+
+def test_pop_pair_and_add_used_pair_across_the_end_of_the_rings() -> None:
+    mem, drv, dev = make(event_idx=True)
+    for round_ in range(3 * SIZE + 1):  # odd: pairs straddle the last slot and slot 0
+        mem.write(BUF, bytes([round_]))
+        if round_ % 2:
+            h1 = drv.add_buffer(BUF, 1, False)
+            h2 = drv.add_buffer(BUF + 0x100, 8, True)
+            drv.publish()
+            pair = dev.pop_pair()
+            assert pair is not None and pair[0] == h1 and pair[3] == h2
+            dev.add_used_pair(h1, 0, h2, round_ % 8)
+            dev.publish_used()
+            assert drv.collect_used() == [(h1, 0), (h2, round_ % 8)]
+        else:  # a single chain shifts the pairs by one slot
+            h = drv.add_buffer(BUF, 1, False)
+            drv.publish()
+            chain = dev.pop()
+            assert chain is not None and chain.head == h
+            dev.add_used(h, 0)
+            dev.publish_used()
+            assert drv.collect_used() == [(h, 0)]
+
+
+# Valid requests and responses as often as anything else, so that pairs do occur.
+_pair_desc = st.one_of(
+    st.tuples(st.just(BUF), st.sampled_from([1, 16, 0x1000]), st.just(0), st.integers(0, 9)),
+    st.tuples(st.just(BUF), st.sampled_from([1, 16, 0x1000]), st.just(F_WRITE), st.integers(0, 9)),
+    _desc,
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    table=st.lists(_pair_desc, min_size=SIZE, max_size=SIZE),
+    heads=st.lists(st.integers(0, 9), min_size=1, max_size=3),
+)
+def test_fuzz_pop_pair_agrees_with_pop(
+    table: list[tuple[int, int, int, int]], heads: list[int]
+) -> None:
+    """Whatever the ring holds, pop_pair takes exactly what two pops would accept as a
+    chain of one (non-empty, direct) readable descriptor and one of a writable one, or
+    takes nothing at all."""
+    results = []
+    for use_pair in (True, False):
+        mem, drv, dev = make()
+        for i, d in enumerate(table):
+            drv.raw_descriptor(i, *d)
+        drv.raw_avail(heads)
+        if use_pair:
+            pair = dev.pop_pair()
+            if pair is None:
+                assert dev.in_flight == 0 and dev.last_avail_idx == 0
+            else:
+                mem.check(pair[1], pair[2])
+                mem.check(pair[4], pair[5])  # both buffers are in guest memory
+            results.append(pair)
+            continue
+        try:
+            first, second = dev.pop(), dev.pop()
+        except VirtqueueError:
+            results.append(None)
+            continue
+        def direct(chain: Chain | None) -> bool:  # one descriptor of its own, not empty
+            return (chain is not None and not table[chain.head][2] & (F_NEXT | F_INDIRECT)
+                    and chain.readable_len + chain.writable_len > 0)
+
+        if (
+            direct(first) and direct(second)
+            and first is not None and second is not None
+            and first.readable and not first.writable
+            and second.writable and not second.readable
+        ):
+            (a1, l1, _), (a2, l2, _) = first.readable[0], second.writable[0]
+            results.append((first.head, a1, l1, second.head, a2, l2))
+        else:
+            results.append(None)
+    assert results[0] == results[1]

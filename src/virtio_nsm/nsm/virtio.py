@@ -12,12 +12,14 @@ The Linux driver queues, per request, two chains: one device-readable descriptor
 holding the request and one device-writable descriptor of 0x3000 bytes for the
 response; it kicks once and expects, in this order, the request chain on the used
 ring with length 0, the response chain with the exact CBOR length, then one
-interrupt.  :class:`NsmQueueWorker` does exactly that for every pair available, and
-also accepts a single chain holding a readable then a writable part (answered with
-one used entry).  A request chain whose response chain has not been made
-available yet is held until it is (and given back if the ring is stopped first).
-A writable chain with no request before it, or a readable chain where a response
-chain is due, breaks the rules: the ring is stopped with ``DEVICE_NEEDS_RESET``.
+interrupt.  :class:`NsmQueueWorker` does exactly that for every pair available (such
+pairs are taken with :meth:`~virtio_nsm.virtio.queue.DeviceQueue.pop_pair` and
+answered with one ``add_used_pair``: the path of every request from Linux), and also
+accepts a single chain holding a readable then a writable part (answered with one
+used entry).  A request chain whose response chain has not been made available yet
+is held until it is (and given back if the ring is stopped first).  A writable chain
+with no request before it, or a readable chain where a response chain is due, breaks
+the rules: the ring is stopped with ``DEVICE_NEEDS_RESET``.
 
 Crash recovery: when the ring has inflight tracking (see :mod:`virtio_nsm.vhost_user.inflight`), every
 chain taken is marked in the shared region and cleared once its used entry is

@@ -32,9 +32,9 @@ until the frontend resets or reprograms it.
 Descriptors from the frontend are checked before use: guest memory and inflight
 regions must be memfds sealed against shrinking (a file shrunk under our mapping
 means SIGBUS; ``allow_file_memory`` waives this for memory), and kick, call and err
-eventfds are made non-blocking, so a drained kick or a saturated call counter
-never blocks the event loop.  An inflight region may cover at most the device's
-queues at its largest ring size.
+eventfds are made non-blocking, so a saturated call counter never blocks the event
+loop (the daemon never reads kick fds: it watches them edge-triggered).  An
+inflight region may cover at most the device's queues at its largest ring size.
 
 The device object behind the workers is not owned here: :meth:`disconnect` and
 virtio resets drop transport state only, never device state (PCRs, locks).

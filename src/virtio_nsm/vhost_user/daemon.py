@@ -15,7 +15,11 @@ and reset.
 The frontend's descriptors are hostile by assumption: every eventfd is used
 non-blocking (see :mod:`.backend`), a kick fd is unwatched just before the backend
 closes it, and a readiness event for a kick fd that a message earlier in the same
-batch replaced or closed is ignored.  Every wait for the frontend (the rest of a
+batch replaced or closed is ignored.  Kick fds are watched edge-triggered
+(``EPOLLET``) and never read: an eventfd reports every write once, whatever its
+counter holds, so a wake-up costs one system call (``epoll_wait``) instead of two,
+and a counter the frontend leaves or drains cannot make the loop block or spin; a
+kick fd that reports a hang-up or an error stops its ring.  Every wait for the frontend (the rest of a
 message, room for a reply, a device state load) is sliced so that :meth:`stop`
 takes effect within a fraction of a second.
 
@@ -445,12 +449,12 @@ class VhostUserDaemon:
         backend = self.backend
         start = time.monotonic_ns()
         if self._poll_deadline is not None:  # a kick sent before it saw we poll
-            if backend.kick(index):
+            if backend.process(vring):
                 self._answered(start, time.monotonic_ns())
                 self._open_window()
             return
         if not self.policy.may_poll(start):
-            if backend.kick(index):
+            if backend.process(vring):
                 self._answered(start, time.monotonic_ns())
             return
         # Tell the driver not to kick before it hears the answer, so that its next

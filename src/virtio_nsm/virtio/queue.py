@@ -14,7 +14,10 @@ bit per ring suppresses notifications wholesale.  With
 descriptors instead.
 
 :class:`DeviceQueue` is the device role (our vhost-user backend);
-:class:`DriverQueue` is the driver role (our Python virtio driver).  Both work
+:class:`DriverQueue` is the driver role (our Python virtio driver).
+:meth:`DeviceQueue.pop_pair` takes a request chain and its response chain (one
+readable, then one writable descriptor) in one step, with the same checks as two
+:meth:`~DeviceQueue.pop` calls, and leaves anything else to :meth:`~DeviceQueue.pop`.  Both work
 on a :class:`~virtio_nsm.virtio.memory.GuestMemory` and never do I/O; the caller
 signals the other side when ``publish``/``needs_notify`` say so.
 

@@ -590,3 +590,28 @@ def test_fuzz_pop_pair_agrees_with_pop(
         else:
             results.append(None)
     assert results[0] == results[1]
+
+
+def test_driver_add_pair_queues_a_request_and_its_response_buffer() -> None:
+    mem, drv, dev = make(size=4)
+    mem.write(BUF, b"req")
+    req, resp = drv.add_pair(BUF, 3, BUF + 0x100, 0x40)
+    drv.add_pair(BUF, 3, BUF + 0x200, 0x40)
+    with pytest.raises(ValueError, match="no room: 2 descriptors needed, 0 free"):
+        drv.add_pair(BUF, 3, BUF + 0x300, 0x40)
+    assert drv.publish() is True
+    first, second = dev.pop(), dev.pop()
+    assert first is not None and second is not None
+    assert (first.head, first.readable, first.writable) == (req, [Segment(BUF, 3)], [])
+    assert (second.head, second.readable, second.writable) == (resp, [], [Segment(BUF + 0x100, 0x40, True)])
+    dev.add_used(req, 0)
+    dev.add_used(resp, 0x40)
+    dev.publish_used()
+    assert drv.collect_used() == [(req, 0), (resp, 0x40)]
+    assert drv.free_descriptors == 2  # both descriptors back for the next pair
+    pair = dev.pop_pair()  # the second pair
+    assert pair is not None
+    dev.add_used_pair(pair[0], 0, pair[3], 0x40)
+    dev.publish_used()
+    assert [length for _, length in drv.collect_used()] == [0, 0x40]
+    assert drv.free_descriptors == 4

@@ -124,9 +124,8 @@ class NsmFrontend(VhostUserFrontend):
         base = self.buffers + slot * _SLOT
         memory = self.memory
         memory.write(base, request)
-        req_head = queue.add_buffer(base, len(request), False)
         resp_addr = base + MAX_REQUEST_SIZE
-        queue.add_buffer(resp_addr, RESPONSE_BUFFER_SIZE, True)
+        req_head, _ = queue.add_pair(base, len(request), resp_addr, RESPONSE_BUFFER_SIZE)
         spin = self.poll_ns
         if not spin:
             # Ask for the interrupt before the chains are visible: a device that sees
@@ -228,9 +227,8 @@ class NsmFrontend(VhostUserFrontend):
             slot = self._free_slots.pop()
             base = self.buffers + slot * _SLOT
             self.memory.write(base, request)
-            req_head = self.queue.add_buffer(base, len(request), False)
             resp_addr = base + MAX_REQUEST_SIZE
-            resp_head = self.queue.add_buffer(resp_addr, RESPONSE_BUFFER_SIZE, True)
+            req_head, resp_head = self.queue.add_pair(base, len(request), resp_addr, RESPONSE_BUFFER_SIZE)
             pairs.append(_Pair(req_head, resp_head, resp_addr, slot))
         if self.queue.publish():
             self.kick()

@@ -69,6 +69,8 @@ _NEXT_OR_INDIRECT = spec.VIRTQ_DESC_F_NEXT | spec.VIRTQ_DESC_F_INDIRECT
 _DESC_UNPACK = _DESC.unpack_from
 _USED_PACK = _USED_ELEM.pack_into
 _USED_PAIR_PACK = struct.Struct("<IIII").pack_into
+_USED_UNPACK = _USED_ELEM.unpack_from
+_DESC_PACK = _DESC.pack_into
 _FENCE = threading.Lock()
 
 
@@ -228,7 +230,7 @@ class _SplitRing:
     # Raw ring fields, for tests and diagnostics.
     @property
     def avail_idx(self) -> int:
-        return int(self._avail16[1])
+        return self._avail16[1]
 
     @property
     def used_idx(self) -> int:
@@ -631,6 +633,25 @@ class DriverQueue(_SplitRing):
         self._in_flight[head] = ([head], length if writable else 0)
         return head
 
+    def add_pair(self, request: int, request_len: int, response: int, response_len: int) -> tuple[int, int]:
+        """Queue a request and its response buffer as two one-descriptor chains (what
+        Linux's nsm.ko does: one device-readable, then one device-writable); their heads."""
+        free = self._free
+        if len(free) < 2:
+            raise ValueError(f"no room: 2 descriptors needed, {len(free)} free")
+        req, resp = free.pop(), free.pop()
+        desc = self._desc
+        _DESC_PACK(desc, req << 4, request, request_len, 0, 0)
+        _DESC_PACK(desc, resp << 4, response, response_len, _F_WRITE, 0)
+        avail16, shadow, mask = self._avail16, self._shadow_avail, self._mask
+        avail16[2 + (shadow & mask)] = req
+        avail16[2 + ((shadow + 1) & mask)] = resp
+        self._shadow_avail = (shadow + 2) & 0xFFFF
+        in_flight = self._in_flight
+        in_flight[req] = ([req], 0)
+        in_flight[resp] = ([resp], response_len)
+        return req, resp
+
     def publish(self) -> bool:
         """Make added chains visible; returns whether the device wants a kick for them."""
         old, new = self._published_avail, self._shadow_avail
@@ -660,18 +681,21 @@ class DriverQueue(_SplitRing):
 
     def collect_used(self) -> list[tuple[int, int]]:
         """Every newly used ``(head, length)``, validated against what is in flight."""
-        used_idx = self.used_idx
+        last = self.last_used_idx
+        count = (self._used16[1] - last) & 0xFFFF
+        if not count:
+            return []
         memory_barrier()  # read the elements only after the index that covers them
-        count = (used_idx - self.last_used_idx) & 0xFFFF
-        if count > len(self._in_flight):
+        in_flight = self._in_flight
+        if count > len(in_flight):
             raise VirtqueueError(
-                f"device advanced the used index by {count} with {len(self._in_flight)} buffers in flight"
+                f"device advanced the used index by {count} with {len(in_flight)} buffers in flight"
             )
+        used, mask, free = self._used, self._mask, self._free
         done: list[tuple[int, int]] = []
         for _ in range(count):
-            slot = self.last_used_idx % self.size
-            head, length = _USED_ELEM.unpack_from(self._used, 4 + spec.VIRTQ_USED_ELEM_SIZE * slot)
-            entry = self._in_flight.pop(head, None)
+            head, length = _USED_UNPACK(used, 4 + 8 * (last & mask))
+            entry = in_flight.pop(head, None)
             if entry is None:
                 raise VirtqueueError(f"device returned chain {head}, which is not in flight")
             ids, writable = entry
@@ -680,8 +704,11 @@ class DriverQueue(_SplitRing):
                     f"device reports {length} bytes written to chain {head}, "
                     f"which has {writable} writable bytes"
                 )
-            self._free.extend(reversed(ids))
-            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+            if len(ids) == 1:
+                free.append(head)
+            else:
+                free.extend(reversed(ids))
+            last = self.last_used_idx = (last + 1) & 0xFFFF
             done.append((head, length))
         return done
 

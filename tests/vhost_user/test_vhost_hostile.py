@@ -378,3 +378,13 @@ def test_a_polling_driver_is_answered_without_interrupts(tmp_path: Path) -> None
             assert fe.exchange(REQUEST)
     with pytest.raises(ValueError, match="poll_us"):
         NsmFrontend(srv.path, poll_us=-1)
+
+
+def test_waiting_on_a_closed_frontend_is_an_error(tmp_path: Path) -> None:
+    with nsm_serve(tmp_path) as srv:
+        fe = NsmFrontend(srv.path, timeout=3)
+        assert fe.exchange(REQUEST)
+        fe.close()
+        with pytest.raises(VhostUserError, match="the frontend is closed"):
+            fe.wait_interrupt()
+        fe.close()  # twice is fine

@@ -19,9 +19,9 @@ batch replaced or closed is ignored.  Kick fds are watched edge-triggered
 (``EPOLLET``) and never read: an eventfd reports every write once, whatever its
 counter holds, so a wake-up costs one system call (``epoll_wait``) instead of two,
 and a counter the frontend leaves or drains cannot make the loop block or spin; a
-kick fd that reports a hang-up or an error stops its ring.  Every wait for the frontend (the rest of a
-message, room for a reply, a device state load) is sliced so that :meth:`stop`
-takes effect within a fraction of a second.
+kick fd that reports a hang-up or an error stops its ring.  Every wait for the
+frontend (the rest of a message, room for a reply, a device state load) is sliced so
+that :meth:`stop` takes effect within a fraction of a second.
 
 Adaptive polling
 ----------------

@@ -594,6 +594,8 @@ class VhostUserFrontend:
         before waiting again.  Raises :class:`VhostUserError` on an err signal or after
         ``timeout`` seconds, :class:`BackendDisconnected` if the backend hangs up.
         """
+        if self._conn is None:
+            raise VhostUserError("the frontend is closed")
         events = self._poller.poll(self.timeout)
         if not events:
             raise VhostUserError(f"no response from the device within {self.timeout} s")

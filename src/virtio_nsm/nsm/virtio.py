@@ -146,7 +146,10 @@ class NsmQueueWorker:
         finally:
             # Publish what was answered even if a later chain broke the rules.
             if answered:
-                self._publish()
+                if self.tracker is None:
+                    queue.publish_used()
+                else:
+                    self._publish()
         return answered > 0
 
     def _serve_pairs(self) -> int:

@@ -467,7 +467,8 @@ class VhostUserDaemon:
 
     def _answered(self, start: int, end: int) -> None:
         """A pass that noticed requests at ``start`` answered them by ``end`` (ns)."""
-        self.policy.answered(start, end)
+        if self.policy.window_ns:  # without a window the policy has nothing to learn
+            self.policy.answered(start, end)
         since = self._turnaround_from
         if since is not None and 0 <= start - since <= TURNAROUND_GAP_NS:
             self.turnaround.add(start - since)

@@ -23,7 +23,7 @@ from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.protocol import DescribePCR, encode_request
 from virtio_nsm.nsm.virtio import NsmVirtioDevice
 from virtio_nsm.vhost_user.backend import BackendError, VhostUserBackend
-from virtio_nsm.vhost_user.frontend import GUEST_BASE, USER_BASE, VhostUserError
+from virtio_nsm.vhost_user.frontend import GUEST_BASE, USER_BASE, BackendDisconnected, VhostUserError
 from virtio_nsm.vhost_user.message import (
     U64,
     VHOST_USER_NEED_REPLY_MASK,
@@ -388,3 +388,19 @@ def test_waiting_on_a_closed_frontend_is_an_error(tmp_path: Path) -> None:
         with pytest.raises(VhostUserError, match="the frontend is closed"):
             fe.wait_interrupt()
         fe.close()  # twice is fine
+
+
+@pytest.mark.parametrize("poll_us", [0, 1000])
+def test_a_single_request_to_a_stalled_or_dead_backend_fails_clearly(tmp_path: Path, poll_us: int) -> None:
+    with nsm_serve(tmp_path) as srv, NsmFrontend(srv.path, timeout=0.5, poll_us=poll_us) as fe:
+        assert fe.exchange(REQUEST)
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(VhostUserError, match=r"no response from the device within 0\.5 s"):
+                fe.exchange(REQUEST)
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        srv.proc.kill()
+        srv.proc.wait()
+        with pytest.raises(BackendDisconnected, match="closed the connection"):
+            fe.exchange(REQUEST)

@@ -135,6 +135,7 @@ class NsmFrontend(VhostUserFrontend):
             self.kick()
         # Only our two chains are in flight, so collect_used can return nothing else.
         used: list[tuple[int, int]] = []
+        wait, timeout, call_fd = self._poller.poll, self.timeout, self.call_fds[0]
         try:
             if spin:
                 # used_event is left where it was (behind): the device does not interrupt.
@@ -151,7 +152,9 @@ class NsmFrontend(VhostUserFrontend):
                         used += queue.collect_used()  # published before it could see the request
                         break
             while len(used) < 2:
-                self.wait_interrupt()
+                events = wait(timeout)  # wait_interrupt(), short of its calls when all is well
+                if len(events) != 1 or events[0][0] != call_fd:
+                    self._interrupted(events)
                 used += queue.collect_used()
                 if len(used) < 2:
                     # A wake-up for less (a stale interrupt, a device that publishes one

@@ -596,7 +596,11 @@ class VhostUserFrontend:
         """
         if self._conn is None:
             raise VhostUserError("the frontend is closed")
-        events = self._poller.poll(self.timeout)
+        return self._interrupted(self._poller.poll(self.timeout))
+
+    def _interrupted(self, events: list[tuple[int, int]]) -> list[int]:
+        """The queues interrupted according to ``events`` (one wait's report); raises as
+        :meth:`wait_interrupt` does.  For a subclass that waits on ``_poller`` itself."""
         if not events:
             raise VhostUserError(f"no response from the device within {self.timeout} s")
         interrupted: list[int] = []

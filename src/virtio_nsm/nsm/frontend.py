@@ -55,7 +55,8 @@ class NsmFrontend(VhostUserFrontend):
     """Drive a vhost-user NSM backend through a real split virtqueue.
 
     Options as for :class:`~virtio_nsm.vhost_user.frontend.VhostUserFrontend`; one
-    queue, and one request/response buffer pair per two descriptors.
+    queue, and one request/response buffer pair per two descriptors.  ``poll_us``
+    (default 0: off) makes :meth:`exchange` spin on the used ring before it waits.
     """
 
     def __init__(

@@ -54,7 +54,9 @@ mib, seconds = int(sys.argv[4]), float(sys.argv[5])
 for d, m in [(vmods, "vsock"), (vmods, "vmw_vsock_virtio_transport_common"),
              (vmods, "vmw_vsock_virtio_transport"), (nmods, "failover"),
              (nmods, "net_failover"), (nmods, "virtio_net")]:
-    subprocess.run([busybox, "insmod", f"{d}/{m}.ko"], check=True)
+    loaded = {line.split()[0] for line in open("/proc/modules")}
+    if m not in loaded:  # the VM's init may have loaded vsock already
+        subprocess.run([busybox, "insmod", f"{d}/{m}.ko"], check=True)
 time.sleep(1)
 ifname = [n for n in os.listdir("/sys/class/net") if n != "lo"][0]
 for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "link", "set", ifname, "up"],

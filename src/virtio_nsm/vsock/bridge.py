@@ -22,18 +22,19 @@ Host side (the Firecracker / vhost-device-vsock hybrid convention):
   unless the guest itself is CID 3), is bridged to the Unix socket ``PATH_P``
   (:class:`ConnectHost`); if that fails the guest gets RST (``ECONNRESET``).
 
-Flow control and memory: the guest may send at most ``buf_alloc`` bytes beyond
-what has been written to the host stream (the credit we advertise, with the
-forwarded count, in every header); its data waits in the connection until the host
-program reads it, so a slow host reader stops the guest writer.  Bytes from the
-host are read only while the connection holds fewer than ``host_buffer`` of them
-(:meth:`~VsockBridge.read_budget`; once full, reading resumes when a quarter is free) and are sent to the guest only within the credit
-the guest advertises, so a guest that stops reading stops the host writer.  The
-table holds at most ``max_streams`` host streams and ``max_pending_resets`` queued
-RST replies: memory is bounded whatever either side does.  Credit is announced to
-the guest when it may be running short (more than half of ``buf_alloc`` looks in
-flight from its side) or when it asks (CREDIT_REQUEST); when we run out of the
-guest's credit with data waiting we send one CREDIT_REQUEST.
+Flow control and memory: the guest may send at most ``buf_alloc`` bytes beyond what
+has been written to the host stream (the credit we advertise, with the forwarded
+count, in every header); its data waits in the connection until the host program
+reads it, so a slow host reader stops the guest writer.  Bytes from the host are
+read only while the connection holds fewer than ``host_buffer`` of them
+(:meth:`~VsockBridge.read_budget`; once full, reading resumes when a quarter is
+free) and are sent to the guest only within the credit the guest advertises, so a
+guest that stops reading stops the host writer.  The table holds at most
+``max_streams`` host streams and ``max_pending_resets`` queued RST replies: memory
+is bounded whatever either side does.  Credit is announced to the guest when it may
+be running short (more than half of ``buf_alloc`` looks in flight from its side) or
+when it asks (CREDIT_REQUEST); when we run out of the guest's credit with data
+waiting we send one CREDIT_REQUEST.
 
 Close: the guest's SHUTDOWN with "no more send" becomes ``shutdown(SHUT_WR)`` on the
 host stream once everything before it is written; "no more receive" becomes

@@ -6,7 +6,13 @@ three queues (rx 0, tx 1, event 2), the feature ``VIRTIO_VSOCK_F_STREAM``, and a
 ``VHOST_USER_GET_CONFIG``).  Its workers only move packets:
 
 * tx: each chain's readable part (header and payload) goes to
-  :meth:`~.bridge.VsockBridge.guest_packet` and the chain is returned with length 0;
+  :meth:`~.bridge.VsockBridge.guest_packet` and the chain is returned with length 0.
+  The used entries are published (and the guest interrupted, if it asked) in
+  batches: once a quarter of the ring is held, after 2 ms without tx traffic, or
+  when the frontend stops the ring.  Linux needs its tx buffers back only to free
+  them (it never waits on one to send more while the ring has room), and an
+  interrupt per packet costs a wake-up of QEMU and of the guest per packet: a
+  1-byte round trip made two (the data and the guest's credit update);
 * rx: while the bridge has packets and the guest has posted buffers, one packet per
   buffer (a buffer smaller than a header is returned empty and counted);
 * event: ``VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`` when the bridge owes one.
@@ -27,7 +33,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from ..vhost_user.device import ConfigError, EventLoop, QueueWorker, VhostUserDevice
+from ..vhost_user.device import EVENT_READ, ConfigError, EventLoop, QueueWorker, VhostUserDevice
 from ..vhost_user.inflight import InflightQueue
 from ..virtio.queue import DeviceQueue, VirtqueueError
 from .bridge import BridgeLimits, VsockBridge
@@ -43,6 +49,7 @@ from .constants import (
     VIRTIO_VSOCK_F_STREAM,
 )
 from .host import UnixHost
+from .timer import Timer
 
 __all__ = ["VsockDevice"]
 
@@ -50,6 +57,10 @@ log = logging.getLogger(__name__)
 
 #: Interrupt the guest mid-pass after this many rx packets (it can start reading).
 _NOTIFY_EVERY = 32
+#: Tx buffers are given back once a quarter of the ring is held ...
+TX_BATCH_DIVISOR = 4
+#: ... or after this long without tx traffic.
+TX_QUIET_NS = 2_000_000
 
 
 class _Worker:
@@ -68,18 +79,44 @@ class _Worker:
 
 
 class _TxWorker(_Worker):
+    """Takes the guest's packets; returns their buffers in batches (see the module doc)."""
+
+    def __init__(self, device: VsockDevice, queue: DeviceQueue, notify: Callable[[], None]) -> None:
+        super().__init__(device, queue, notify)
+        #: Chains answered (used elements written) but not yet published.
+        self.held = 0
+        #: Publish what is held at the next pass (the quiet timer expired).
+        self.flush_due = False
+        self.batch = max(1, queue.size // TX_BATCH_DIVISOR)
+
     def process(self) -> bool:
         queue, memory, bridge = self.queue, self.queue.memory, self.device.bridge
-        taken = False
+        taken = 0
         while (chain := queue.pop()) is not None:
             data = chain.read(memory, HEADER_SIZE + MAX_PKT_PAYLOAD)
             queue.add_used(chain.head, 0)
             bridge.guest_packet(data)
-            taken = True
-        if taken:
+            taken += 1
+        held = self.held = self.held + taken
+        flush = held > 0 and (held >= self.batch or self.flush_due)
+        self.flush_due = False
+        if flush:
             queue.publish_used()
+            self.held = 0
+            self.device.tx_quiet()
+        elif taken:
+            self.device.tx_held()
+        if taken:
             self.device.host.pump()
-        return taken
+        return flush
+
+    def rewind(self) -> int:
+        # The frontend takes the ring over: it must find every answered chain used.
+        if self.held:
+            self.held = 0
+            self.queue.publish_used()
+            self.notify()
+        return self.queue.last_avail_idx
 
 
 class _RxWorker(_Worker):
@@ -156,6 +193,8 @@ class VsockDevice(VhostUserDevice):
         self.host = UnixHost(self.bridge, Path(uds_path), self._guest_work)
         self.rx_busy = False
         self._loop: EventLoop | None = None
+        self._tx: _TxWorker | None = None
+        self._timer: Timer | None = None
 
     def __repr__(self) -> str:
         return f"<VsockDevice cid={self.bridge.guest_cid} {self.host.path}>"
@@ -168,7 +207,8 @@ class VsockDevice(VhostUserDevice):
         if index == RX_QUEUE:
             return _RxWorker(self, queue, notify)
         if index == TX_QUEUE:
-            return _TxWorker(self, queue, notify)
+            self._tx = _TxWorker(self, queue, notify)
+            return self._tx
         if index == EVENT_QUEUE:
             return _EventWorker(self, queue, notify)
         raise VirtqueueError(f"virtio-vsock has no queue {index}")
@@ -181,13 +221,39 @@ class VsockDevice(VhostUserDevice):
 
     def attach(self, loop: EventLoop) -> None:
         self._loop = loop
+        self._timer = Timer()
+        loop.watch(self._timer.fileno(), EVENT_READ, self._on_timer)
         self.host.open(loop)
 
     def detach(self) -> None:
         self.host.close()
+        if self._timer is not None:
+            if self._loop is not None:
+                self._loop.unwatch(self._timer.fileno())
+            self._timer.close()
+            self._timer = None
         self._loop = None
 
+    def tx_held(self) -> None:
+        """The tx worker holds answered chains: give them back after a quiet moment."""
+        if self._timer is not None:
+            self._timer.arm(TX_QUIET_NS)
+
+    def tx_quiet(self) -> None:
+        """The tx worker holds nothing any more."""
+        if self._timer is not None:
+            self._timer.disarm()
+
+    def _on_timer(self, ready: int) -> None:
+        timer, tx, loop = self._timer, self._tx, self._loop
+        if timer is None or not timer.expired() or tx is None or loop is None or not tx.held:
+            return
+        tx.flush_due = True
+        loop.serve_queue(TX_QUEUE)
+
     def reset(self) -> None:
+        self._tx = None
+        self.tx_quiet()
         if self.bridge.connection_count or self.bridge.stream_count:
             log.info("vsock: transport reset: %d connections dropped", self.bridge.connection_count)
         self.bridge.transport_reset()

@@ -266,6 +266,23 @@ def test_a_full_buffer_stops_watching_the_host_socket(served: Served) -> None:
         host.close()
 
 
+def test_a_quiet_guest_gets_its_tx_buffers_back(served: Served) -> None:
+    """Tx buffers are given back in batches; a guest that goes quiet still gets all of
+    them back (and an interrupt) soon after its last packet."""
+    srv = host_listener(Path(f"{served.uds}_67"))
+    with VsockDriver(served.vhost) as drv:
+        sock = drv.transport.connect(67)
+        drv.run_until(lambda: sock.state == "established", what="connect")
+        drv.transport.write(sock, b"one packet")
+        drv.pump()
+        start = time.monotonic()
+        while len(drv._free_tx) < drv.queue_size:
+            assert time.monotonic() - start < 5, "tx buffers held"
+            drv.wait(0.1)  # woken by the interrupt for them
+            drv.pump()
+    srv.close()
+
+
 def test_many_concurrent_connections(served: Served) -> None:
     n = 32
     srv = host_listener(Path(f"{served.uds}_9000"))

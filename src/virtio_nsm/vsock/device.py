@@ -83,26 +83,26 @@ class _TxWorker(_Worker):
 
     def __init__(self, device: VsockDevice, queue: DeviceQueue, notify: Callable[[], None]) -> None:
         super().__init__(device, queue, notify)
-        #: Chains answered (used elements written) but not yet published.
-        self.held = 0
-        #: Publish what is held at the next pass (the quiet timer expired).
+        #: Heads of the chains read but not yet given back.  Their used elements are
+        #: written only when they are published: the ring's used index and the
+        #: interrupt decision (EVENT_IDX) must never count elements the driver cannot see.
+        self.held: list[int] = []
+        #: Give back what is held at the next pass (the quiet timer expired).
         self.flush_due = False
         self.batch = max(1, queue.size // TX_BATCH_DIVISOR)
 
     def process(self) -> bool:
-        queue, memory, bridge = self.queue, self.queue.memory, self.device.bridge
-        taken = 0
+        queue, memory, bridge, held = self.queue, self.queue.memory, self.device.bridge, self.held
+        taken = len(held)
         while (chain := queue.pop()) is not None:
             data = chain.read(memory, HEADER_SIZE + MAX_PKT_PAYLOAD)
-            queue.add_used(chain.head, 0)
+            held.append(chain.head)
             bridge.guest_packet(data)
-            taken += 1
-        held = self.held = self.held + taken
-        flush = held > 0 and (held >= self.batch or self.flush_due)
+        taken = len(held) - taken
+        flush = bool(held) and (len(held) >= self.batch or self.flush_due)
         self.flush_due = False
         if flush:
-            queue.publish_used()
-            self.held = 0
+            self._give_back()
             self.device.tx_quiet()
         elif taken:
             self.device.tx_held()
@@ -110,11 +110,17 @@ class _TxWorker(_Worker):
             self.device.host.pump()
         return flush
 
+    def _give_back(self) -> None:
+        queue = self.queue
+        for head in self.held:
+            queue.add_used(head, 0)
+        self.held.clear()
+        queue.publish_used()
+
     def rewind(self) -> int:
-        # The frontend takes the ring over: it must find every answered chain used.
+        # The frontend takes the ring over: it must find every chain we read used.
         if self.held:
-            self.held = 0
-            self.queue.publish_used()
+            self._give_back()
             self.notify()
         return self.queue.last_avail_idx
 

@@ -14,7 +14,8 @@ three queues (rx 0, tx 1, event 2), the feature ``VIRTIO_VSOCK_F_STREAM``, and a
   interrupt per packet costs a wake-up of QEMU and of the guest per packet: a
   1-byte round trip made two (the data and the guest's credit update);
 * rx: while the bridge has packets and the guest has posted buffers, one packet per
-  buffer (a buffer smaller than a header is returned empty and counted);
+  buffer (a buffer smaller than a header is returned empty and counted), published
+  once at the end of the pass;
 * event: ``VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`` when the bridge owes one.
 
 The host side is :class:`~.host.UnixHost`, registered on the daemon's event loop
@@ -55,8 +56,6 @@ __all__ = ["VsockDevice"]
 
 log = logging.getLogger(__name__)
 
-#: Interrupt the guest mid-pass after this many rx packets (it can start reading).
-_NOTIFY_EVERY = 32
 #: Tx buffers are given back once a quarter of the ring is held ...
 TX_BATCH_DIVISOR = 4
 #: ... or after this long without tx traffic.
@@ -154,9 +153,9 @@ class _RxWorker(_Worker):
                 break
             queue.add_used(chain.head, chain.write(memory, packet))
             filled += 1
-            if filled % _NOTIFY_EVERY == 0:
-                queue.publish_used()
-                self.notify()
+        # One publication and at most one interrupt per pass, however long: Linux's
+        # rx work then takes the whole batch at once instead of waking its reader for
+        # the first few packets while the rest arrive (measured: +15-25 % host -> guest).
         if filled:
             queue.publish_used()
             # Packets sent make room to read more from host sockets.

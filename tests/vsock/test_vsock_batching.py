@@ -13,7 +13,7 @@ from virtio_nsm.virtio.memory import GuestMemory, MemoryRegion
 from virtio_nsm.virtio.queue import DeviceQueue, DriverQueue, RingLayout, Segment
 from virtio_nsm.vsock import Header
 from virtio_nsm.vsock import constants as c
-from virtio_nsm.vsock.device import VsockDevice, _TxWorker
+from virtio_nsm.vsock.device import TX_QUIET_NS, VsockDevice, _TxWorker
 from virtio_nsm.vsock.timer import Timer
 
 BASE = 0x10_0000
@@ -122,3 +122,43 @@ def test_rx_pass_is_published_and_interrupted_once(tmp_path: Path) -> None:
     assert notified == [40]  # one interrupt, once the whole pass is published
     assert len(drv.collect_used()) == 40
     assert dev.needs_notify() is False  # the backend's decision after the pass: not twice
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self.watched: dict[int, object] = {}
+
+    def watch(self, fd: int, events: int, callback: object) -> None:
+        self.watched[fd] = callback
+
+    def unwatch(self, fd: int) -> None:
+        self.watched.pop(fd, None)
+
+    def serve_queue(self, index: int) -> bool:
+        return False
+
+
+def test_quiet_timer_is_pushed_back_once_per_half_period_not_per_pass(tmp_path: Path) -> None:
+    """While tx traffic goes on, the quiet timer neither expires (a wake-up per period)
+    nor costs a system call per packet."""
+    device = VsockDevice(CID, tmp_path / "v.sock")
+    device.attach(_Loop())
+    try:
+        timer = device._timer
+        assert timer is not None
+        arms: list[int] = []
+        arm = timer.arm
+
+        def counting(delay_ns: int) -> None:
+            arms.append(delay_ns)
+            arm(delay_ns)
+
+        timer.arm = counting  # type: ignore[method-assign]
+        start = time.monotonic_ns()
+        for i in range(10):  # a tx pass every 0.3 ms for 3 ms
+            device.tx_held(start + i * 300_000)
+        assert arms == [TX_QUIET_NS] * 3  # at 0, 1.2 and 2.4 ms
+        device.tx_quiet()
+        assert not timer.armed
+    finally:
+        device.detach()

@@ -8,7 +8,7 @@ three queues (rx 0, tx 1, event 2), the feature ``VIRTIO_VSOCK_F_STREAM``, and a
 * tx: each chain's readable part (header and payload) goes to
   :meth:`~.bridge.VsockBridge.guest_packet` and the chain is returned with length 0.
   The used entries are published (and the guest interrupted, if it asked) in
-  batches: once a quarter of the ring is held, after 2 ms without tx traffic, or
+  batches: once a quarter of the ring is held, after 1-2 ms without tx traffic, or
   when the frontend stops the ring.  Linux needs its tx buffers back only to free
   them (it never waits on one to send more while the ring has room), and an
   interrupt per packet costs a wake-up of QEMU and of the guest per packet: a
@@ -204,7 +204,7 @@ class VsockDevice(VhostUserDevice):
         self._loop: EventLoop | None = None
         self._tx: _TxWorker | None = None
         self._timer: Timer | None = None
-        self._tx_last = 0  # time.monotonic_ns() of the last tx pass that held chains
+        self._tx_deadline = 0  # time.monotonic_ns() at which the armed timer expires
 
     def __repr__(self) -> str:
         return f"<VsockDevice cid={self.bridge.guest_cid} {self.host.path}>"
@@ -245,11 +245,16 @@ class VsockDevice(VhostUserDevice):
         self._loop = None
 
     def tx_held(self, now: int) -> None:
-        """The tx worker holds chains: give them back after ``TX_QUIET_NS`` without tx traffic."""
-        self._tx_last = now
+        """The tx worker holds chains: give them back after half to all of ``TX_QUIET_NS``
+        without tx traffic.
+
+        The timer is pushed back only once half of its time has passed: one system call
+        per millisecond of traffic, and no expiry (a wake-up) while traffic goes on.
+        """
         timer = self._timer
-        if timer is not None and not timer.armed:  # re-armed on expiry if traffic went on
+        if timer is not None and (not timer.armed or self._tx_deadline - now < TX_QUIET_NS // 2):
             timer.arm(TX_QUIET_NS)
+            self._tx_deadline = now + TX_QUIET_NS
 
     def tx_quiet(self) -> None:
         """The tx worker holds nothing any more."""
@@ -259,10 +264,6 @@ class VsockDevice(VhostUserDevice):
     def _on_timer(self, ready: int) -> None:
         timer, tx, loop = self._timer, self._tx, self._loop
         if timer is None or not timer.expired() or tx is None or loop is None or not tx.held:
-            return
-        quiet = time.monotonic_ns() - self._tx_last
-        if quiet < TX_QUIET_NS:
-            timer.arm(TX_QUIET_NS - quiet)
             return
         tx.flush_due = True
         loop.serve_queue(TX_QUEUE)

@@ -162,3 +162,13 @@ def test_quiet_timer_is_pushed_back_once_per_half_period_not_per_pass(tmp_path: 
         assert not timer.armed
     finally:
         device.detach()
+
+
+def test_nothing_is_held_while_the_daemon_polls(tmp_path: Path) -> None:
+    """The daemon keeps polling only while passes publish something: held buffers
+    would look like no traffic, and the guest's kicks stay off meanwhile anyway."""
+    mem, drv, dev, worker, _ = setup(tmp_path, size=16)
+    dev.kicks_wanted = False
+    send(mem, drv, 1)
+    assert worker.process() is True
+    assert len(drv.collect_used()) == 1

@@ -9,10 +9,11 @@ three queues (rx 0, tx 1, event 2), the feature ``VIRTIO_VSOCK_F_STREAM``, and a
   :meth:`~.bridge.VsockBridge.guest_packet` and the chain is returned with length 0.
   The used entries are published (and the guest interrupted, if it asked) in
   batches: once a quarter of the ring is held, after 1-2 ms without tx traffic, or
-  when the frontend stops the ring.  Linux needs its tx buffers back only to free
-  them (it never waits on one to send more while the ring has room), and an
-  interrupt per packet costs a wake-up of QEMU and of the guest per packet: a
-  1-byte round trip made two (the data and the guest's credit update);
+  when the frontend stops the ring (at once while the daemon polls the rings).
+  Linux needs its tx buffers back only to free them (it never waits on one to send
+  more while the ring has room), and an interrupt per packet costs a wake-up of QEMU
+  and of the guest per packet: a 1-byte round trip made two (the data and the
+  guest's credit update);
 * rx: while the bridge has packets and the guest has posted buffers, one packet per
   buffer (a buffer smaller than a header is returned empty and counted), published
   once at the end of the pass;
@@ -99,7 +100,9 @@ class _TxWorker(_Worker):
             held.append(chain.head)
             bridge.guest_packet(data)
         taken = len(held) - taken
-        flush = bool(held) and (len(held) >= self.batch or self.flush_due)
+        # While the daemon polls (no kicks) nothing is held: it counts a pass that
+        # published nothing as no traffic and would stop polling.
+        flush = bool(held) and (len(held) >= self.batch or self.flush_due or not queue.kicks_wanted)
         self.flush_due = False
         if flush:
             self._give_back()

@@ -8,12 +8,15 @@ One boot of a q35 TCG guest (`nsm vm run`) with two ways to reach the host:
 * user-mode network: `-netdev user` + `virtio-net-pci`, guest TCP to 10.0.2.2 (QEMU's
   slirp), host programs on 127.0.0.1 -- what a user would reach for instead.
 
-In the same guest, for each in turn: bulk throughput guest -> host and host -> guest
-(MiB/s, timed in the guest from the first byte sent to the host's acknowledgement / the
-last byte received) and ping-pong round trips per second (1-byte messages).  The
-backend's CPU time per MiB moved is read from /proc.  Ratios are ours / user-mode.
+In the same guest, each measurement over one transport right after the same over the
+other (the order swapped every repeat, medians reported): bulk throughput guest -> host
+and host -> guest (MiB/s, timed in the guest from the first byte sent to the host's
+acknowledgement / the last byte received) and ping-pong round trips per second (1-byte
+messages).  The backend's CPU time per MiB moved is read from /proc, and so is its CPU
+time while the guest idles for ``--idle`` seconds after a first exchange.  Ratios are
+ours / user-mode.
 
-    PYTHONPATH=src python bench/bench_vsock.py [--mib 64] [--seconds 5]
+    PYTHONPATH=src python bench/bench_vsock.py [--mib 64] [--seconds 5] [--repeat 3] [--idle 3]
 
 The guest needs virtio_net (Debian builds it as a module, not in the test cache): the
 first run downloads the cached kernel's package once (~110 MB) and keeps its
@@ -28,10 +31,12 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from virtio_nsm.vm import run as vm_run
@@ -50,11 +55,13 @@ VSOCK_MODULES = ("vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio
 GUEST = r"""
 import json, os, socket, subprocess, sys, time
 busybox, vmods, nmods = sys.argv[1], sys.argv[2], sys.argv[3]
-mib, seconds = int(sys.argv[4]), float(sys.argv[5])
+mib, seconds, idle, repeat = int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7])
 for d, m in [(vmods, "vsock"), (vmods, "vmw_vsock_virtio_transport_common"),
              (vmods, "vmw_vsock_virtio_transport"), (nmods, "failover"),
              (nmods, "net_failover"), (nmods, "virtio_net")]:
-    subprocess.run([busybox, "insmod", f"{d}/{m}.ko"], check=True)
+    loaded = {line.split()[0] for line in open("/proc/modules")}
+    if m not in loaded:  # the VM's init may have loaded vsock already
+        subprocess.run([busybox, "insmod", f"{d}/{m}.ko"], check=True)
 time.sleep(1)
 ifname = [n for n in os.listdir("/sys/class/net") if n != "lo"][0]
 for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "link", "set", ifname, "up"],
@@ -76,30 +83,54 @@ def conn(kind, port):
             time.sleep(0.2)
     raise OSError(f"cannot reach {kind} port {port}")
 
-for kind in ("vsock", "tcp"):
+# The backend's CPU while the guest idles (after a first exchange; polling must stop).
+s = conn("vsock", 7003)
+s.sendall(b"p"); assert s.recv(1) == b"p"
+print("IDLE start", flush=True)
+time.sleep(idle)
+print("IDLE end", flush=True)
+s.close()
+def up(kind):
     s = conn(kind, 7001)
     t0 = time.monotonic()
     for _ in range(mib * 16):
         s.sendall(CHUNK)
     s.shutdown(socket.SHUT_WR)
     assert s.recv(64) == b"%d" % (mib * 1 << 20)
-    up = time.monotonic() - t0
+    t = time.monotonic() - t0
     s.close()
+    return mib / t
+
+def down(kind):
     s = conn(kind, 7002)
     t0 = time.monotonic(); got = 0
     while chunk := s.recv(1 << 16):
         got += len(chunk)
-    down = time.monotonic() - t0
+    t = time.monotonic() - t0
     s.close()
     assert got == mib << 20
+    return mib / t
+
+def pingpong(kind):
     s = conn(kind, 7003)
     n = 0; t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
         s.sendall(b"p"); assert s.recv(1) == b"p"; n += 1
-    rtt = time.monotonic() - t0
+    t = time.monotonic() - t0
     s.close()
-    print(json.dumps({"kind": kind, "up_mib_s": mib / up, "down_mib_s": mib / down,
-                      "round_trips_s": n / rtt}), flush=True)
+    return n / t
+
+# Each measurement right after the other transport's (the host's load drifts), the
+# order swapped every repeat.
+results = {kind: {"up_mib_s": [], "down_mib_s": [], "round_trips_s": []} for kind in ("vsock", "tcp")}
+print("MEASURE start", flush=True)
+for r in range(repeat):
+    order = ("vsock", "tcp") if r % 2 == 0 else ("tcp", "vsock")
+    for key, fn in (("up_mib_s", up), ("down_mib_s", down), ("round_trips_s", pingpong)):
+        for kind in order:
+            results[kind][key].append(fn(kind))
+print("MEASURE end", flush=True)
+print(json.dumps(results), flush=True)
 """
 
 
@@ -188,19 +219,22 @@ class HostPrograms:
 
 
 class Lines:
+    """The guest's console: results, and the backend's CPU time at its markers."""
+
     def __init__(self, backend_pid: int) -> None:
         self.buf = b""
-        self.results: list[dict[str, float]] = []
+        self.results: dict[str, dict[str, list[float]]] = {}
         self.pid = backend_pid
-        self.cpu_marks = [cpu_seconds(backend_pid)]
+        self.marks: dict[str, tuple[float, float]] = {}  # marker -> (time, backend CPU s)
 
     def write(self, chunk: bytes) -> int:
         self.buf += chunk
         while b"\n" in self.buf:
             line, self.buf = self.buf.split(b"\n", 1)
-            if line.startswith(b"{"):
-                self.results.append(json.loads(line))
-                self.cpu_marks.append(cpu_seconds(self.pid))
+            if line.startswith((b"IDLE ", b"MEASURE ")):
+                self.marks[line.decode().strip()] = (time.monotonic(), cpu_seconds(self.pid))
+            elif line.startswith(b"{"):
+                self.results = json.loads(line)
             else:
                 sys.stderr.write(line.decode(errors="replace") + "\n")
         return len(chunk)
@@ -213,6 +247,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64, help="MiB per bulk transfer (default 64)")
     parser.add_argument("--seconds", type=float, default=5.0, help="ping-pong duration (default 5)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="measurements of each kind per transport (default 3)"
+    )
+    parser.add_argument(
+        "--idle", type=float, default=3.0, help="seconds of idle guest: the backend's idle CPU (default 3)"
+    )
     parser.add_argument(
         "--backend-arg",
         action="append",
@@ -262,6 +302,8 @@ def main() -> None:
                     str(netdir),
                     str(args.mib),
                     str(args.seconds),
+                    str(args.idle),
+                    str(args.repeat),
                 ],
                 device="none",
                 timeout=1800,
@@ -283,27 +325,32 @@ def main() -> None:
         host.close()
         backend.send_signal(signal.SIGTERM)
         backend.wait(30)
-    if result.status != 0 or len(lines.results) != 2:
+    if result.status != 0 or not lines.results or len(lines.marks) != 4:
         raise SystemExit(f"guest failed (status {result.status}); console: {result.console_log}")
-    ours, user = lines.results
-    backend_cpu = lines.cpu_marks[1] - lines.cpu_marks[0]
+    ours, user = lines.results["vsock"], lines.results["tcp"]
     print(f"backend: nsm vsock serve {' '.join(args.backend_arg)}".rstrip())
     print(
         f"{kernel.version} guest, QEMU TCG, {args.mib} MiB per bulk transfer, "
-        f"{args.seconds:.0f} s of 1-byte ping-pong; one boot, side by side"
+        f"{args.seconds:.0f} s of 1-byte ping-pong; one boot, side by side, "
+        f"{args.repeat} measurements each, alternating"
     )
-    print(f"{'':24}{'vsock (ours)':>14}{'-netdev user':>14}{'ratio':>8}")
+    print(f"{'':22}{'vsock (ours)':>13}{'-netdev user':>13}{'ratio':>7}   ratio of each pair")
     for key, label in (
         ("up_mib_s", "guest->host MiB/s"),
         ("down_mib_s", "host->guest MiB/s"),
         ("round_trips_s", "round trips/s"),
     ):
-        print(f"{label:24}{ours[key]:14.1f}{user[key]:14.1f}{ours[key] / user[key]:8.2f}")
-    moved = 2 * args.mib
+        a, b = statistics.median(ours[key]), statistics.median(user[key])
+        pairs = " ".join(f"{x / y:.2f}" for x, y in zip(ours[key], user[key], strict=True))
+        print(f"{label:22}{a:13.1f}{b:13.1f}{a / b:7.2f}   {pairs}")
+    (_, c0), (_, c1) = lines.marks["MEASURE start"], lines.marks["MEASURE end"]
+    moved = 2 * args.mib * args.repeat
     print(
-        f"backend CPU: {backend_cpu:.2f} s over the vsock phase "
-        f"({1000 * backend_cpu / moved:.1f} ms per MiB moved, ping-pong included)"
+        f"backend CPU: {c1 - c0:.2f} s over the measurements "
+        f"({1000 * (c1 - c0) / moved:.1f} ms per MiB moved over vsock, ping-pong included)"
     )
+    (t0, i0), (t1, i1) = lines.marks["IDLE start"], lines.marks["IDLE end"]
+    print(f"backend CPU while the guest idles: {1000 * (i1 - i0):.0f} ms over {t1 - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -327,6 +327,24 @@ def test_guest_that_stops_reading_stops_the_host_writer() -> None:
     assert h.guest.violations == []
 
 
+def test_a_full_host_buffer_is_read_again_once_a_quarter_is_free() -> None:
+    limits = BridgeLimits(host_buffer=32768)
+    h = Harness(VsockBridge(GUEST_CID, limits=limits), listening={LISTEN})
+    h.guest.connect(LISTEN)
+    h.settle()
+    host_id = h.host_accepted[0].host_id
+    bridge = h.bridge
+    assert bridge.read_budget(host_id) == 32768
+    bridge.host_data(host_id, b"a" * 32768)
+    assert bridge.read_budget(host_id) == 0
+    assert host_id in bridge.take_dirty()  # the host side must stop watching the socket
+    assert bridge.next_rx(c.HEADER_SIZE + 4096) is not None
+    assert bridge.read_budget(host_id) == 0  # 4 KiB free: not worth a read yet
+    assert bridge.next_rx(c.HEADER_SIZE + 4096) is not None
+    assert bridge.read_budget(host_id) == 8192
+    assert host_id in bridge.take_dirty()
+
+
 def test_slow_host_reader_stops_the_guest_writer() -> None:
     limits = BridgeLimits(buf_alloc=65536)
     h = Harness(VsockBridge(GUEST_CID, limits=limits), listening={LISTEN})

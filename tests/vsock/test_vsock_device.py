@@ -8,6 +8,7 @@ import hashlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +225,62 @@ def test_guest_that_stops_reading_blocks_the_host_writer(served: Served) -> None
         drv.run_until(drained, timeout=120, what="all the data")
         assert bytes(got) == data
         host.close()
+
+
+def test_a_full_buffer_stops_watching_the_host_socket(served: Served) -> None:
+    """Once a connection's buffer towards the guest is full, a readable host socket must
+    not wake the backend: it would spin (level-triggered) until the guest reads."""
+    host_side = served.device.host
+    calls = 0
+    on_ready = host_side._on_ready
+
+    def counting(host_id: int, ready: int) -> None:
+        nonlocal calls
+        calls += 1
+        on_ready(host_id, ready)
+
+    host_side._on_ready = counting  # type: ignore[method-assign]
+    with VsockDriver(served.vhost) as drv:
+        drv.transport.listen(601)
+        host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        host.connect(str(served.uds))
+        host.sendall(b"CONNECT 601\n")
+        drv.run_until(lambda: bool(drv.transport.accepted), what="accept")
+        drv.transport.accepted.popleft()  # and never read: the guest's credit runs out
+        host.setblocking(False)
+        stalled = 0
+        while stalled < 50:  # until the host writer stays blocked
+            try:
+                host.send(bytes(65536))
+                stalled = 0
+            except BlockingIOError:
+                drv.pump()
+                drv.wait(0.005)
+                stalled += 1
+        bridge = served.device.bridge
+        (host_id,) = bridge.host_ids()
+        assert bridge.read_budget(host_id) == 0
+        before = calls
+        time.sleep(0.3)  # the host socket stays readable all along
+        assert calls - before <= 2
+        host.close()
+
+
+def test_a_quiet_guest_gets_its_tx_buffers_back(served: Served) -> None:
+    """Tx buffers are given back in batches; a guest that goes quiet still gets all of
+    them back (and an interrupt) soon after its last packet."""
+    srv = host_listener(Path(f"{served.uds}_67"))
+    with VsockDriver(served.vhost) as drv:
+        sock = drv.transport.connect(67)
+        drv.run_until(lambda: sock.state == "established", what="connect")
+        drv.transport.write(sock, b"one packet")
+        drv.pump()
+        start = time.monotonic()
+        while len(drv._free_tx) < drv.queue_size:
+            assert time.monotonic() - start < 5, "tx buffers held"
+            drv.wait(0.1)  # woken by the interrupt for them
+            drv.pump()
+    srv.close()
 
 
 def test_many_concurrent_connections(served: Served) -> None:

@@ -22,18 +22,19 @@ Host side (the Firecracker / vhost-device-vsock hybrid convention):
   unless the guest itself is CID 3), is bridged to the Unix socket ``PATH_P``
   (:class:`ConnectHost`); if that fails the guest gets RST (``ECONNRESET``).
 
-Flow control and memory: the guest may send at most ``buf_alloc`` bytes beyond
-what has been written to the host stream (the credit we advertise, with the
-forwarded count, in every header); its data waits in the connection until the host
-program reads it, so a slow host reader stops the guest writer.  Bytes from the
-host are read only while the connection holds fewer than ``host_buffer`` of them
-(:meth:`~VsockBridge.read_budget`) and are sent to the guest only within the credit
-the guest advertises, so a guest that stops reading stops the host writer.  The
-table holds at most ``max_streams`` host streams and ``max_pending_resets`` queued
-RST replies: memory is bounded whatever either side does.  Credit is announced to
-the guest when it may be running short (more than half of ``buf_alloc`` looks in
-flight from its side) or when it asks (CREDIT_REQUEST); when we run out of the
-guest's credit with data waiting we send one CREDIT_REQUEST.
+Flow control and memory: the guest may send at most ``buf_alloc`` bytes beyond what
+has been written to the host stream (the credit we advertise, with the forwarded
+count, in every header); its data waits in the connection until the host program
+reads it, so a slow host reader stops the guest writer.  Bytes from the host are
+read only while the connection holds fewer than ``host_buffer`` of them
+(:meth:`~VsockBridge.read_budget`; once full, reading resumes when a quarter is
+free) and are sent to the guest only within the credit the guest advertises, so a
+guest that stops reading stops the host writer.  The table holds at most
+``max_streams`` host streams and ``max_pending_resets`` queued RST replies: memory
+is bounded whatever either side does.  Credit is announced to the guest when it may
+be running short (more than half of ``buf_alloc`` looks in flight from its side) or
+when it asks (CREDIT_REQUEST); when we run out of the guest's credit with data
+waiting we send one CREDIT_REQUEST.
 
 Close: the guest's SHUTDOWN with "no more send" becomes ``shutdown(SHUT_WR)`` on the
 host stream once everything before it is written; "no more receive" becomes
@@ -278,6 +279,7 @@ class VsockBridge:
         self._next_host_id = 1
         self._next_local_port = LOCAL_PORT_BASE
         self._event_pending = False
+        self._read_low = max(1, self.limits.host_buffer // 4)
 
     def __repr__(self) -> str:
         return (
@@ -607,7 +609,10 @@ class VsockBridge:
             return LINE_MAX - len(s.line)
         if not s.attached or s.host_eof or s.guest_shut_rcv:
             return 0
-        return max(0, self.limits.host_buffer - len(s.to_guest))
+        room = self.limits.host_buffer - len(s.to_guest)
+        # Hysteresis: once the buffer is nearly full, wait until a quarter of it is
+        # free, so that the host socket is read in large pieces, not one rx packet's worth.
+        return room if room >= self._read_low else 0
 
     def host_data(self, host_id: int, data: bytes) -> None:
         """Bytes read from host stream ``host_id`` (at most :meth:`read_budget`)."""
@@ -622,6 +627,7 @@ class VsockBridge:
             self._parse_line(s)
             return
         s.to_guest.append(data)
+        self._dirty.add(host_id)  # the read budget shrank: the host side re-checks its watch
         self._schedule(s)
 
     def _parse_line(self, s: _Stream) -> None:

@@ -26,22 +26,31 @@ def test_layout_matches_the_spec() -> None:
     region = InflightRegion.create(2, 64)
     try:
         assert region.mmap_size == 2 * queue_region_size(64)
-        with open(f"/proc/self/fd/{region.fd}", "rb") as fh:
-            raw = fh.read()
-        for q in range(2):
+        # GET_INFLIGHT_FD hands out zeroes (version 0: no ring has started with it yet).
+        assert _read(region.fd) == bytes(region.mmap_size)
+        for q, ring_used_idx in ((0, 0), (1, 5)):
+            assert region.queue(q).recover(ring_used_idx) == []
+        raw = _read(region.fd)
+        for q, ring_used_idx in ((0, 0), (1, 5)):
             base = q * queue_region_size(64)
             features, version, desc_num, last_batch, used_idx = struct.unpack_from("<QHHHH", raw, base)
-            assert (features, version, desc_num, last_batch, used_idx) == (0, INFLIGHT_VERSION, 64, 0, 0)
+            assert (features, version, desc_num, last_batch, used_idx) == (0, INFLIGHT_VERSION, 64, 0, ring_used_idx)
             flags = [raw[base + 16 + 16 * i] for i in range(64)]
             assert flags == [0] * 64
     finally:
         region.close()
 
 
+def _read(fd: int) -> bytes:
+    with open(f"/proc/self/fd/{fd}", "rb") as fh:
+        return fh.read()
+
+
 def test_taken_returned_published_and_the_counter_order() -> None:
     region = InflightRegion.create(1, 16)
     try:
         q = region.queue(0)
+        assert q.recover(ring_used_idx=0) == []
         for head in (5, 2, 9):
             q.taken(head)
         assert [q.is_inflight(h) for h in (5, 2, 9, 0)] == [True, True, True, False]
@@ -66,6 +75,7 @@ def test_batch_published_but_not_cleared_is_repaired() -> None:
     region = InflightRegion.create(1, 16)
     try:
         q = region.queue(0)
+        assert q.recover(ring_used_idx=0) == []
         for head in (1, 3, 4):
             q.taken(head)
         q.returned(1)
@@ -82,6 +92,7 @@ def test_counters_start_at_a_random_base_per_region() -> None:
     a, b = InflightRegion.create(1, 8), InflightRegion.create(1, 8)
     try:
         qa, qb = a.queue(0), b.queue(0)
+        assert qa.recover(0) == qb.recover(0) == []
         qa.taken(0)
         qb.taken(0)
         assert qa.token(0) != qb.token(0)
@@ -97,6 +108,78 @@ def test_a_zeroed_region_from_the_frontend_is_initialised() -> None:
     try:
         q = region.queue(0)
         assert q.recover(0) == [] and q.inflight_count == 0
+    finally:
+        region.close()
+
+
+def test_first_region_for_a_ring_that_has_run_starts_at_its_used_index() -> None:
+    # A frontend's first region may meet a ring that is far along: a migration
+    # destination (the rings come with the guest's memory), or a frontend whose ring
+    # ran before it had a region. No backend ever took a chain under the region, so
+    # nothing is in flight and the ring goes on at used->idx. (This was refused as
+    # "used index 23052 is 23052 past the recorded 0".)
+    region = InflightRegion.create(1, 64)
+    try:
+        q = region.queue(0)
+        assert q.recover(ring_used_idx=23052) == []
+        assert q.used_idx == 23052 and q.inflight_count == 0
+        # From then on it is a region in use like any other.
+        q.taken(7)
+        successor = InflightRegion.from_fd(os.dup(region.fd), region.mmap_size, 0, 1, 64)
+        try:
+            assert successor.queue(0).recover(ring_used_idx=23052) == [7]
+        finally:
+            successor.close()
+    finally:
+        region.close()
+
+
+def test_backend_killed_while_initialising_leaves_a_fresh_region() -> None:
+    # The version is stored last: a backend killed before that store leaves version 0
+    # (entries, counters, recorded index possibly written), which its successor
+    # initialises again at the ring's used index instead of trusting or refusing it.
+    region = InflightRegion.create(1, 8)
+    try:
+        q = region.queue(0)
+        with memoryview(region._mapping) as raw:  # the kill point needs the raw bytes
+            real_pack_into = struct.pack_into
+            killed = []
+
+            def pack_into(fmt: str, view: object, offset: int, *values: int) -> None:
+                if offset == 8:  # the version: "SIGKILL" just before it
+                    killed.append(bytes(raw[:16]))
+                    raise KeyboardInterrupt
+                real_pack_into(fmt, view, offset, *values)
+
+            struct.pack_into = pack_into  # type: ignore[assignment]
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    q.recover(ring_used_idx=300)
+            finally:
+                struct.pack_into = real_pack_into
+            assert killed and killed[0][8:10] == b"\0\0"  # version still 0 at the kill
+            assert any(raw[16:queue_region_size(8)])  # the entries were written already
+        successor = InflightRegion.from_fd(os.dup(region.fd), region.mmap_size, 0, 1, 8)
+        try:
+            again = successor.queue(0)
+            assert again.fresh
+            assert again.recover(ring_used_idx=301) == [] and again.used_idx == 301
+        finally:
+            successor.close()
+    finally:
+        region.close()
+
+
+def test_region_in_use_with_a_used_index_far_ahead_is_still_refused() -> None:
+    region = InflightRegion.create(1, 8)
+    try:
+        assert region.queue(0).recover(ring_used_idx=100) == []
+        successor = InflightRegion.from_fd(os.dup(region.fd), region.mmap_size, 0, 1, 8)
+        try:
+            with pytest.raises(InflightError, match="used index 200 is 100 past the recorded 100"):
+                successor.queue(0).recover(ring_used_idx=200)
+        finally:
+            successor.close()
     finally:
         region.close()
 

@@ -25,6 +25,24 @@ Every queue region is rounded up to 64 bytes, as libvhost-user and DPDK do.
   resubmits the heads still marked inflight in counter order, and continues on
   the available ring at ``used->idx`` plus their number.
 
+A region starts all zero (``GET_INFLIGHT_FD`` hands out a zeroed memfd, as
+libvhost-user and DPDK do) and is initialised when a ring first starts with it,
+*with that ring's* ``used->idx`` as its recorded index -- not at creation, when
+the ring is not known: a frontend that gets its first region for a ring that has
+already run (a migration destination, whose rings arrive with the guest's memory;
+a frontend that tracked nothing before) hands over a region that no backend ever
+took a chain under, and its ring may be anywhere.  Version 0 therefore means "no
+backend has started a ring with this region": nothing can be in flight in it, the
+ring resumes at ``used->idx``, and whatever else the region holds is overwritten.
+The header's version is written last, after the recorded index and the entries,
+so a backend killed part way through leaves a region that is still version 0 and
+is simply initialised again by its successor (a version-1 region with a stale
+recorded index would be refused).  A frontend gains nothing by handing over a
+fresh region that it could not get by asking for one; what is refused is a region
+that claims to have been used and does not add up (unknown version, other
+descriptor count, a used index more than a ring ahead of the recorded one, a
+corrupt batch list).
+
 The counter is what makes a request recognisable across a crash: head and
 counter (a :class:`~virtio_nsm.request.RequestToken`) name one submission, and
 survive the backend.  Counters start at a random 62-bit value in every new
@@ -89,8 +107,11 @@ class InflightQueue:
         self._flags = view[_HEADER.size : _HEADER.size + _ENTRY.size * queue_size : _ENTRY.size]
         self._batch: list[int] = []
         _features, version, desc_num, _, _ = _HEADER.unpack_from(view)
-        if version == 0:
-            self.counter = self._initialise() + 1
+        #: No backend has started a ring with this region yet (version 0): :meth:`recover`
+        #: initialises it at the ring's used index (see the module docstring).
+        self.fresh = version == 0
+        self.counter = 0
+        if self.fresh:
             return
         if version != INFLIGHT_VERSION:
             raise InflightError(f"inflight region version {version} (this backend knows {INFLIGHT_VERSION})")
@@ -102,15 +123,20 @@ class InflightQueue:
     def __repr__(self) -> str:
         return f"<InflightQueue size={self.size} inflight={self.inflight_count} counter={self.counter}>"
 
-    def _initialise(self) -> int:
-        """Write a fresh header and entries; return the counter base every entry holds."""
+    def _initialise(self, used_idx: int) -> None:
+        """Write fresh entries and header, recording ``used_idx``; the version goes last."""
         base = secrets.randbits(62)
         size = queue_region_size(self.size)
         entries = _ENTRY.pack(0, 0, base) * self.size
         padding = size - _HEADER.size - len(entries)
-        self._view[:size] = bytes(_HEADER.size) + entries + bytes(padding)
-        _HEADER.pack_into(self._view, 0, 0, INFLIGHT_VERSION, self.size, 0, 0)
-        return base
+        view = self._view
+        view[_HEADER.size : size] = entries + bytes(padding)
+        struct.pack_into("<Q", view, 0, 0)
+        struct.pack_into("<HHH", view, 10, self.size, 0, used_idx & 0xFFFF)
+        # Only now is the region in use: killed before this store, it is still fresh.
+        struct.pack_into("<H", view, 8, INFLIGHT_VERSION)
+        self.counter = base + 1
+        self.fresh = False
 
     def release(self) -> None:
         self._flags.release()
@@ -145,8 +171,12 @@ class InflightQueue:
     def recover(self, ring_used_idx: int) -> list[int]:
         """Repair a half-finished batch; return the heads to resubmit, in counter order.
 
-        ``ring_used_idx`` is ``used->idx`` as the driver sees it now.
+        ``ring_used_idx`` is ``used->idx`` as the driver sees it now.  A fresh region
+        (version 0) is initialised here, recording ``ring_used_idx``: nothing to resubmit.
         """
+        if self.fresh:
+            self._initialise(ring_used_idx)
+            return []
         view = self._view
         recorded = self.used_idx
         unfinished = (ring_used_idx - recorded) & 0xFFFF
@@ -217,7 +247,11 @@ class InflightRegion:
 
     @classmethod
     def create(cls, num_queues: int, queue_size: int) -> InflightRegion:
-        """A new zeroed region in a memfd (what GET_INFLIGHT_FD hands out)."""
+        """A new zeroed region in a memfd (what GET_INFLIGHT_FD hands out).
+
+        Each queue's part is initialised when a ring first starts with it
+        (:meth:`InflightQueue.recover`), at that ring's used index.
+        """
         size = cls._check_geometry(num_queues, queue_size)
         fd = os.memfd_create("virtio-nsm-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
@@ -229,10 +263,7 @@ class InflightRegion:
         except BaseException:
             os.close(fd)
             raise
-        region = cls(fd, mapping, num_queues, queue_size, size)
-        for i in range(num_queues):
-            region.queue(i)  # writes the headers and counter bases
-        return region
+        return cls(fd, mapping, num_queues, queue_size, size)
 
     @classmethod
     def from_fd(
@@ -260,7 +291,7 @@ class InflightRegion:
         return cls(fd, mapping, num_queues, queue_size, mmap_size)
 
     def queue(self, index: int) -> InflightQueue:
-        """The tracker of queue ``index`` (checked, initialised if still zero)."""
+        """The tracker of queue ``index`` (checked; a fresh one is initialised by its first ``recover``)."""
         tracker = self._queues.get(index)
         if tracker is None:
             if not 0 <= index < self.num_queues:

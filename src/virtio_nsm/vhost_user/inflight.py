@@ -54,6 +54,13 @@ resubmission from a new request that happens to use the same head.
 The region comes from the frontend, so everything read from it is checked: a
 nonsensical batch list or a version we do not know breaks the ring instead of
 being trusted.
+
+Every field a successor reads is stored whole, through memoryviews cast to
+``H``/``Q`` (one copy of the field, as the ring indices in :mod:`virtio_nsm.virtio.queue`),
+never with ``struct.pack_into``: that zero-fills its target before it writes the
+value, so a backend SIGKILLed between the two left a recorded used index of 0
+behind, and its successor refused the ring ("used index N is N past the recorded
+0"; about once in 2500 kills of the torture test).
 """
 
 from __future__ import annotations
@@ -81,8 +88,13 @@ INFLIGHT_VERSION: Final = 1
 _ALIGN: Final = 64
 _HEADER = struct.Struct("<QHHHH")
 _ENTRY = struct.Struct("<B5xHQ")
-_COUNTER_OFFSET = 8  # of the u64 counter inside an entry
-_NEXT_OFFSET = 6
+# Fields as items of the queue region cast to u16 / u64 (the region is 64-byte aligned).
+_VERSION16 = 4
+_DESC_NUM16 = 5
+_LAST_BATCH16 = 6
+_USED_IDX16 = 7
+_NEXT16 = 3  # + 8 * head + 8: an entry's ``next``
+_COUNTER64 = 3  # + 2 * head: an entry's ``counter``
 #: Largest queue region we map: 32768 descriptors.
 _MAX_QUEUE_SIZE = 32768
 
@@ -103,8 +115,11 @@ class InflightQueue:
     def __init__(self, view: memoryview, queue_size: int) -> None:
         self._view = view
         self.size = queue_size
-        # Every entry's ``inflight`` byte, as one strided view.
+        # Every entry's ``inflight`` byte, as one strided view; the other fields through
+        # whole-field casts (see the module docstring).
         self._flags = view[_HEADER.size : _HEADER.size + _ENTRY.size * queue_size : _ENTRY.size]
+        self._u16 = view.cast("H")
+        self._u64 = view.cast("Q")
         self._batch: list[int] = []
         _features, version, desc_num, _, _ = _HEADER.unpack_from(view)
         #: No backend has started a ring with this region yet (version 0): :meth:`recover`
@@ -129,27 +144,25 @@ class InflightQueue:
         size = queue_region_size(self.size)
         entries = _ENTRY.pack(0, 0, base) * self.size
         padding = size - _HEADER.size - len(entries)
-        view = self._view
-        view[_HEADER.size : size] = entries + bytes(padding)
-        struct.pack_into("<Q", view, 0, 0)
-        struct.pack_into("<HHH", view, 10, self.size, 0, used_idx & 0xFFFF)
+        self._view[_HEADER.size : size] = entries + bytes(padding)
+        u16 = self._u16
+        self._u64[0] = 0
+        u16[_DESC_NUM16] = self.size
+        u16[_LAST_BATCH16] = 0
+        u16[_USED_IDX16] = used_idx & 0xFFFF
         # Only now is the region in use: killed before this store, it is still fresh.
-        struct.pack_into("<H", view, 8, INFLIGHT_VERSION)
+        u16[_VERSION16] = INFLIGHT_VERSION
         self.counter = base + 1
         self.fresh = False
 
     def release(self) -> None:
-        self._flags.release()
-        self._view.release()
+        for view in (self._flags, self._u16, self._u64, self._view):
+            view.release()
 
     # -- fields ------------------------------------------------------------------
 
-    def _entry(self, head: int) -> int:
-        return _HEADER.size + head * _ENTRY.size
-
     def counter_of(self, head: int) -> int:
-        (value,) = struct.unpack_from("<Q", self._view, self._entry(head) + _COUNTER_OFFSET)
-        return int(value)
+        return int(self._u64[_COUNTER64 + 2 * head])
 
     def is_inflight(self, head: int) -> bool:
         return bool(self._flags[head])
@@ -160,7 +173,7 @@ class InflightQueue:
 
     @property
     def used_idx(self) -> int:
-        return int(struct.unpack_from("<H", self._view, 14)[0])
+        return int(self._u16[_USED_IDX16])
 
     def token(self, head: int) -> RequestToken:
         """What names the submission of chain ``head`` across backend restarts."""
@@ -177,8 +190,8 @@ class InflightQueue:
         if self.fresh:
             self._initialise(ring_used_idx)
             return []
-        view = self._view
-        recorded = self.used_idx
+        u16 = self._u16
+        recorded = int(u16[_USED_IDX16])
         unfinished = (ring_used_idx - recorded) & 0xFFFF
         if unfinished:
             if unfinished > self.size:
@@ -186,29 +199,28 @@ class InflightQueue:
                     f"used index {ring_used_idx} is {unfinished} past the recorded {recorded}, "
                     f"more than the queue size {self.size}"
                 )
-            (head,) = struct.unpack_from("<H", view, 12)
+            head = int(u16[_LAST_BATCH16])
             for _ in range(unfinished):
                 if head >= self.size:
                     raise InflightError(f"last batch list names descriptor {head} of {self.size}")
                 self._flags[head] = 0
-                (head,) = struct.unpack_from("<H", view, self._entry(head) + _NEXT_OFFSET)
-            struct.pack_into("<H", view, 14, ring_used_idx & 0xFFFF)
+                head = int(u16[_NEXT16 + 8 * head + 8])
+            u16[_USED_IDX16] = ring_used_idx & 0xFFFF
         heads = [i for i in range(self.size) if self._flags[i]]
         heads.sort(key=self.counter_of)
         return heads
 
     def taken(self, head: int) -> None:
         """Chain ``head`` was taken from the available ring."""
-        struct.pack_into("<Q", self._view, self._entry(head) + _COUNTER_OFFSET, self.counter)
+        self._u64[_COUNTER64 + 2 * head] = self.counter
         self.counter += 1
         self._flags[head] = 1
 
     def returned(self, head: int) -> None:
         """Chain ``head`` is on the used ring, not yet published."""
-        view = self._view
-        (last,) = struct.unpack_from("<H", view, 12)
-        struct.pack_into("<H", view, self._entry(head) + _NEXT_OFFSET, last)
-        struct.pack_into("<H", view, 12, head)
+        u16 = self._u16
+        u16[_NEXT16 + 8 * head + 8] = u16[_LAST_BATCH16]
+        u16[_LAST_BATCH16] = head
         self._batch.append(head)
 
     def published(self, used_idx: int) -> None:
@@ -216,7 +228,7 @@ class InflightQueue:
         for head in self._batch:
             self._flags[head] = 0
         self._batch.clear()
-        struct.pack_into("<H", self._view, 14, used_idx & 0xFFFF)
+        self._u16[_USED_IDX16] = used_idx & 0xFFFF
 
 
 class InflightRegion:

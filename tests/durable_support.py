@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -23,15 +25,34 @@ from virtio_nsm.nsm.protocol import (
 
 LISTENING = "vhost-user NSM backend listening on "
 
+_PR_SET_PDEATHSIG = 1
+# Resolved here, in the parent: between fork and exec the child only makes the call
+# (no dlopen/dlsym there, whose locks another thread of ours may have held at fork).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with(parent: int) -> None:
+    """In the child before exec: SIGKILL when the thread that started us ends, however."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)
+
 
 class Backend:
-    """One ``nsm serve`` process on a state directory; its stderr goes to ``log``."""
+    """One ``nsm serve`` process on a state directory; its stderr goes to ``log``.
+
+    The process gets SIGKILL when the *thread* that started it ends (``PR_SET_PDEATHSIG``),
+    so a test run that is killed, or dies with a backend running, leaves no ``nsm serve``
+    behind; a thread that starts backends must therefore outlive them.
+    """
 
     def __init__(self, state_dir: Path, sock: Path, log: IO[bytes], *extra: str) -> None:
+        parent = os.getpid()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "virtio_nsm", "serve", "-q", "--state-dir", str(state_dir),
              "--vhost-user", str(sock), *extra],
             stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ),
+            preexec_fn=lambda: _die_with(parent),  # takes no lock: see _prctl
         )
 
     def wait_listening(self) -> list[str]:
@@ -49,10 +70,18 @@ class Backend:
             self.proc.stdout.close()
 
     def terminate(self) -> int:
+        """SIGTERM and wait; a backend that does not stop within 30 s is killed (and that raises)."""
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+            raise
+        finally:
+            if self.proc.stdout is not None:
+                with contextlib.suppress(OSError):
+                    self.proc.stdout.close()
         return self.proc.returncode
 
 

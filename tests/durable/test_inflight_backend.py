@@ -72,3 +72,29 @@ def test_reconnect_to_the_same_backend_keeps_serving(sock: Path) -> None:
         frontend.reconnect(timeout=10)
         assert frontend.exchange(encode_request(DescribeNSM())) == first
         assert frontend.reconnects == 1
+
+
+def test_first_region_for_a_ring_that_has_run_resumes_at_the_used_index(sock: Path) -> None:
+    # What a migration destination does: its ring arrives far along (with the guest's
+    # memory) and its first region, fresh from GET_INFLIGHT_FD, has never tracked
+    # anything. The ring must go on from used->idx, not break with "used index N is N
+    # past the recorded 0".
+    with NsmFrontend(sock, inflight=True, timeout=10) as frontend:
+        request = encode_request(DescribeNSM())
+        answer = frontend.exchange(request)
+        for _ in range(40):  # 80 used entries: more than a ring (64) ahead of 0
+            assert frontend.exchange(request) == answer
+        assert frontend.queue.used_idx > 64
+        fresh = InflightRegion.create(1, 64)  # what GET_INFLIGHT_FD hands out
+        try:
+            payload = Inflight(fresh.mmap_size, 0, 1, 64).encode()
+            frontend.request(Message(FrontendRequest.VHOST_USER_SET_INFLIGHT_FD,
+                                     VHOST_USER_VERSION | VHOST_USER_NEED_REPLY_MASK,
+                                     payload=payload, fds=[os.dup(fresh.fd)]))
+            frontend.start_ring()  # the ring starts again, now with the fresh region
+            assert frontend.exchange(request) == answer
+            assert not frontend.get_status() & spec.VIRTIO_CONFIG_S_NEEDS_RESET
+            # The region now records where the ring is.
+            assert fresh.queue(0).used_idx == frontend.queue.used_idx
+        finally:
+            fresh.close()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -217,3 +219,24 @@ def test_serve_with_own_ca(paths: tuple[Path, Path, Path], tmp_path: Path) -> No
     out = subprocess.run([sys.executable, "-m", "virtio_nsm", "serve", "--ephemeral", "--ca-dir", str(broken),
                           "--vhost-user", str(sock)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "cannot read CA directory" in out.stderr
+
+
+def test_a_backend_dies_with_the_thread_that_started_it(paths: tuple[Path, Path, Path]) -> None:
+    # What keeps a killed test run (or a dead killer thread) from leaving `nsm serve`
+    # processes behind: PR_SET_PDEATHSIG, bound to the starting thread.
+    state, sock, log = paths
+    started: list[Backend] = []
+
+    def start_one() -> None:
+        backend, _ = start(state, sock, log)
+        started.append(backend)
+
+    thread = threading.Thread(target=start_one)
+    thread.start()
+    thread.join(60)
+    (backend,) = started
+    try:
+        assert backend.proc.wait(20) == -signal.SIGKILL
+    finally:
+        backend.proc.kill()  # (a no-op once it is gone)
+        backend.proc.wait(20)

@@ -24,8 +24,10 @@ run; the invariants do not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import subprocess
 import threading
 from pathlib import Path
 
@@ -44,15 +46,21 @@ MAX_LIFE = 0.06
 
 
 class Killer(threading.Thread):
-    """Starts backends and SIGKILLs each one a random time after it listens."""
+    """Starts backends and SIGKILLs each one a random time after it listens.
+
+    The backends it starts die with this thread (see :class:`Backend`), so it stays
+    alive until :meth:`finish` has stopped the last one.
+    """
 
     def __init__(self, state_dir: Path, sock: Path, log: Path, rng: random.Random, kills: int) -> None:
         super().__init__(daemon=True)
         self.state_dir, self.sock, self.rng, self.kills = state_dir, sock, rng, kills
         self.log = open(log, "ab")  # noqa: SIM115 - closed in finish()
         self.done = threading.Event()
+        self._finishing = threading.Event()
         self.error: str | None = None
         self.killed = 0
+        self.code: int | None = None
         self.backend = self._start()
 
     def _start(self) -> Backend:
@@ -74,13 +82,24 @@ class Killer(threading.Thread):
                 self.backend = self._start()
         finally:
             self.done.set()
+            # The last backend serves the final checks; it is stopped from here.
+            self._finishing.wait()
+            self.code = self.backend.terminate()
 
-    def finish(self) -> int:
+    def finish(self) -> int | None:
+        """Stop the last backend (SIGTERM); its exit code (None if it could not be stopped)."""
         self.done.set()
-        self.join(60)
-        code = self.backend.terminate()
+        self._finishing.set()
+        if self.ident is None:  # never started: the first backend is the main thread's
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.code = self.backend.terminate()
+        else:
+            self.join(90)
+        if self.is_alive() or self.code is None:
+            self.backend.proc.kill()  # whatever happened, leave no backend behind
+            self.backend.proc.wait(30)
         self.log.close()
-        return code
+        return self.code
 
 
 def test_sigkill_torture(tmp_path: Path) -> None:
@@ -88,12 +107,13 @@ def test_sigkill_torture(tmp_path: Path) -> None:
     state_dir, sock, log = tmp_path / "state", tmp_path / "nsm.sock", tmp_path / "backends.log"
     model = PcrModel()
     killer = Killer(state_dir, sock, log, random.Random(rng.random()), KILLS)
-    assert killer.error is None, killer.error
-    frontend = NsmFrontend(sock, inflight=True, timeout=30)
-    killer.start()
+    frontend: NsmFrontend | None = None
     sent = 0
     restarts_seen = 0
     try:
+        assert killer.error is None, killer.error
+        frontend = NsmFrontend(sock, inflight=True, timeout=30)
+        killer.start()
         assert frontend.inflight
         while not killer.done.is_set():
             # Mostly one request at a time (nsm.ko), sometimes a pipelined burst.
@@ -124,9 +144,11 @@ def test_sigkill_torture(tmp_path: Path) -> None:
         check_all_pcrs(frontend, model, "at the end")
     finally:
         code = killer.finish()
-        frontend.close()
+        if frontend is not None:
+            frontend.close()
     assert code == 0
     assert killer.killed >= KILLS
+    assert frontend is not None
     backend_log = log.read_text(errors="replace")
     replays = backend_log.count("answered from the record")
     resubmissions = backend_log.count("resubmitting inflight chains")

@@ -491,10 +491,14 @@ class VhostUserBackend:
                     f"inflight region is for queue size {self.inflight.queue_size}, ring has {vring.num}"
                 )
             tracker = self.inflight.queue(vring.index)
+            fresh = tracker.fresh
             resubmit = tracker.recover(queue.used_idx)
         except InflightError as exc:
             self._break(vring, str(exc))
             return False
+        if fresh:
+            log.info("vring %d: new inflight region, initialised at used index %d",
+                     vring.index, queue.used_idx)
         base = (queue.used_idx + len(resubmit)) & 0xFFFF
         if base != queue.last_avail_idx:
             log.info(

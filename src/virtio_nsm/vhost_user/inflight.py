@@ -25,6 +25,24 @@ Every queue region is rounded up to 64 bytes, as libvhost-user and DPDK do.
   resubmits the heads still marked inflight in counter order, and continues on
   the available ring at ``used->idx`` plus their number.
 
+A region starts all zero (``GET_INFLIGHT_FD`` hands out a zeroed memfd, as
+libvhost-user and DPDK do) and is initialised when a ring first starts with it,
+*with that ring's* ``used->idx`` as its recorded index -- not at creation, when
+the ring is not known: a frontend that gets its first region for a ring that has
+already run (a migration destination, whose rings arrive with the guest's memory;
+a frontend that tracked nothing before) hands over a region that no backend ever
+took a chain under, and its ring may be anywhere.  Version 0 therefore means "no
+backend has started a ring with this region": nothing can be in flight in it, the
+ring resumes at ``used->idx``, and whatever else the region holds is overwritten.
+The header's version is written last, after the recorded index and the entries,
+so a backend killed part way through leaves a region that is still version 0 and
+is simply initialised again by its successor (a version-1 region with a stale
+recorded index would be refused).  A frontend gains nothing by handing over a
+fresh region that it could not get by asking for one; what is refused is a region
+that claims to have been used and does not add up (unknown version, other
+descriptor count, a used index more than a ring ahead of the recorded one, a
+corrupt batch list).
+
 The counter is what makes a request recognisable across a crash: head and
 counter (a :class:`~virtio_nsm.request.RequestToken`) name one submission, and
 survive the backend.  Counters start at a random 62-bit value in every new
@@ -36,6 +54,13 @@ resubmission from a new request that happens to use the same head.
 The region comes from the frontend, so everything read from it is checked: a
 nonsensical batch list or a version we do not know breaks the ring instead of
 being trusted.
+
+Every field a successor reads is stored whole, through memoryviews cast to
+``H``/``Q`` (one copy of the field, as the ring indices in :mod:`virtio_nsm.virtio.queue`),
+never with ``struct.pack_into``: that zero-fills its target before it writes the
+value, so a backend SIGKILLed between the two left a recorded used index of 0
+behind, and its successor refused the ring ("used index N is N past the recorded
+0"; about once in 2500 kills of the torture test).
 """
 
 from __future__ import annotations
@@ -63,8 +88,13 @@ INFLIGHT_VERSION: Final = 1
 _ALIGN: Final = 64
 _HEADER = struct.Struct("<QHHHH")
 _ENTRY = struct.Struct("<B5xHQ")
-_COUNTER_OFFSET = 8  # of the u64 counter inside an entry
-_NEXT_OFFSET = 6
+# Fields as items of the queue region cast to u16 / u64 (the region is 64-byte aligned).
+_VERSION16 = 4
+_DESC_NUM16 = 5
+_LAST_BATCH16 = 6
+_USED_IDX16 = 7
+_NEXT16 = 3  # + 8 * head + 8: an entry's ``next``
+_COUNTER64 = 3  # + 2 * head: an entry's ``counter``
 #: Largest queue region we map: 32768 descriptors.
 _MAX_QUEUE_SIZE = 32768
 
@@ -85,12 +115,18 @@ class InflightQueue:
     def __init__(self, view: memoryview, queue_size: int) -> None:
         self._view = view
         self.size = queue_size
-        # Every entry's ``inflight`` byte, as one strided view.
+        # Every entry's ``inflight`` byte, as one strided view; the other fields through
+        # whole-field casts (see the module docstring).
         self._flags = view[_HEADER.size : _HEADER.size + _ENTRY.size * queue_size : _ENTRY.size]
+        self._u16 = view.cast("H")
+        self._u64 = view.cast("Q")
         self._batch: list[int] = []
         _features, version, desc_num, _, _ = _HEADER.unpack_from(view)
-        if version == 0:
-            self.counter = self._initialise() + 1
+        #: No backend has started a ring with this region yet (version 0): :meth:`recover`
+        #: initialises it at the ring's used index (see the module docstring).
+        self.fresh = version == 0
+        self.counter = 0
+        if self.fresh:
             return
         if version != INFLIGHT_VERSION:
             raise InflightError(f"inflight region version {version} (this backend knows {INFLIGHT_VERSION})")
@@ -102,28 +138,31 @@ class InflightQueue:
     def __repr__(self) -> str:
         return f"<InflightQueue size={self.size} inflight={self.inflight_count} counter={self.counter}>"
 
-    def _initialise(self) -> int:
-        """Write a fresh header and entries; return the counter base every entry holds."""
+    def _initialise(self, used_idx: int) -> None:
+        """Write fresh entries and header, recording ``used_idx``; the version goes last."""
         base = secrets.randbits(62)
         size = queue_region_size(self.size)
         entries = _ENTRY.pack(0, 0, base) * self.size
         padding = size - _HEADER.size - len(entries)
-        self._view[:size] = bytes(_HEADER.size) + entries + bytes(padding)
-        _HEADER.pack_into(self._view, 0, 0, INFLIGHT_VERSION, self.size, 0, 0)
-        return base
+        self._view[_HEADER.size : size] = entries + bytes(padding)
+        u16 = self._u16
+        self._u64[0] = 0
+        u16[_DESC_NUM16] = self.size
+        u16[_LAST_BATCH16] = 0
+        u16[_USED_IDX16] = used_idx & 0xFFFF
+        # Only now is the region in use: killed before this store, it is still fresh.
+        u16[_VERSION16] = INFLIGHT_VERSION
+        self.counter = base + 1
+        self.fresh = False
 
     def release(self) -> None:
-        self._flags.release()
-        self._view.release()
+        for view in (self._flags, self._u16, self._u64, self._view):
+            view.release()
 
     # -- fields ------------------------------------------------------------------
 
-    def _entry(self, head: int) -> int:
-        return _HEADER.size + head * _ENTRY.size
-
     def counter_of(self, head: int) -> int:
-        (value,) = struct.unpack_from("<Q", self._view, self._entry(head) + _COUNTER_OFFSET)
-        return int(value)
+        return int(self._u64[_COUNTER64 + 2 * head])
 
     def is_inflight(self, head: int) -> bool:
         return bool(self._flags[head])
@@ -134,7 +173,7 @@ class InflightQueue:
 
     @property
     def used_idx(self) -> int:
-        return int(struct.unpack_from("<H", self._view, 14)[0])
+        return int(self._u16[_USED_IDX16])
 
     def token(self, head: int) -> RequestToken:
         """What names the submission of chain ``head`` across backend restarts."""
@@ -145,10 +184,14 @@ class InflightQueue:
     def recover(self, ring_used_idx: int) -> list[int]:
         """Repair a half-finished batch; return the heads to resubmit, in counter order.
 
-        ``ring_used_idx`` is ``used->idx`` as the driver sees it now.
+        ``ring_used_idx`` is ``used->idx`` as the driver sees it now.  A fresh region
+        (version 0) is initialised here, recording ``ring_used_idx``: nothing to resubmit.
         """
-        view = self._view
-        recorded = self.used_idx
+        if self.fresh:
+            self._initialise(ring_used_idx)
+            return []
+        u16 = self._u16
+        recorded = int(u16[_USED_IDX16])
         unfinished = (ring_used_idx - recorded) & 0xFFFF
         if unfinished:
             if unfinished > self.size:
@@ -156,29 +199,28 @@ class InflightQueue:
                     f"used index {ring_used_idx} is {unfinished} past the recorded {recorded}, "
                     f"more than the queue size {self.size}"
                 )
-            (head,) = struct.unpack_from("<H", view, 12)
+            head = int(u16[_LAST_BATCH16])
             for _ in range(unfinished):
                 if head >= self.size:
                     raise InflightError(f"last batch list names descriptor {head} of {self.size}")
                 self._flags[head] = 0
-                (head,) = struct.unpack_from("<H", view, self._entry(head) + _NEXT_OFFSET)
-            struct.pack_into("<H", view, 14, ring_used_idx & 0xFFFF)
+                head = int(u16[_NEXT16 + 8 * head + 8])
+            u16[_USED_IDX16] = ring_used_idx & 0xFFFF
         heads = [i for i in range(self.size) if self._flags[i]]
         heads.sort(key=self.counter_of)
         return heads
 
     def taken(self, head: int) -> None:
         """Chain ``head`` was taken from the available ring."""
-        struct.pack_into("<Q", self._view, self._entry(head) + _COUNTER_OFFSET, self.counter)
+        self._u64[_COUNTER64 + 2 * head] = self.counter
         self.counter += 1
         self._flags[head] = 1
 
     def returned(self, head: int) -> None:
         """Chain ``head`` is on the used ring, not yet published."""
-        view = self._view
-        (last,) = struct.unpack_from("<H", view, 12)
-        struct.pack_into("<H", view, self._entry(head) + _NEXT_OFFSET, last)
-        struct.pack_into("<H", view, 12, head)
+        u16 = self._u16
+        u16[_NEXT16 + 8 * head + 8] = u16[_LAST_BATCH16]
+        u16[_LAST_BATCH16] = head
         self._batch.append(head)
 
     def published(self, used_idx: int) -> None:
@@ -186,7 +228,7 @@ class InflightQueue:
         for head in self._batch:
             self._flags[head] = 0
         self._batch.clear()
-        struct.pack_into("<H", self._view, 14, used_idx & 0xFFFF)
+        self._u16[_USED_IDX16] = used_idx & 0xFFFF
 
 
 class InflightRegion:
@@ -217,7 +259,11 @@ class InflightRegion:
 
     @classmethod
     def create(cls, num_queues: int, queue_size: int) -> InflightRegion:
-        """A new zeroed region in a memfd (what GET_INFLIGHT_FD hands out)."""
+        """A new zeroed region in a memfd (what GET_INFLIGHT_FD hands out).
+
+        Each queue's part is initialised when a ring first starts with it
+        (:meth:`InflightQueue.recover`), at that ring's used index.
+        """
         size = cls._check_geometry(num_queues, queue_size)
         fd = os.memfd_create("virtio-nsm-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
@@ -229,10 +275,7 @@ class InflightRegion:
         except BaseException:
             os.close(fd)
             raise
-        region = cls(fd, mapping, num_queues, queue_size, size)
-        for i in range(num_queues):
-            region.queue(i)  # writes the headers and counter bases
-        return region
+        return cls(fd, mapping, num_queues, queue_size, size)
 
     @classmethod
     def from_fd(
@@ -260,7 +303,7 @@ class InflightRegion:
         return cls(fd, mapping, num_queues, queue_size, mmap_size)
 
     def queue(self, index: int) -> InflightQueue:
-        """The tracker of queue ``index`` (checked, initialised if still zero)."""
+        """The tracker of queue ``index`` (checked; a fresh one is initialised by its first ``recover``)."""
         tracker = self._queues.get(index)
         if tracker is None:
             if not 0 <= index < self.num_queues:

@@ -41,6 +41,7 @@ class VsockFuzzer(Fuzzer):
         steps = super().setup()
         # ring 1 (tx) on the same rings as ring 0: the guest's packets are the noise
         kick = os.eventfd(0)
+        self.pending.append(kick)
         self.ours.append(os.dup(kick))
         ring0 = [m for m in steps if m.request in (R.VHOST_USER_SET_VRING_NUM, R.VHOST_USER_SET_VRING_ADDR)]
         extra = []
@@ -60,8 +61,10 @@ class VsockFuzzer(Fuzzer):
 def test_fuzz_vsock_backend_message_sequences(tmp_path: Path, data: st.DataObject) -> None:
     before = open_fds()
     fuzzer = VsockFuzzer(tmp_path, data.draw)
-    fuzzer.run()
-    fuzzer.vsock.detach()
+    try:
+        fuzzer.run()
+    finally:
+        fuzzer.vsock.detach()  # even when Hypothesis ends the example early
     after = open_fds()
     leaked = {fd: what for fd, what in after.items() if before.get(fd) != what}
     assert not leaked, f"descriptors leaked: {leaked}"

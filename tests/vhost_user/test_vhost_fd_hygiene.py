@@ -145,3 +145,20 @@ def test_a_frontend_refused_after_setup_keeps_no_descriptor(running: Running) ->
             finally:
                 os.close(loose)
     settled(running, before)
+
+
+def test_a_daemon_that_cannot_bind_keeps_no_descriptor(running: Running, tmp_path: Path) -> None:
+    """``with VhostUserDaemon(path, ...)`` on a socket in use (or not a socket) raises and
+    releases its poller and wake-up pipe (``__exit__`` does not run when ``__enter__`` fails)."""
+    from virtio_nsm.vhost_user.daemon import VhostUserDaemon
+
+    not_a_socket = tmp_path / "file"
+    not_a_socket.write_text("x")
+    before = open_fds()
+    for path, match in [(running.path, "in use")] * (CYCLES // 2) + [(not_a_socket, "not a socket")] * (CYCLES // 2):
+        with pytest.raises(FileExistsError, match=match), VhostUserDaemon(path, running.daemon.device):
+            pass
+    settled(running, before)
+    assert running.path.exists()  # the other daemon's socket is left alone
+    with NsmFrontend(running.path, timeout=10) as fe:
+        assert fe.exchange(REQUEST)

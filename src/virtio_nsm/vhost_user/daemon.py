@@ -328,7 +328,11 @@ class VhostUserDaemon:
 
     def __enter__(self) -> VhostUserDaemon:
         if self._listener is None:
-            self.bind()
+            try:
+                self.bind()
+            except BaseException:  # __exit__ will not run: release the poller and wake pipe
+                self.close()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -85,8 +85,12 @@ def test_open_failures_say_why(tmp_path: Path) -> None:
         locked.touch(mode=0o400)
         with pytest.raises(QosUnavailable, match="needs root or write access"):
             CpuLatencyQos.open(str(locked))
-    with pytest.raises(ValueError):
-        CpuLatencyQos(os.open(os.devnull, os.O_WRONLY), linger_ms=-1)
+    fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(ValueError):
+            CpuLatencyQos(fd, linger_ms=-1)  # refused: the fd stays the caller's
+    finally:
+        os.close(fd)
 
 
 def test_a_write_that_fails_is_reported(tmp_path: Path) -> None:

@@ -417,12 +417,13 @@ def test_socket_mode_and_stale_socket(tmp_path: Path) -> None:
     stale.close()  # a leftover socket file that nobody listens on
     with VhostUserDaemon(path, NsmVirtioDevice(NsmDevice().handle)) as daemon:
         assert (path.stat().st_mode & 0o777) == 0o600
-        with pytest.raises(FileExistsError, match="in use"):
-            VhostUserDaemon(path, daemon.device).bind()
+        with pytest.raises(FileExistsError, match="in use"), VhostUserDaemon(path, daemon.device):
+            pass
     assert not path.exists()
     path.write_text("not a socket")
-    with pytest.raises(FileExistsError, match="not a socket"):
-        VhostUserDaemon(path, NsmVirtioDevice(NsmDevice().handle)).bind()
+    with pytest.raises(FileExistsError, match="not a socket"), \
+            VhostUserDaemon(path, NsmVirtioDevice(NsmDevice().handle)):
+        pass
 
 
 # -- the frontend validates what the device returns ---------------------------------------------

@@ -262,7 +262,10 @@ def test_negative_poll_us_is_refused(tmp_path: Path) -> None:
 def test_the_class_does_not_poll_unless_asked(tmp_path: Path) -> None:
     # nsm serve asks (DEFAULT_POLL_US); in-process users (nsm demo) do not spin.
     daemon = VhostUserDaemon(tmp_path / "x.sock", NsmVirtioDevice(lambda r, t=None, **kw: r))
-    assert daemon.poll_us == 0 and not daemon.policy.may_poll(10**18)
+    try:
+        assert daemon.poll_us == 0 and not daemon.policy.may_poll(10**18)
+    finally:
+        daemon.close()
 
 
 def test_serve_cli_validates_poll_us() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +47,7 @@ def test_region_for_another_queue_size_breaks_the_ring(sock: Path) -> None:
             # Acknowledged (REPLY_ACK), so it is applied before the next kick.
             frontend.request(Message(FrontendRequest.VHOST_USER_SET_INFLIGHT_FD,
                                      VHOST_USER_VERSION | VHOST_USER_NEED_REPLY_MASK,
-                                     payload=payload, fds=[os.dup(foreign.fd)]))
+                                     payload=payload, fds=[foreign.fd]))
         finally:
             foreign.close()
         with pytest.raises(VhostUserError, match="vring error"):
@@ -90,7 +89,7 @@ def test_first_region_for_a_ring_that_has_run_resumes_at_the_used_index(sock: Pa
             payload = Inflight(fresh.mmap_size, 0, 1, 64).encode()
             frontend.request(Message(FrontendRequest.VHOST_USER_SET_INFLIGHT_FD,
                                      VHOST_USER_VERSION | VHOST_USER_NEED_REPLY_MASK,
-                                     payload=payload, fds=[os.dup(fresh.fd)]))
+                                     payload=payload, fds=[fresh.fd]))
             frontend.start_ring()  # the ring starts again, now with the fresh region
             assert frontend.exchange(request) == answer
             assert not frontend.get_status() & spec.VIRTIO_CONFIG_S_NEEDS_RESET

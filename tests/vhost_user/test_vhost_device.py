@@ -136,15 +136,19 @@ def test_backend_offers_what_the_device_has() -> None:
     assert nsm.offered_protocol_features == OFFERED_PROTOCOL_FEATURES  # NSM: unchanged
     assert not nsm.offered_protocol_features & CONFIG
     assert nsm.offered_features == TRANSPORT_FEATURES
-    two = VhostUserBackend(TwoQueueDevice())
-    assert two.offered_protocol_features & CONFIG
-    assert two.offered_features == TRANSPORT_FEATURES | TwoQueueDevice.F_SHOUT
-    assert two.num_queues == 2 and two.max_queue_size == 256
-    two.handle(Message(R.VHOST_USER_SET_PROTOCOL_FEATURES, payload=U64(CONFIG).encode()))
-    reply = two.handle(Message(R.VHOST_USER_GET_CONFIG, payload=DeviceConfig(0, 8, 0, bytes(8)).encode()))
-    assert reply is not None and DeviceConfig.decode(reply.payload).data == b"TESTtag0"
-    reply = two.handle(Message(R.VHOST_USER_GET_CONFIG, payload=DeviceConfig(4, 8, 0, bytes(8)).encode()))
-    assert reply is not None and DeviceConfig.decode(reply.payload).size == 0
+    device = TwoQueueDevice()
+    try:
+        two = VhostUserBackend(device)
+        assert two.offered_protocol_features & CONFIG
+        assert two.offered_features == TRANSPORT_FEATURES | TwoQueueDevice.F_SHOUT
+        assert two.num_queues == 2 and two.max_queue_size == 256
+        two.handle(Message(R.VHOST_USER_SET_PROTOCOL_FEATURES, payload=U64(CONFIG).encode()))
+        reply = two.handle(Message(R.VHOST_USER_GET_CONFIG, payload=DeviceConfig(0, 8, 0, bytes(8)).encode()))
+        assert reply is not None and DeviceConfig.decode(reply.payload).data == b"TESTtag0"
+        reply = two.handle(Message(R.VHOST_USER_GET_CONFIG, payload=DeviceConfig(4, 8, 0, bytes(8)).encode()))
+        assert reply is not None and DeviceConfig.decode(reply.payload).size == 0
+    finally:
+        device.detach()  # its pipe
 
 
 @pytest.mark.parametrize(
@@ -154,6 +158,9 @@ def test_backend_offers_what_the_device_has() -> None:
 )
 def test_backend_refuses_an_impossible_device(attribute: str, value: int, match: str) -> None:
     device = TwoQueueDevice()
-    setattr(device, attribute, value)
-    with pytest.raises(ValueError, match=match):
-        VhostUserBackend(device)
+    try:
+        setattr(device, attribute, value)
+        with pytest.raises(ValueError, match=match):
+            VhostUserBackend(device)
+    finally:
+        device.detach()  # its pipe

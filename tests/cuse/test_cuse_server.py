@@ -113,6 +113,8 @@ def test_existing_node_is_refused(tmp_path: Path) -> None:
     server.node.write_text("")
     with pytest.raises(CuseUnavailable, match="already exists"):
         server.start()
+    assert server.fd is None  # refused before opening the channel
+    os.close(server._opener("x"))  # the channel make_server prepared, never opened
     sock.close()
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from collections.abc import Iterator
 
@@ -26,6 +28,36 @@ def _private_xdg_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+#: Descriptor kinds neither the interpreter nor pytest opens lazily: guest memory
+#: (memfds) and eventfds/epoll instances. Pipes, sockets and files are left out
+#: (capture, logging and imports may open them late, which would make the check flaky).
+_CHECKED_KINDS = ("/memfd:", "anon_inode:")
+
+
+def _checked_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if target.startswith(_CHECKED_KINDS):
+                fds[int(name)] = target
+    return fds
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_leaked_descriptors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test module must close the memfds and eventfds it (or the code it drives) opens:
+    long fuzz runs (``NSM_FUZZ_EXAMPLES``) would otherwise end in EMFILE, and a leak in
+    the daemon or frontend would go unnoticed. Reported as an error of the module's last test."""
+    before = _checked_fds()
+    yield
+    gc.collect()
+    leaked = {fd: what for fd, what in _checked_fds().items() if before.get(fd) != what}
+    if leaked:
+        pytest.fail(f"{request.node.nodeid} leaked {len(leaked)} descriptors: "
+                    f"{sorted(set(leaked.values()))}", pytrace=False)
 
 
 @pytest.fixture

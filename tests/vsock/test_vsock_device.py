@@ -4,6 +4,7 @@ with real Unix sockets on the host side."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 import socket
@@ -397,3 +398,84 @@ def test_host_that_stops_reading_blocks_the_guest_writer(served: Served) -> None
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
         conn.close()
     srv.close()
+
+
+# -- descriptors: a long-running nsm vsock serve loses none --------------------------------------
+# The daemon, the guest driver and the host programs all run in this process, so
+# /proc/self/fd counts every side: once the last stream is closed and the daemon has
+# dropped the last frontend, the table must be back where it started.
+
+SESSIONS = 10
+PER_SESSION = 20  # 200 guest connections in all
+
+
+def open_fds() -> dict[int, str]:
+    gc.collect()
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+def assert_none_leaked(served: Served, before: dict[int, str]) -> None:
+    wait_for(lambda: served.device.bridge.stream_count == 0, "every host stream closed")
+    wait_for(lambda: served.daemon._conn is None, "the daemon to drop the last frontend")
+    leaked = {fd: what for fd, what in open_fds().items() if before.get(fd) != what}
+    assert not leaked, f"{len(leaked)} descriptors leaked: {sorted(set(leaked.values()))}"
+
+
+def echo_session(drv: VsockDriver, session: int, close: bool) -> None:
+    """``PER_SESSION`` guest connections to the echo server, each echoed once."""
+    socks = [drv.transport.connect(1234) for _ in range(PER_SESSION)]
+    drv.run_until(lambda: all(s.state == "established" for s in socks), what="connects")
+    for i, s in enumerate(socks):
+        drv.transport.write(s, b"%d.%d" % (session, i))
+    got = [bytearray() for _ in socks]
+
+    def all_back() -> bool:
+        for s, g in zip(socks, got, strict=True):
+            g.extend(drv.transport.read(s, 4096))
+        return all(got)
+
+    drv.run_until(all_back, what="every echo")
+    assert [bytes(g) for g in got] == [b"%d.%d" % (session, i) for i in range(PER_SESSION)]
+    if close:
+        for s in socks:
+            drv.transport.close(s)
+        drv.run_until(lambda: all(s.state == "closed" for s in socks), what="closes")
+
+
+def refused_host_connection(drv: VsockDriver, uds: Path, line: bytes) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(20)
+        s.connect(str(uds))
+        s.sendall(line)
+        got: list[bytes] = []
+        t = in_thread(lambda: got.append(s.recv(100)))
+        drv.run_until(lambda: not t.is_alive(), what="the host stream closed")
+        join_ok(t)
+        assert got == [b""]  # closed without an OK
+
+
+def test_guest_connections_and_frontend_sessions_keep_no_descriptor(served: Served) -> None:
+    srv = host_listener(Path(f"{served.uds}_1234"))
+    try:
+        before = open_fds()
+        host = in_thread(lambda: echo_server(srv, SESSIONS * PER_SESSION))
+        for session in range(SESSIONS):
+            with VsockDriver(served.vhost) as drv:
+                # half the sessions end with their connections still open (the frontend goes)
+                echo_session(drv, session, close=bool(session % 2))
+        join_ok(host)
+        assert_none_leaked(served, before)
+    finally:
+        srv.close()
+
+
+def test_refused_host_connections_keep_no_descriptor(served: Served) -> None:
+    before = open_fds()
+    with VsockDriver(served.vhost) as drv:
+        for line in [b"CONNECT 999\n", b"HELLO\n", b"A" * 64] * 67:
+            refused_host_connection(drv, served.uds, line)
+    assert_none_leaked(served, before)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
+from virtio_nsm._process import die_with_parent
 from virtio_nsm.errors import ErrorCode
 from virtio_nsm.nsm.pcr import Digest
 from virtio_nsm.nsm.protocol import (
@@ -25,19 +25,6 @@ from virtio_nsm.nsm.protocol import (
 
 LISTENING = "vhost-user NSM backend listening on "
 
-_PR_SET_PDEATHSIG = 1
-# Resolved here, in the parent: between fork and exec the child only makes the call
-# (no dlopen/dlsym there, whose locks another thread of ours may have held at fork).
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-
-def _die_with(parent: int) -> None:
-    """In the child before exec: SIGKILL when the thread that started us ends, however."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the request was in place
-        os._exit(1)
-
-
 class Backend:
     """One ``nsm serve`` process on a state directory; its stderr goes to ``log``.
 
@@ -47,12 +34,11 @@ class Backend:
     """
 
     def __init__(self, state_dir: Path, sock: Path, log: IO[bytes], *extra: str) -> None:
-        parent = os.getpid()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "virtio_nsm", "serve", "-q", "--state-dir", str(state_dir),
              "--vhost-user", str(sock), *extra],
             stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ),
-            preexec_fn=lambda: _die_with(parent),  # takes no lock: see _prctl
+            preexec_fn=die_with_parent(),
         )
 
     def wait_listening(self) -> list[str]:

@@ -12,7 +12,6 @@ SIGTERM, then stops everything and removes the enclave's directory and sockets.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import select
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from virtio_nsm._process import die_with_parent
 from virtio_nsm.enclave import registry
 from virtio_nsm.enclave.image import HEARTBEAT_BYTE, HEARTBEAT_PORT
 from virtio_nsm.enclave.machine import MachineSpec, qemu_argv
@@ -35,16 +35,6 @@ from virtio_nsm.vm.setup import Toolchain
 #: Told 1 GHz, the guest's clock keeps wall time here (measured: kernel timestamps match
 #: the host's elapsed time within a few percent).
 TCG_CMDLINE = "tsc_early_khz=1000000"
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In a child before exec: SIGKILL when the supervisor dies, however it dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
 
 def _memfd_from(name: str, parts: list[dict[str, Any]]) -> int:
     """A memfd holding the concatenation of file ranges (streamed, never read whole)."""
@@ -98,7 +88,7 @@ class Supervisor:
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent())
         self.procs[key] = proc
         self.say(f"started {key} (pid {proc.pid}): {' '.join(argv)}")
         return proc

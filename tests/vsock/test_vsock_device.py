@@ -90,6 +90,16 @@ def echo_server(srv: socket.socket, connections: int) -> None:
         t.join(30)
 
 
+def host_connects(drv: VsockDriver, uds: Path, port: int) -> tuple[socket.socket, GuestSocket]:
+    """A host program's ``CONNECT port`` to a guest listening on ``port``: (host end, guest end)."""
+    drv.transport.listen(port)
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.connect(str(uds))
+    host.sendall(f"CONNECT {port}\n".encode())
+    drv.run_until(lambda: bool(drv.transport.accepted), what="accept")
+    return host, drv.transport.accepted.popleft()
+
+
 def read_all(drv: VsockDriver, sock: GuestSocket, n: int) -> bytes:
     got = bytearray()
 
@@ -191,12 +201,7 @@ def test_refused_port_and_guest_port_not_listening(served: Served) -> None:
 
 def test_guest_that_stops_reading_blocks_the_host_writer(served: Served) -> None:
     with VsockDriver(served.vhost) as drv:
-        drv.transport.listen(600)
-        host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        host.connect(str(served.uds))
-        host.sendall(b"CONNECT 600\n")
-        drv.run_until(lambda: bool(drv.transport.accepted), what="accept")
-        sock = drv.transport.accepted.popleft()
+        host, sock = host_connects(drv, served.uds, 600)
         host.setblocking(False)
         data = os.urandom(16 << 20)
         written = 0
@@ -242,12 +247,7 @@ def test_a_full_buffer_stops_watching_the_host_socket(served: Served) -> None:
 
     host_side._on_ready = counting  # type: ignore[method-assign]
     with VsockDriver(served.vhost) as drv:
-        drv.transport.listen(601)
-        host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        host.connect(str(served.uds))
-        host.sendall(b"CONNECT 601\n")
-        drv.run_until(lambda: bool(drv.transport.accepted), what="accept")
-        drv.transport.accepted.popleft()  # and never read: the guest's credit runs out
+        host, _ = host_connects(drv, served.uds, 601)  # and never read: the guest's credit runs out
         host.setblocking(False)
         stalled = 0
         while stalled < 50:  # until the host writer stays blocked

@@ -674,6 +674,16 @@ class DriverQueue(_SplitRing):
             self._avail16[0] = 0
         memory_barrier()
 
+    def suppress_interrupts(self) -> None:
+        """Ask for no interrupt for what the device publishes next (a driver about to poll
+        the used ring); :meth:`request_interrupt_after` asks again.  No barrier: a device
+        that still sees the earlier request may interrupt anyway, which is harmless."""
+        if self.event_idx:
+            # One behind what we collected: the device has signalled up to there already.
+            self._avail16[self._used_event] = (self.last_used_idx - 1) & 0xFFFF
+        else:
+            self._avail16[0] = spec.VIRTQ_AVAIL_F_NO_INTERRUPT
+
     def used_moved(self) -> bool:
         """A cheap look (no barrier, no checks) at whether the device published anything
         new; for busy polling, followed by :meth:`collect_used` when it says yes."""

@@ -1,0 +1,112 @@
+"""How long our driver spins on the used ring before it sleeps (pure logic: no I/O, no clock).
+
+A driver that sleeps on the call eventfd after each request must be woken by the
+backend's interrupt: an eventfd write, a trip through the scheduler and, on a VM whose
+idle CPUs halt, an inter-processor interrupt and an exit to the hypervisor, ~20 µs of
+CPU on each side here.  A driver that spins on the used ring instead finds a fast
+answer by itself, and the backend need not write the call eventfd at all.  Spinning
+costs this process's CPU, though, and is wasted on answers that take long (a durable
+ExtendPCR waits for an ``fdatasync``) or that cannot come while we hold the CPU.
+
+:class:`SpinWindow` sizes the spin as Linux's cpuidle *haltpoll* governor sizes its
+poll before halting: one window, in nanoseconds, up to ``max_ns``:
+
+* an answer found while spinning (a *hit*) keeps the window;
+* an answer that came after the window (a *miss*) but within ``max_ns`` of the request
+  grows it (doubling, from at least ``start_ns``): a longer spin would have caught it;
+* an answer later than ``max_ns`` shrinks it by ``shrink`` (to 0 below ``start_ns``):
+  no spin this side of the cap would have helped, so a slow request type (a durable
+  ExtendPCR) stops the spinning within one or two requests;
+* without a spin (window 0) an answer within ``max_ns`` opens the window again at
+  ``start_ns``;
+* ``max_misses`` misses in a row (the answer keeps coming only after we gave up, e.g.
+  because the backend needs the CPU we spin on), or a spin that lost the CPU (the
+  caller sees a gap in its clock), stop spinning for a back-off that doubles while it
+  keeps happening (``backoff_min_ns`` to ``backoff_max_ns``) and is forgotten at the
+  next hit.
+
+The caller owns the clock and passes its readings in; tests drive a fake one.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SpinWindow"]
+
+
+class SpinWindow:
+    """The adaptive spin window of a driver (see the module docstring); times in ns."""
+
+    def __init__(
+        self,
+        *,
+        max_ns: int = 100_000,
+        start_ns: int = 25_000,
+        shrink: int = 4,
+        max_misses: int = 4,
+        preempt_ns: int = 50_000,
+        backoff_min_ns: int = 1_000_000,
+        backoff_max_ns: int = 1_000_000_000,
+    ) -> None:
+        if not 0 < start_ns <= max_ns:
+            raise ValueError(f"need 0 < start_ns <= max_ns, not {start_ns} and {max_ns}")
+        if shrink < 2 or max_misses < 1 or preempt_ns <= 0 or not 0 < backoff_min_ns <= backoff_max_ns:
+            raise ValueError("shrink >= 2, max_misses >= 1, preempt_ns > 0, 0 < backoff_min <= backoff_max")
+        self.max_ns, self.start_ns, self.shrink = max_ns, start_ns, shrink
+        self.max_misses = max_misses
+        #: A gap this long between two looks at the clock while spinning means the CPU
+        #: was taken from us (the caller checks; see :meth:`preempted`).
+        self.preempt_ns = preempt_ns
+        self.backoff_min_ns, self.backoff_max_ns = backoff_min_ns, backoff_max_ns
+        #: The current window (0: sleep at once).
+        self.window_ns = start_ns
+        #: Counters: answers found spinning, spins that ran out, back-offs.
+        self.hits = 0
+        self.misses = 0
+        self.backoffs = 0
+        self._misses_in_row = 0
+        self._backoff_ns = 0
+        self._backoff_until = 0
+
+    def __repr__(self) -> str:
+        return (f"<SpinWindow {self.window_ns // 1000}us hits={self.hits} misses={self.misses} "
+                f"backoffs={self.backoffs}>")
+
+    def window(self, now: int) -> int:
+        """How long to spin for a request published at ``now`` (0: sleep at once)."""
+        return self.window_ns if now >= self._backoff_until else 0
+
+    def hit(self) -> None:
+        """The spin found the answer (and kept the CPU)."""
+        self.hits += 1
+        self._misses_in_row = 0
+        self._backoff_ns = 0
+
+    def miss(self, now: int, waited_ns: int) -> None:
+        """The spin ran out; the answer came ``waited_ns`` after the request (at ``now``)."""
+        self.misses += 1
+        if waited_ns <= self.max_ns:
+            self.window_ns = min(self.max_ns, max(self.start_ns, 2 * self.window_ns))
+        else:
+            self._shrink()
+        self._misses_in_row += 1
+        if self._misses_in_row >= self.max_misses:
+            self._back_off(now)
+
+    def slept(self, waited_ns: int) -> None:
+        """No spin (window 0 or backing off); the answer came ``waited_ns`` after the request."""
+        if self.window_ns == 0 and waited_ns <= self.max_ns:
+            self.window_ns = self.start_ns
+
+    def preempted(self, now: int) -> None:
+        """The spin lost the CPU (the caller stopped it and slept)."""
+        self._back_off(now)
+
+    def _shrink(self) -> None:
+        window = self.window_ns // self.shrink
+        self.window_ns = window if window >= self.start_ns else 0
+
+    def _back_off(self, now: int) -> None:
+        self.backoffs += 1
+        self._misses_in_row = 0
+        self._backoff_ns = min(max(2 * self._backoff_ns, self.backoff_min_ns), self.backoff_max_ns)
+        self._backoff_until = now + self._backoff_ns

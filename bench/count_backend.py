@@ -80,7 +80,7 @@ def dumped(tmp: Path, before: set[Path]) -> Path:
     raise SystemExit("callgrind wrote no dump")
 
 
-def count_backend(tmp: Path, n: int, driver_poll_us: int) -> int:
+def count_backend(tmp: Path, n: int, driver_poll_us: int, keep: Path | None = None) -> int:
     sock = tmp / "nsm.sock"
     server = subprocess.Popen(
         [*_VALGRIND, f"--callgrind-out-file={tmp}/cg.out.%p", sys.executable, "-m", "virtio_nsm",
@@ -100,7 +100,10 @@ def count_backend(tmp: Path, n: int, driver_poll_us: int) -> int:
             for _ in range(n):
                 fe.exchange(request)
             control("-d", str(server.pid))
-            return total_instructions(dumped(tmp, before))
+            dump = dumped(tmp, before)
+            if keep is not None:
+                shutil.copyfile(dump, keep)
+            return total_instructions(dump)
     finally:
         server.terminate()
         server.wait(60)
@@ -132,12 +135,14 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000, help="requests counted (after 200 of warm-up)")
     parser.add_argument("--driver-poll-us", type=int, default=0,
                         help="our driver's spin before it sleeps (0: it sleeps at once)")
+    parser.add_argument("--keep", type=Path, metavar="FILE",
+                        help="keep the backend's callgrind dump here (for callgrind_annotate)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("needs valgrind (apt-get install valgrind)")
     with children_cleaned_up(), tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        backend = count_backend(tmp, args.n, args.driver_poll_us)
+        backend = count_backend(tmp, args.n, args.driver_poll_us, args.keep)
         handle = count_handle(tmp, args.n)
     per_req, per_handle = backend / args.n, handle / args.n
     print(f"DescribePCR(0), {args.n} requests one at a time, nsm serve --poll-us 0, "

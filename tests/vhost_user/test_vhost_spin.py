@@ -147,8 +147,9 @@ class _WindowEndsAfterTheAnswer:
 
     def __call__(self) -> int:
         self.calls += 1
-        # Call 1 is the request's timestamp; call 1 + k ends the spin's k-th look.
-        if self.calls == 1 + self.looks:
+        # Call 1 is the request's timestamp, call 2 starts the spin (after the kick),
+        # call 2 + k ends the spin's k-th look.
+        if self.calls == 2 + self.looks:
             assert not self.published()
             self.gate.set()
             wait_for(self.published, "the backend's answer")
@@ -186,7 +187,7 @@ def test_an_answer_right_at_the_end_of_the_window_is_found_without_an_interrupt(
         # Without that second look it would wait for an interrupt that never comes.
         fe.spin = spin = SpinWindow()  # the first request's spin may have closed the window
         assert fe.exchange(REQUEST) == expected
-        assert clock.calls >= 1 + looks
+        assert clock.calls >= 2 + looks
         assert backend.interrupts == interrupts  # no interrupt was sent for it
         # The window ran out (a miss), or the spin lost the CPU (a back-off).
         assert (spin.hits, spin.misses, spin.backoffs) == ((0, 1, 0) if jump < 50 * US else (0, 0, 1))
@@ -207,16 +208,16 @@ def test_a_slow_backend_is_waited_for_and_stops_the_spinning(tmp_path: Path, eve
         for _ in range(10):
             assert fe.exchange(REQUEST) == expected
         # The first spin (25 us) missed by milliseconds: the window closed for good.
-        assert fe.spin.window_ns == 0
-        assert fe.spin.misses == 1 and fe.spin.hits == 0
-        assert running.daemon.backend.interrupts >= 10  # every answer was an interrupt
+        assert fe.spin.window_ns == 0, fe.spin
+        assert fe.spin.misses == 1 and fe.spin.hits == 0, fe.spin
+        assert running.daemon.backend.interrupts >= 10, running.daemon.backend.interrupts
 
 
 def test_a_spin_that_loses_the_cpu_sleeps_at_once_and_backs_off(tmp_path: Path) -> None:
     handler = _Handler(delay=0.002)  # no answer while the driver spins
     with _backend(tmp_path, handler) as running, NsmFrontend(running.path, timeout=5) as fe:
         assert fe.spin is not None
-        readings = iter([0, 1 * US, 2 * US, 900 * US])  # a 898 us gap on the third look
+        readings = iter([0, 1 * US, 2 * US, 3 * US, 900 * US])  # a 897 us gap on the third look
         fe.clock = lambda: next(readings, 1_000 * US)
         assert fe.exchange(REQUEST)
         assert fe.spin.backoffs == 1 and fe.spin.misses == 0

@@ -163,7 +163,7 @@ class NsmFrontend(VhostUserFrontend):
         found = lost = False
         try:
             if spin:
-                now = clock() if adaptive is None else start
+                now = clock()  # after the kick, which may lose us the CPU (not spinning)
                 deadline = now + spin
                 moved = queue.used_moved
                 gap = adaptive.preempt_ns if adaptive is not None else 1 << 62

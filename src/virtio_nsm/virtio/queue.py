@@ -72,6 +72,8 @@ _USED_PAIR_PACK = struct.Struct("<IIII").pack_into
 _USED_UNPACK = _USED_ELEM.unpack_from
 _DESC_PACK = _DESC.pack_into
 _FENCE = threading.Lock()
+# memory_barrier() without its Python frame, for the device's per-request path.
+_FENCE_ACQUIRE, _FENCE_RELEASE = _FENCE.acquire, _FENCE.release
 
 
 def memory_barrier() -> None:
@@ -341,7 +343,8 @@ class DeviceQueue(_SplitRing):
                 if not pending:
                     self._avail_seen = avail_idx
                 return None
-            memory_barrier()  # read the ring entries only after the index that covers them
+            _FENCE_ACQUIRE()  # memory_barrier(): read the ring entries only after
+            _FENCE_RELEASE()  # the index that covers them
             if pending > self.size:
                 return None  # pop() says what is wrong
             self._avail_seen = avail_idx
@@ -354,11 +357,7 @@ class DeviceQueue(_SplitRing):
         resp_addr, resp_len, resp_flags, _ = _DESC_UNPACK(self._desc, resp << 4)
         if req_flags or resp_flags != _F_WRITE or not req_len or not resp_len:
             return None
-        check = self.memory.check
-        try:
-            check(req_addr, req_len)
-            check(resp_addr, resp_len)
-        except GuestMemoryError:
+        if not self.memory.covers(req_addr, req_len, resp_addr, resp_len):
             return None
         in_flight[req] = 0
         in_flight[resp] = resp_len
@@ -466,16 +465,9 @@ class DeviceQueue(_SplitRing):
     def add_used_pair(self, first: int, first_length: int, second: int, second_length: int) -> None:
         """:meth:`add_used` for two chains, in this order."""
         in_flight = self._in_flight
-        capacity = in_flight.get(first)
-        if capacity is None or first == second:
-            raise ValueError(f"chain {first} is not in flight (or given twice)")
-        if not 0 <= first_length <= capacity:
-            raise ValueError(f"used length {first_length} exceeds chain {first}'s {capacity} bytes")
-        capacity = in_flight.get(second)
-        if capacity is None:
-            raise ValueError(f"chain {second} is not in flight")
-        if not 0 <= second_length <= capacity:
-            raise ValueError(f"used length {second_length} exceeds chain {second}'s {capacity} bytes")
+        first_cap, second_cap = in_flight.get(first, -1), in_flight.get(second, -1)
+        if not (0 <= first_length <= first_cap and 0 <= second_length <= second_cap) or first == second:
+            self._refuse_used_pair(first, first_length, second, second_length)
         del in_flight[first], in_flight[second]
         idx, mask = self.next_used_idx, self._mask
         slot = idx & mask
@@ -486,9 +478,20 @@ class DeviceQueue(_SplitRing):
             _USED_PACK(self._used, 4, second, second_length)
         self.next_used_idx = (idx + 2) & 0xFFFF
 
+    def _refuse_used_pair(self, first: int, first_length: int, second: int, second_length: int) -> None:
+        in_flight = self._in_flight
+        if first not in in_flight or first == second:
+            raise ValueError(f"chain {first} is not in flight (or given twice)")
+        if not 0 <= first_length <= in_flight[first]:
+            raise ValueError(f"used length {first_length} exceeds chain {first}'s {in_flight[first]} bytes")
+        if second not in in_flight:
+            raise ValueError(f"chain {second} is not in flight")
+        raise ValueError(f"used length {second_length} exceeds chain {second}'s {in_flight[second]} bytes")
+
     def publish_used(self) -> None:
         """Make the used elements written so far visible to the driver."""
-        memory_barrier()  # the elements must be visible before the index that covers them
+        _FENCE_ACQUIRE()  # memory_barrier(): the elements must be visible before the
+        _FENCE_RELEASE()  # index that covers them
         self._used16[1] = self.next_used_idx
 
     def needs_notify(self, *, barrier: bool = True) -> bool:
@@ -498,7 +501,8 @@ class DeviceQueue(_SplitRing):
         interrupts that are followed by a checked decision.
         """
         if barrier:
-            memory_barrier()
+            _FENCE_ACQUIRE()  # memory_barrier()
+            _FENCE_RELEASE()
         if not self.event_idx:
             flags = self._avail16[0]
             return not flags & spec.VIRTQ_AVAIL_F_NO_INTERRUPT
@@ -509,7 +513,7 @@ class DeviceQueue(_SplitRing):
         # spec.vring_need_event, inline (once per pass)
         return ((new - self._avail16[self._used_event] - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
-    def publish_avail_event(self) -> None:
+    def publish_avail_event(self) -> int:
         """Tell the driver whether to kick for what it makes available next.
 
         With :attr:`kicks_wanted`: a kick as soon as anything new is made available
@@ -518,15 +522,18 @@ class DeviceQueue(_SplitRing):
         since the driver may have published before it could see the request.  Without:
         no kicks (``avail_event`` one behind our next index, which the driver has already
         passed, or the flag set); the caller is polling the ring.
+
+        Returns ``avail->idx`` as read after that (that look, for the caller to compare).
         """
         if self.event_idx:
             last = self.last_avail_idx
             if self.kicks_wanted:
                 self._used16[self._avail_event] = last
-                memory_barrier()
+                _FENCE_ACQUIRE()  # memory_barrier()
+                _FENCE_RELEASE()
             else:
                 self._used16[self._avail_event] = (last - 1) & 0xFFFF
-            return
+            return self._avail16[1]
         flags = self._used16[0]
         if self.kicks_wanted:
             if flags & spec.VIRTQ_USED_F_NO_NOTIFY:
@@ -534,6 +541,7 @@ class DeviceQueue(_SplitRing):
             memory_barrier()
         elif not flags & spec.VIRTQ_USED_F_NO_NOTIFY:
             self._used16[0] = flags | spec.VIRTQ_USED_F_NO_NOTIFY
+        return self._avail16[1]
 
 
 class DriverQueue(_SplitRing):

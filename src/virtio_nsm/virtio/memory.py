@@ -277,6 +277,24 @@ class GuestMemory:
         for _ in self._pieces(gpa, length):
             pass
 
+    def region_holding(self, gpa: int, length: int, gpa2: int, length2: int) -> MemoryRegion | None:
+        """The region that wholly holds both (non-empty) ranges, if one does.
+
+        For a caller that then slices the region's buffer itself (offsets from its
+        ``guest_addr``); None does not mean unmapped (the ranges may span regions).
+        """
+        region = self._last
+        if region is None or not (region.guest_addr <= gpa < region.guest_end):
+            region = self._locate(gpa) if gpa >= 0 else None
+            if region is None:
+                return None
+        start, size = region.guest_addr, region.size
+        if length > 0 and length2 > 0 and gpa - start + length <= size and (
+            start <= gpa2 and gpa2 - start + length2 <= size
+        ):
+            return region
+        return None
+
     def covers(self, gpa: int, length: int, gpa2: int, length2: int) -> bool:
         """Whether both ranges are wholly mapped (:meth:`check` for two, without raising)."""
         region = self._last

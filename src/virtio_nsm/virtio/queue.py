@@ -17,7 +17,9 @@ descriptors instead.
 :class:`DriverQueue` is the driver role (our Python virtio driver).
 :meth:`DeviceQueue.pop_pair` takes a request chain and its response chain (one
 readable, then one writable descriptor) in one step, with the same checks as two
-:meth:`~DeviceQueue.pop` calls, and leaves anything else to :meth:`~DeviceQueue.pop`.  Both work
+:meth:`~DeviceQueue.pop` calls, and leaves anything else to :meth:`~DeviceQueue.pop`;
+:meth:`DeviceQueue.serve_pairs` also reads each request, has it answered by a callback,
+writes the answer and both used entries, in one call (a device's per-request path).  Both work
 on a :class:`~virtio_nsm.virtio.memory.GuestMemory` and never do I/O; the caller
 signals the other side when ``publish``/``needs_notify`` say so.
 
@@ -36,7 +38,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -363,6 +365,77 @@ class DeviceQueue(_SplitRing):
         in_flight[resp] = resp_len
         self.last_avail_idx = (last + 2) & 0xFFFF
         return req, req_addr, req_len, resp, resp_addr, resp_len
+
+    def serve_pairs(self, answer: Callable[[bytes, int, int], bytes], limit: int, batch: int) -> int:
+        """Answer up to ``batch`` request/response pairs in one call; how many were answered.
+
+        For each pair that :meth:`pop_pair` would take (the same checks, in the same
+        order; anything else is left on the ring for :meth:`pop`): the request's first
+        ``limit`` bytes are read, ``answer(request, capacity, request head)`` gives the
+        response (at most ``capacity`` bytes, the response buffer's length, else
+        ValueError with both chains left in flight), which is written to the response
+        buffer, and both used entries are written as :meth:`add_used_pair` writes them
+        (not published: :meth:`publish_used`).  If ``answer`` raises, the pairs
+        answered before stay written.  The per-request path of the NSM's worker: one
+        call instead of :meth:`pop_pair`, a read, a write and :meth:`add_used_pair`.
+        """
+        answered = 0
+        avail16, desc, used = self._avail16, self._desc, self._used
+        mask, size, in_flight, memory = self._mask, self.size, self._in_flight, self.memory
+        while answered < batch:
+            last = self.last_avail_idx
+            if (self._avail_seen - last) & 0xFFFF < 2:  # as pop_pair
+                avail_idx = avail16[1]
+                pending = (avail_idx - last) & 0xFFFF
+                if pending < 2:
+                    if not pending:
+                        self._avail_seen = avail_idx
+                    break
+                _FENCE_ACQUIRE()  # memory_barrier(): read the ring entries only after
+                _FENCE_RELEASE()  # the index that covers them
+                if pending > size:
+                    break
+                self._avail_seen = avail_idx
+            req = avail16[2 + (last & mask)]
+            resp = avail16[2 + ((last + 1) & mask)]
+            if req >= size or resp >= size or req == resp or req in in_flight or resp in in_flight:
+                break
+            req_addr, req_len, req_flags, _ = _DESC_UNPACK(desc, req << 4)
+            resp_addr, resp_len, resp_flags, _ = _DESC_UNPACK(desc, resp << 4)
+            if req_flags or resp_flags != _F_WRITE or not req_len or not resp_len:
+                break
+            region = memory.region_holding(req_addr, req_len, resp_addr, resp_len)
+            if region is None and not memory.covers(req_addr, req_len, resp_addr, resp_len):
+                break
+            in_flight[req] = 0
+            in_flight[resp] = resp_len
+            self.last_avail_idx = (last + 2) & 0xFFFF
+            count = req_len if req_len <= limit else limit
+            if region is not None:  # both buffers in one region: slice it directly
+                buf, start = region.buffer, region.guest_addr
+                offset = req_addr - start
+                response = answer(buf[offset : offset + count].tobytes(), resp_len, req)
+            else:
+                response = answer(memory.read(req_addr, count), resp_len, req)
+            length = len(response)
+            if length > resp_len:
+                raise ValueError(f"used length {length} exceeds chain {resp}'s {resp_len} bytes")
+            if region is not None:
+                offset = resp_addr - start
+                buf[offset : offset + length] = response
+            else:
+                memory.write(resp_addr, response)
+            del in_flight[req], in_flight[resp]
+            idx = self.next_used_idx
+            slot = idx & mask
+            if slot != mask:  # both entries side by side
+                _USED_PAIR_PACK(used, 4 + 8 * slot, req, 0, resp, length)
+            else:
+                _USED_PACK(used, 4 + 8 * slot, req, 0)
+                _USED_PACK(used, 4, resp, length)
+            self.next_used_idx = (idx + 2) & 0xFFFF
+            answered += 1
+        return answered
 
     def _walk(self, chain: Chain) -> Chain:
         head = chain.head

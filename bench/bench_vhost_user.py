@@ -25,7 +25,8 @@ then pipelined bursts (no spin involved) in the default configuration.  With
 ``--poll-us N`` (passed to ``nsm serve``; 0: no polling) or ``--driver-poll-us N``
 (our driver spins up to N µs; 0: never) only that one configuration is measured.
 The driver's spin statistics (answers found spinning, spins that ran out,
-back-offs) are printed for the configurations where it adapts.
+back-offs, trials that kept the spin) are printed for the configurations where it
+adapts.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def main() -> None:
                     s = config.spin
                     print(f"  driver spin, {config.name}, last round: {s.hits} answers found "
                           f"spinning, {s.misses} spins ran out, {s.backoffs} back-offs, "
-                          f"window now {s.window_ns // 1000} us")
+                          f"window {s.window_ns // 1000} us; trials kept the spin "
+                          f"{s.spin_won} of {s.decisions} times")
 
             first = configs[0]
             server, transport = servers[first.backend_poll_us]

@@ -35,7 +35,7 @@ US = 1000
 
 
 def test_a_hit_keeps_the_window_and_misses_just_after_it_grow_it_to_the_cap() -> None:
-    spin = SpinWindow(max_ns=100 * US, start_ns=25 * US)
+    spin = SpinWindow(max_ns=100 * US, start_ns=25 * US, trials=False)
     assert spin.window(0) == 25 * US
     spin.hit()
     assert spin.window(1) == 25 * US
@@ -50,7 +50,7 @@ def test_a_hit_keeps_the_window_and_misses_just_after_it_grow_it_to_the_cap() ->
 
 def test_answers_slower_than_the_cap_stop_the_spinning_within_two_requests() -> None:
     # A durable ExtendPCR (an fdatasync, ~150 us and more) after fast requests.
-    spin = SpinWindow(max_ns=100 * US, start_ns=25 * US, max_misses=10)
+    spin = SpinWindow(max_ns=100 * US, start_ns=25 * US, max_misses=10, trials=False)
     spin.miss(0, 60 * US)
     spin.miss(1, 90 * US)
     assert spin.window(2) == 100 * US
@@ -65,7 +65,7 @@ def test_answers_slower_than_the_cap_stop_the_spinning_within_two_requests() -> 
 
 
 def test_misses_in_a_row_back_off_doubling_and_a_hit_forgets_the_back_offs() -> None:
-    spin = SpinWindow(max_ns=100 * US, start_ns=25 * US, max_misses=3,
+    spin = SpinWindow(max_ns=100 * US, start_ns=25 * US, max_misses=3, trials=False,
                       backoff_min_ns=1_000 * US, backoff_max_ns=4_000 * US)
     now = 0
     for backoff in (1_000, 2_000, 4_000, 4_000):  # doubling up to the longest
@@ -86,7 +86,7 @@ def test_misses_in_a_row_back_off_doubling_and_a_hit_forgets_the_back_offs() -> 
 
 
 def test_a_spin_that_lost_the_cpu_backs_off() -> None:
-    spin = SpinWindow(backoff_min_ns=1_000 * US)
+    spin = SpinWindow(backoff_min_ns=1_000 * US, trials=False)
     spin.preempted(10 * US)
     assert spin.window(500 * US) == 0 and spin.window(1_010 * US) == spin.start_ns
     assert spin.backoffs == 1
@@ -94,9 +94,55 @@ def test_a_spin_that_lost_the_cpu_backs_off() -> None:
     assert spin.window(3_000 * US) == 0 and spin.window(3_010 * US) > 0
 
 
+def _run(spin: SpinWindow, now: int, requests: int, period: Callable[[bool], int]) -> tuple[int, int]:
+    """Send ``requests`` back to back, each taking ``period(spun)`` ns; the time at the end
+    and how many were allowed to spin."""
+    spun = 0
+    for _ in range(requests):
+        window = spin.window(now)
+        spun += window > 0
+        if window:
+            spin.hit()
+        now += period(window > 0)
+    return now, spun
+
+
+def test_trials_keep_the_spin_where_it_shortens_the_period() -> None:
+    # A CPU each: a spinning driver is answered in 15 us, a sleeping one in 40 us.
+    spin = SpinWindow(block=4, rounds=2, exploit=100)
+    # The trial: blocks of 4 with and without, twice; the 17th request ends the last period.
+    now, spun = _run(spin, 0, 17, lambda spun: 15 * US if spun else 40 * US)
+    assert spin.decisions == 1 and spin.spin_won == 1 and spin.allowed
+    assert spun == 4 + 4 + 1
+    assert spin.last_medians == {True: 15 * US, False: 40 * US}
+    _now, spun = _run(spin, now, 99, lambda spun: 15 * US if spun else 40 * US)
+    assert spun == 99  # kept for the exploit phase
+
+
+def test_trials_stop_a_spin_that_does_not_pay_and_try_again_later() -> None:
+    # One CPU for both: the spin only delays the backend (30 us against 22).
+    spin = SpinWindow(block=4, rounds=2, exploit=50)
+    now, spun = _run(spin, 0, 17, lambda spun: 30 * US if spun else 22 * US)
+    assert spun == 8 and spin.decisions == 1 and spin.spin_won == 0 and not spin.allowed
+    now, spun = _run(spin, now, 49, lambda spun: 30 * US if spun else 22 * US)
+    assert spun == 0  # the exploit phase sleeps at once
+    # Then a new trial; meanwhile the scheduler gave each its own CPU: spinning wins.
+    now, spun = _run(spin, now, 17, lambda spun: 12 * US if spun else 40 * US)
+    assert spin.decisions == 2 and spin.spin_won == 1 and spin.allowed
+    # A spin that wins by less than 10 % is not worth its CPU either.
+    _run(spin, now, 50 + 16, lambda spun: 19 * US if spun else 20 * US)
+    assert spin.decisions == 3 and spin.spin_won == 1 and not spin.allowed
+
+
+def test_requests_far_apart_are_not_samples_of_a_trial() -> None:
+    spin = SpinWindow(block=2, rounds=1, stream_gap_ns=1_000 * US)
+    _run(spin, 0, 20, lambda spun: 5_000 * US)  # one every 5 ms: not back-to-back
+    assert spin.decisions == 0 and spin.allowed
+
+
 @pytest.mark.parametrize("kwargs", [
     {"start_ns": 0}, {"start_ns": 200_000, "max_ns": 100_000}, {"shrink": 1}, {"max_misses": 0},
-    {"preempt_ns": 0}, {"backoff_min_ns": 2, "backoff_max_ns": 1},
+    {"preempt_ns": 0}, {"backoff_min_ns": 2, "backoff_max_ns": 1}, {"block": 0}, {"margin": 0},
 ])
 def test_nonsense_settings_are_refused(kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):

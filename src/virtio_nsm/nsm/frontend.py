@@ -119,9 +119,11 @@ class NsmFrontend(VhostUserFrontend):
         (``poll_us=None``) the window adapts (:class:`~virtio_nsm.vhost_user.spin.SpinWindow`:
         at most 100 µs, it grows while answers come just after it and shrinks to
         nothing for slow answers, e.g. a durable ExtendPCR, and backs off when the
-        spin loses the CPU or keeps missing); ``poll_us=N`` spins up to N µs every
-        time, ``poll_us=0`` never.  The spin burns this process's CPU: see README,
-        Benchmarks.
+        spin loses the CPU or keeps missing), and short trials keep the spin only
+        while it shortens the time from one request to the next by 10 % or more
+        (it does not when both sides share one CPU); ``poll_us=N`` spins up to N µs
+        every time, ``poll_us=0`` never.  The spin burns this process's CPU: see
+        README, Benchmarks.
 
         When the spin ends without the answer, the interrupt is asked for and the used
         ring looked at once more before we sleep (an answer published in between,

@@ -25,10 +25,23 @@ poll before halting: one window, in nanoseconds, up to ``max_ns``:
   keeps happening (``backoff_min_ns`` to ``backoff_max_ns``) and is forgotten at the
   next hit.
 
+Whether spinning pays at all depends on where the scheduler puts the two processes:
+with a CPU each, a spinning driver saves both sides a wake-up; on one shared CPU (or
+a busy machine) the spin only delays the backend it waits for.  So, as the backend's
+own polling (:mod:`.polling`), spinning is measured, not assumed: *trials* alternate
+blocks of ``block`` requests with the spin allowed and without, ``rounds`` times, and
+compare the median *period* (from one request to the next: what the caller sees);
+the spin is kept for the next ``exploit`` requests only if it shortened the period
+by ``1 - margin`` or more (a tie goes to sleeping, which costs no CPU), then a new
+trial runs.  Requests further apart than ``stream_gap_ns`` are not back-to-back
+traffic and are not samples.
+
 The caller owns the clock and passes its readings in; tests drive a fake one.
 """
 
 from __future__ import annotations
+
+import statistics
 
 __all__ = ["SpinWindow"]
 
@@ -46,11 +59,19 @@ class SpinWindow:
         preempt_ns: int = 50_000,
         backoff_min_ns: int = 1_000_000,
         backoff_max_ns: int = 1_000_000_000,
+        trials: bool = True,
+        block: int = 32,
+        rounds: int = 3,
+        exploit: int = 4096,
+        margin: float = 0.9,
+        stream_gap_ns: int = 20_000_000,
     ) -> None:
         if not 0 < start_ns <= max_ns:
             raise ValueError(f"need 0 < start_ns <= max_ns, not {start_ns} and {max_ns}")
         if shrink < 2 or max_misses < 1 or preempt_ns <= 0 or not 0 < backoff_min_ns <= backoff_max_ns:
             raise ValueError("shrink >= 2, max_misses >= 1, preempt_ns > 0, 0 < backoff_min <= backoff_max")
+        if block < 1 or rounds < 1 or exploit < 1 or not 0 < margin <= 1:
+            raise ValueError("block, rounds and exploit >= 1, 0 < margin <= 1")
         self.max_ns, self.start_ns, self.shrink = max_ns, start_ns, shrink
         self.max_misses = max_misses
         #: A gap this long between two looks at the clock while spinning means the CPU
@@ -66,13 +87,38 @@ class SpinWindow:
         self._misses_in_row = 0
         self._backoff_ns = 0
         self._backoff_until = 0
+        self.trials = trials
+        self.block, self.rounds, self.exploit, self.margin = block, rounds, exploit, margin
+        self.stream_gap_ns = stream_gap_ns
+        #: Whether the current trial block or decision allows spinning.
+        self.allowed = True
+        #: Trials decided, and how many kept the spin; median periods (ns) of the last.
+        self.decisions = 0
+        self.spin_won = 0
+        self.last_medians: dict[bool, float] = {}
+        self._last_start: int | None = None
+        self._last_allowed = True
+        self._samples: dict[bool, list[int]] = {True: [], False: []}
+        self._in_trial = trials
+        self._left = block
+        self._blocks_left = 2 * rounds
 
     def __repr__(self) -> str:
-        return (f"<SpinWindow {self.window_ns // 1000}us hits={self.hits} misses={self.misses} "
-                f"backoffs={self.backoffs}>")
+        return (f"<SpinWindow {self.window_ns // 1000}us allowed={self.allowed} hits={self.hits} "
+                f"misses={self.misses} backoffs={self.backoffs} won={self.spin_won}/{self.decisions}>")
 
     def window(self, now: int) -> int:
-        """How long to spin for a request published at ``now`` (0: sleep at once)."""
+        """How long to spin for a request published at ``now`` (0: sleep at once).
+
+        Call it once per request: ``now`` also ends the previous request's period.
+        """
+        if self.trials:
+            last, self._last_start = self._last_start, now
+            if last is not None and 0 <= now - last <= self.stream_gap_ns:
+                self._period(now - last)
+            self._last_allowed = allowed = self.allowed
+            if not allowed:
+                return 0
         return self.window_ns if now >= self._backoff_until else 0
 
     def hit(self) -> None:
@@ -100,6 +146,32 @@ class SpinWindow:
     def preempted(self, now: int) -> None:
         """The spin lost the CPU (the caller stopped it and slept)."""
         self._back_off(now)
+
+    def _period(self, period: int) -> None:
+        """One period of back-to-back traffic, of a request sent with ``_last_allowed``."""
+        self._left -= 1
+        if not self._in_trial:
+            if self._left <= 0:  # a new trial, starting with the spin allowed
+                self._in_trial, self.allowed = True, True
+                self._samples = {True: [], False: []}
+                self._left, self._blocks_left = self.block, 2 * self.rounds
+            return
+        self._samples[self._last_allowed].append(period)
+        if self._left > 0:
+            return
+        self._blocks_left -= 1
+        if self._blocks_left > 0:
+            self.allowed = not self.allowed
+            self._left = self.block
+            return
+        self.decisions += 1
+        medians = {mode: statistics.median(s) for mode, s in self._samples.items() if s}
+        self.last_medians = medians
+        spin, sleep = medians.get(True), medians.get(False)
+        self.allowed = spin is not None and sleep is not None and spin < self.margin * sleep
+        self.spin_won += self.allowed
+        self._in_trial = False
+        self._left = self.exploit
 
     def _shrink(self) -> None:
         window = self.window_ns // self.shrink

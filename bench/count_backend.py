@@ -106,7 +106,11 @@ def count_backend(tmp: Path, n: int, driver_poll_us: int, keep: Path | None = No
             return total_instructions(dump)
     finally:
         server.terminate()
-        server.wait(60)
+        try:
+            server.wait(120)  # valgrind's exit takes a while on a busy machine
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def count_handle(tmp: Path, n: int) -> int:
@@ -127,7 +131,11 @@ def count_handle(tmp: Path, n: int) -> int:
         return total_instructions(dumped(tmp, before))
     finally:
         proc.stdin.close()
-        proc.wait(60)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def main() -> None:

@@ -110,10 +110,15 @@ def _run(spin: SpinWindow, now: int, requests: int, period: Callable[[bool], int
 def test_trials_keep_the_spin_where_it_shortens_the_period() -> None:
     # A CPU each: a spinning driver is answered in 15 us, a sleeping one in 40 us.
     spin = SpinWindow(block=4, rounds=2, exploit=100)
-    # The trial: blocks of 4 with and without, twice; the 17th request ends the last period.
-    now, spun = _run(spin, 0, 17, lambda spun: 15 * US if spun else 40 * US)
+    # The trial: blocks of 4 with, without, without, with; the 17th request ends the
+    # last period (and spins: the trial's decision).
+    modes = []
+    now = 0
+    for _ in range(17):
+        modes.append(spin.window(now) > 0)
+        now += 15 * US if modes[-1] else 40 * US
+    assert modes == [True] * 4 + [False] * 8 + [True] * 4 + [True]
     assert spin.decisions == 1 and spin.spin_won == 1 and spin.allowed
-    assert spun == 4 + 4 + 1
     assert spin.last_medians == {True: 15 * US, False: 40 * US}
     _now, spun = _run(spin, now, 99, lambda spun: 15 * US if spun else 40 * US)
     assert spun == 99  # kept for the exploit phase

@@ -29,8 +29,11 @@ Whether spinning pays at all depends on where the scheduler puts the two process
 with a CPU each, a spinning driver saves both sides a wake-up; on one shared CPU (or
 a busy machine) the spin only delays the backend it waits for.  So, as the backend's
 own polling (:mod:`.polling`), spinning is measured, not assumed: *trials* alternate
-blocks of ``block`` requests with the spin allowed and without, ``rounds`` times, and
-compare the median *period* (from one request to the next: what the caller sees);
+blocks of ``block`` requests with the spin allowed and without, ``rounds`` times (in
+the order with, without, without, with, with, ...: a drift during the trial favours
+neither; and 24 requests a block, not the backend's 32, so that the backend's own
+polling trials do not line up with ours), and compare the median *period* (from one
+request to the next: what the caller sees);
 the spin is kept for the next ``exploit`` requests only if it shortened the period
 by ``1 - margin`` or more (a tie goes to sleeping, which costs no CPU), then a new
 trial runs.  Requests further apart than ``stream_gap_ns`` are not back-to-back
@@ -60,7 +63,7 @@ class SpinWindow:
         backoff_min_ns: int = 1_000_000,
         backoff_max_ns: int = 1_000_000_000,
         trials: bool = True,
-        block: int = 32,
+        block: int = 24,
         rounds: int = 3,
         exploit: int = 4096,
         margin: float = 0.9,
@@ -101,7 +104,7 @@ class SpinWindow:
         self._samples: dict[bool, list[int]] = {True: [], False: []}
         self._in_trial = trials
         self._left = block
-        self._blocks_left = 2 * rounds
+        self._block_index = 0
 
     def __repr__(self) -> str:
         return (f"<SpinWindow {self.window_ns // 1000}us allowed={self.allowed} hits={self.hits} "
@@ -154,14 +157,15 @@ class SpinWindow:
             if self._left <= 0:  # a new trial, starting with the spin allowed
                 self._in_trial, self.allowed = True, True
                 self._samples = {True: [], False: []}
-                self._left, self._blocks_left = self.block, 2 * self.rounds
+                self._left, self._block_index = self.block, 0
             return
         self._samples[self._last_allowed].append(period)
         if self._left > 0:
             return
-        self._blocks_left -= 1
-        if self._blocks_left > 0:
-            self.allowed = not self.allowed
+        index = self._block_index = self._block_index + 1
+        if index < 2 * self.rounds:
+            # Blocks 0, 1, 2, 3, ...: with, without, without, with, with, without, ...
+            self.allowed = (index % 2 == 0) != (index // 2 % 2 == 1)
             self._left = self.block
             return
         self.decisions += 1

@@ -16,8 +16,8 @@ what the backend does beyond that is the transport's share.
 backend writes the call eventfd for every request (the worst case for the backend);
 ``--driver-poll-us N`` makes it spin, so the backend skips that write; the count then
 depends on timing (a request that arrives while the backend, slowed down by valgrind,
-is still in its pass is served in that pass without a wake-up: 63700-79000 for the
-same tree in three runs), so only the default is comparable between trees.  Kernel work
+is still in its pass is served in that pass without a wake-up: 63,700 and 79,000 in
+two runs of the same tree), so only the default is comparable between trees.  Kernel work
 (system calls, wake-ups) is not counted: callgrind sees user space only.  Needs
 valgrind (``apt-get install valgrind``); takes a minute or two.
 """

@@ -628,10 +628,28 @@ def _answer_log(log: list[tuple[bytes, int, int]]) -> Callable[[bytes, int, int]
     return answer
 
 
+# Mostly a request descriptor then a response descriptor, in turn, as a driver queues
+# them, sometimes anything at all; and heads mostly in that order.
+_request_desc = st.tuples(st.sampled_from([BUF, BUF + 0x20]), st.sampled_from([1, 16, 0x1000]),
+                          st.just(0), st.integers(0, 9))
+_response_desc = st.tuples(st.sampled_from([BUF + 0x100, BASE + MEM_SIZE - 8]),
+                           st.sampled_from([1, 8, 0x40]), st.just(F_WRITE), st.integers(0, 9))
+_driver_table = st.tuples(*[
+    st.integers(0, 4).flatmap(
+        lambda k, i=i: _desc if k == 0 else _request_desc if i % 2 == 0 else _response_desc
+    )
+    for i in range(SIZE)
+]).map(list)
+
+
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    table=st.lists(_pair_desc, min_size=SIZE, max_size=SIZE),
-    heads=st.lists(st.integers(0, 9), min_size=0, max_size=6),
+    table=st.one_of(_driver_table, st.lists(_pair_desc, min_size=SIZE, max_size=SIZE)),
+    heads=st.one_of(
+        st.integers(1, SIZE // 2).map(lambda n: list(range(2 * n))),
+        st.integers(1, SIZE // 2).map(lambda n: list(range(2 * n))),
+        st.lists(st.integers(0, 9), min_size=0, max_size=6),
+    ),
     limit=st.sampled_from([1, 4, 0x1001]),
     batch=st.integers(1, 4),
 )

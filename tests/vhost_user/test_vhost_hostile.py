@@ -348,7 +348,8 @@ def test_every_kick_is_heard_though_the_kick_fd_is_never_read(tmp_path: Path) ->
 
 
 def test_every_interrupt_is_heard_though_the_call_fd_is_never_read(tmp_path: Path) -> None:
-    with nsm_serve(tmp_path) as srv, NsmFrontend(srv.path, timeout=3) as fe:
+    # poll_us=0: the driver sleeps on every request (a spinning one asks for no interrupt).
+    with nsm_serve(tmp_path) as srv, NsmFrontend(srv.path, timeout=3, poll_us=0) as fe:
         os.eventfd_write(fe.call_fd, _NEAR_FULL)  # a stale interrupt, and it stays readable
         for _ in range(20):
             assert fe.exchange(REQUEST)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -615,3 +616,102 @@ def test_driver_add_pair_queues_a_request_and_its_response_buffer() -> None:
     dev.publish_used()
     assert [length for _, length in drv.collect_used()] == [0, 0x40]
     assert drv.free_descriptors == 4
+
+
+# -- serve_pairs: pop_pair, read, answer, write and add_used_pair in one call ---------------
+
+
+def _answer_log(log: list[tuple[bytes, int, int]]) -> Callable[[bytes, int, int], bytes]:
+    def answer(request: bytes, capacity: int, head: int) -> bytes:
+        log.append((request, capacity, head))
+        return (bytes([head]) + request)[: min(capacity, 9)]
+    return answer
+
+
+# Mostly a request descriptor then a response descriptor, in turn, as a driver queues
+# them, sometimes anything at all; and heads mostly in that order.
+_request_desc = st.tuples(st.sampled_from([BUF, BUF + 0x20]), st.sampled_from([1, 16, 0x1000]),
+                          st.just(0), st.integers(0, 9))
+_response_desc = st.tuples(st.sampled_from([BUF + 0x100, BASE + MEM_SIZE - 8]),
+                           st.sampled_from([1, 8, 0x40]), st.just(F_WRITE), st.integers(0, 9))
+_driver_table = st.tuples(*[
+    st.integers(0, 4).flatmap(
+        lambda k, i=i: _desc if k == 0 else _request_desc if i % 2 == 0 else _response_desc
+    )
+    for i in range(SIZE)
+]).map(list)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    table=st.one_of(_driver_table, st.lists(_pair_desc, min_size=SIZE, max_size=SIZE)),
+    heads=st.one_of(
+        st.integers(1, SIZE // 2).map(lambda n: list(range(2 * n))),
+        st.integers(1, SIZE // 2).map(lambda n: list(range(2 * n))),
+        st.lists(st.integers(0, 9), min_size=0, max_size=6),
+    ),
+    limit=st.sampled_from([1, 4, 0x1001]),
+    batch=st.integers(1, 4),
+)
+def test_fuzz_serve_pairs_does_what_pop_pair_and_add_used_pair_do(
+    table: list[tuple[int, int, int, int]], heads: list[int], limit: int, batch: int
+) -> None:
+    """Whatever the ring holds, serve_pairs answers the same pairs with the same bytes,
+    leaves the ring, the used entries and guest memory as the step-by-step path does,
+    and takes nothing that is not a pair."""
+    outcomes = []
+    for fused in (True, False):
+        mem, drv, dev = make()
+        mem.write(BUF, bytes(range(64)))
+        for i, d in enumerate(table):
+            drv.raw_descriptor(i, *d)
+        drv.raw_avail(heads)
+        log: list[tuple[bytes, int, int]] = []
+        answer = _answer_log(log)
+        if fused:
+            count = dev.serve_pairs(answer, limit, batch)
+        else:
+            count = 0
+            while count < batch and (pair := dev.pop_pair()) is not None:
+                req, req_addr, req_len, resp, resp_addr, resp_len = pair
+                response = answer(mem.read(req_addr, min(req_len, limit)), resp_len, req)
+                mem.write(resp_addr, response)
+                dev.add_used_pair(req, 0, resp, len(response))
+                count += 1
+        dev.publish_used()
+        outcomes.append((count, log, dev.last_avail_idx, dev.in_flight, dev.next_used_idx,
+                         mem.read(BASE, MEM_SIZE)))
+        try:  # and what is left is pop()'s, as before
+            outcomes.append(dev.pop() is None)
+        except VirtqueueError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[2] and outcomes[1] == outcomes[3]
+
+
+def test_serve_pairs_answers_a_pair_whose_buffers_lie_in_two_regions() -> None:
+    low = MemoryRegion.anonymous(BASE, MEM_SIZE, user_addr=0x7F00_0000)
+    high = MemoryRegion.anonymous(BASE + MEM_SIZE, MEM_SIZE, user_addr=0x7F10_0000)
+    mem = GuestMemory([low, high])
+    layout = RingLayout.contiguous(SIZE, BASE)
+    drv, dev = DriverQueue(mem, layout), DeviceQueue(mem, layout)
+    mem.write(BUF, b"ping")
+    resp_addr = BASE + MEM_SIZE + 0x100
+    for response_at in (resp_addr, BASE + MEM_SIZE - 4):  # in the other region; across both
+        req, resp = drv.add_pair(BUF, 4, response_at, 8)
+        drv.publish()
+        log: list[tuple[bytes, int, int]] = []
+        assert dev.serve_pairs(_answer_log(log), 0x1001, 16) == 1
+        assert log == [(b"ping", 8, req)]
+        dev.publish_used()
+        assert drv.collect_used() == [(req, 0), (resp, 5)]
+        assert mem.read(response_at, 5) == bytes([req]) + b"ping"
+
+
+def test_serve_pairs_refuses_an_answer_longer_than_the_response_buffer() -> None:
+    mem, drv, dev = make()
+    drv.add_pair(BUF, 4, BUF + 0x100, 2)
+    drv.publish()
+    with pytest.raises(ValueError, match="exceeds"):
+        dev.serve_pairs(lambda request, capacity, head: b"too long", 0x1001, 16)
+    assert dev.in_flight == 2 and dev.next_used_idx == 0  # nothing was written for them
+    assert mem.read(BUF + 0x100, 2) == b"\0\0"

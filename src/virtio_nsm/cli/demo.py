@@ -66,7 +66,9 @@ def _run_demo(served: Served, output: Path | None, step: Callable[[str], None]) 
     thread.start()
     try:
         step(f"backend: vhost-user NSM device on {socket_path} (virtio id 33)")
-        with Nsm(VhostUserTransport(str(socket_path))) as nsm:
+        # poll_us=0: the backend is a thread of this process, which a spinning driver
+        # would keep from the GIL; the driver sleeps until the interrupt instead.
+        with Nsm(VhostUserTransport(str(socket_path), poll_us=0)) as nsm:
             step("driver:  Python virtio driver connected (split ring in shared memfd memory)")
             d = nsm.describe_nsm()
             step(f"DescribeNSM   module_id={d.module_id} digest={d.digest} max_pcrs={d.max_pcrs} "

@@ -25,11 +25,12 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import ErrorCode, NsmError
 from ..vhost_user.frontend import BackendDisconnected, VhostUserError, VhostUserFrontend
+from ..vhost_user.spin import SpinWindow
 from ..virtio.memory import VirtioError
 from .protocol import MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE
 
@@ -55,8 +56,9 @@ class NsmFrontend(VhostUserFrontend):
     """Drive a vhost-user NSM backend through a real split virtqueue.
 
     Options as for :class:`~virtio_nsm.vhost_user.frontend.VhostUserFrontend`; one
-    queue, and one request/response buffer pair per two descriptors.  ``poll_us``
-    (default 0: off) makes :meth:`exchange` spin on the used ring before it waits.
+    queue, and one request/response buffer pair per two descriptors.  ``poll_us``:
+    how long :meth:`exchange` spins on the used ring before it sleeps until the
+    interrupt (default None: an adaptive window of at most 100 µs; N: N µs; 0: no spin).
     """
 
     def __init__(
@@ -70,13 +72,16 @@ class NsmFrontend(VhostUserFrontend):
         status: bool = True,
         inflight: bool = False,
         start: bool = True,
-        poll_us: int = 0,
+        poll_us: int | None = None,
     ) -> None:
-        if poll_us < 0:
+        if poll_us is not None and poll_us < 0:
             raise ValueError(f"poll_us must be >= 0, not {poll_us}")
-        #: How long :meth:`exchange` looks at the used ring before it waits for the
-        #: interrupt, in nanoseconds (0: it waits at once; see :meth:`exchange`).
-        self.poll_ns = poll_us * 1000
+        #: The adaptive spin of :meth:`exchange` (``poll_us=None``, the default), else None.
+        self.spin: SpinWindow | None = SpinWindow() if poll_us is None else None
+        #: A fixed spin of :meth:`exchange` in nanoseconds (``poll_us=N``; 0: none).
+        self.poll_ns = 0 if poll_us is None else poll_us * 1000
+        #: The clock of the spin (nanoseconds; replaceable for tests).
+        self.clock: Callable[[], int] = time.perf_counter_ns
         self._init_slots(queue_size)
         super().__init__(
             path,
@@ -104,14 +109,26 @@ class NsmFrontend(VhostUserFrontend):
         """Send one NSM request and return the device's CBOR response.
 
         With nothing else in flight (the usual case) this takes a short path: one
-        pair on the ring, one kick, one interrupt, the same checks on the used ring
-        as :meth:`exchange_many` (which serves the other cases).
+        pair on the ring, one kick, the same checks on the used ring as
+        :meth:`exchange_many` (which serves the other cases).
 
-        With ``poll_us`` (constructor) it first spins on the used ring for up to that
-        long, the interrupt not asked for meanwhile (a backend that answers in time
-        then makes no system call for it, nor do we), and waits for the interrupt only
-        after that.  The spin burns this process's CPU: it pays off only when both
-        sides have a CPU of their own (see README, Benchmarks).
+        Before it sleeps until the interrupt, it spins on the used ring for a while,
+        the interrupt not asked for meanwhile: a backend that answers in time then
+        makes no system call for it, nor do we, and neither side pays a wake-up
+        (~20 µs of CPU each on a VM whose idle CPUs halt).  By default
+        (``poll_us=None``) the window adapts (:class:`~virtio_nsm.vhost_user.spin.SpinWindow`:
+        at most 100 µs, it grows while answers come just after it and shrinks to
+        nothing for slow answers, e.g. a durable ExtendPCR, and backs off when the
+        spin loses the CPU or keeps missing), and short trials keep the spin only
+        while it shortens the time from one request to the next by 10 % or more
+        (it does not when both sides share one CPU); ``poll_us=N`` spins up to N µs
+        every time, ``poll_us=0`` never.  The spin burns this process's CPU: see
+        README, Benchmarks.
+
+        When the spin ends without the answer, the interrupt is asked for and the used
+        ring looked at once more before we sleep (an answer published in between,
+        which saw no request for an interrupt, is found there), so no answer is ever
+        waited for in vain.
         """
         queue = self.queue
         if self._done or queue.in_flight or not self._free_slots:
@@ -127,8 +144,16 @@ class NsmFrontend(VhostUserFrontend):
         memory.write(base, request)
         resp_addr = base + MAX_REQUEST_SIZE
         req_head, _ = queue.add_pair(base, len(request), resp_addr, RESPONSE_BUFFER_SIZE)
-        spin = self.poll_ns
-        if not spin:
+        adaptive, clock = self.spin, self.clock
+        start = 0
+        if adaptive is not None:
+            start = clock()
+            spin = adaptive.window(start)
+        else:
+            spin = self.poll_ns
+        if spin:
+            queue.suppress_interrupts()
+        else:
             # Ask for the interrupt before the chains are visible: a device that sees
             # them sees this too, so the first wait needs no look at the used ring first.
             queue.request_interrupt_after(2)
@@ -137,20 +162,26 @@ class NsmFrontend(VhostUserFrontend):
         # Only our two chains are in flight, so collect_used can return nothing else.
         used: list[tuple[int, int]] = []
         wait, timeout, call_fd = self._poller.poll, self.timeout, self.call_fds[0]
+        found = lost = False
         try:
             if spin:
-                # used_event is left where it was (behind): the device does not interrupt.
-                clock = time.perf_counter_ns
-                deadline = clock() + spin
+                now = clock()  # after the kick, which may lose us the CPU (not spinning)
+                deadline = now + spin
                 moved = queue.used_moved
+                gap = adaptive.preempt_ns if adaptive is not None else 1 << 62
                 while True:
                     if moved():
                         used += queue.collect_used()
                         if len(used) >= 2:
+                            found = True
                             break
-                    elif clock() >= deadline:
+                    before, now = now, clock()
+                    if now >= deadline or now - before > gap:
+                        lost = now - before > gap
+                        # Ask for the interrupt, then look again: an answer published
+                        # before the device could see the request is found here.
                         queue.request_interrupt_after(2 - len(used))
-                        used += queue.collect_used()  # published before it could see the request
+                        used += queue.collect_used()
                         break
             while len(used) < 2:
                 events = wait(timeout)  # wait_interrupt(), short of its calls when all is well
@@ -164,6 +195,17 @@ class NsmFrontend(VhostUserFrontend):
                     used += queue.collect_used()
         except VirtioError as exc:
             raise VhostUserError(f"invalid used ring: {exc}") from exc
+        if adaptive is not None:
+            if found:
+                adaptive.hit()
+            else:
+                end = clock()
+                if lost:
+                    adaptive.preempted(end)
+                elif spin:
+                    adaptive.miss(end, end - start)
+                else:
+                    adaptive.slept(end - start)
         (first, req_len), (_, resp_len) = used
         if first != req_head:
             raise VhostUserError("backend returned the response chain before the request")

@@ -13,8 +13,9 @@ holding the request and one device-writable descriptor of 0x3000 bytes for the
 response; it kicks once and expects, in this order, the request chain on the used
 ring with length 0, the response chain with the exact CBOR length, then one
 interrupt.  :class:`NsmQueueWorker` does exactly that for every pair available (such
-pairs are taken with :meth:`~virtio_nsm.virtio.queue.DeviceQueue.pop_pair` and
-answered with one ``add_used_pair``: the path of every request from Linux), and also
+pairs are taken, answered and returned by
+:meth:`~virtio_nsm.virtio.queue.DeviceQueue.serve_pairs`, one call per batch: the
+path of every request from Linux), and also
 accepts a single chain holding a readable then a writable part (answered with one
 used entry).  A request chain whose response chain has not been made available yet
 is held until it is (and given back if the ring is stopped first).  A writable chain
@@ -155,32 +156,26 @@ class NsmQueueWorker:
     def _serve_pairs(self) -> int:
         """Answer pairs as long as the ring holds them (the path of every nsm.ko request).
 
-        :meth:`_take`'s rules for a request chain followed by its response chain, with
-        fewer calls: :meth:`~virtio_nsm.virtio.queue.DeviceQueue.pop_pair` takes both
-        only when they are one readable and one writable descriptor.  Returns how many
-        were answered (their used entries written, not published).
+        :meth:`_take`'s rules for a request chain followed by its response chain, in one
+        call per batch: :meth:`~virtio_nsm.virtio.queue.DeviceQueue.serve_pairs` takes
+        both only when they are one readable and one writable descriptor.  Returns how
+        many were answered (their used entries written, not published).
         """
         queue = self.queue
-        memory = queue.memory
-        pop_pair, add_used_pair = queue.pop_pair, queue.add_used_pair
-        notify = self.notify
+        serve, answer, notify = queue.serve_pairs, self._answer, self.notify
+        batch = self.NOTIFY_EVERY if notify is not None else 1 << 30
         answered = 0
         try:
-            while (pair := pop_pair()) is not None:
-                req_head, req_addr, req_len, resp_head, resp_addr, capacity = pair
-                request = memory.read(req_addr, req_len if req_len <= _REQUEST_LIMIT else _REQUEST_LIMIT)
-                response = self._answer(request, capacity, req_head)
-                memory.write(resp_addr, response)
-                add_used_pair(req_head, 0, resp_head, len(response))
-                answered += 1
-                if notify is not None and answered % self.NOTIFY_EVERY == 0:
-                    queue.publish_used()
-                    notify()
-        except BaseException:
-            if answered:  # what was answered is published, whatever happens next
+            while True:
+                count = serve(answer, _REQUEST_LIMIT, batch)
+                answered += count
+                if count < batch or notify is None:
+                    return answered
                 queue.publish_used()
+                notify()
+        except BaseException:
+            queue.publish_used()  # what was answered is published, whatever happens next
             raise
-        return answered
 
     def _publish(self) -> None:
         self.queue.publish_used()
@@ -238,12 +233,16 @@ class NsmQueueWorker:
     def _answer(self, request: bytes, capacity: int, head: int) -> bytes:
         """The handler's answer to ``request`` (chain ``head``), made to fit ``capacity`` bytes."""
         try:
-            token = None if self.tracker is None else self.tracker.token(head)
-            response = self.handler(request, token, max_response=capacity)
+            tracker = self.tracker
+            response = self.handler(request, None if tracker is None else tracker.token(head),
+                                    max_response=capacity)
         except Exception:
             log.exception("NSM handler failed on a %d-byte request", len(request))
             response = INTERNAL_ERROR
-        if len(response) > MAX_RESPONSE_SIZE:
+        length = len(response)
+        if length <= capacity and length <= MAX_RESPONSE_SIZE:
+            return response
+        if length > MAX_RESPONSE_SIZE:
             log.error("NSM handler returned %d bytes (> 0x3000)", len(response))
             response = INTERNAL_ERROR
         if len(response) > capacity:

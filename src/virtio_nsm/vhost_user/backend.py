@@ -137,6 +137,7 @@ OFFERED_PROTOCOL_FEATURES = (
 MAX_MEM_SLOTS = 32
 
 _EVENTFD_ONE = (1).to_bytes(8, "little")
+_write, _monotonic_ns = os.write, time.monotonic_ns  # bound once: the per-request path
 #: How long CHECK_DEVICE_STATE waits for the frontend's end of a load to close.
 STATE_LOAD_TIMEOUT = 5.0
 #: A device state larger than this is refused on load.
@@ -412,13 +413,12 @@ class VhostUserBackend:
             while True:
                 seen = queue.avail_idx
                 published |= worker.process()
-                queue.publish_avail_event()
                 # A chain made available while we published avail_event must not wait
                 # for a kick that the driver may have decided not to send (when we poll,
                 # the next look at the ring finds it anyway).  Chains the worker left
                 # on the ring on purpose (a receive queue with nothing to deliver) do
                 # not count: only the driver moving the index again does.
-                if not queue.kicks_wanted or queue.avail_idx == seen:
+                if queue.publish_avail_event() == seen or not queue.kicks_wanted:
                     break
             # With kicks wanted, publish_avail_event ended with a barrier after every
             # store of this pass (used elements, used index, avail_event): the load of
@@ -537,14 +537,14 @@ class VhostUserBackend:
         vring.signal_pending = False
         self.interrupts += 1
         try:
-            os.write(vring.call_fd, _EVENTFD_ONE)
+            _write(vring.call_fd, _EVENTFD_ONE)
         except BlockingIOError:
             # The counter is at its maximum: the frontend has an interrupt pending
             # already, which is all this write would have said.
             pass
         except OSError as exc:
             log.warning("vring %d: cannot signal the call fd: %s", vring.index, exc)
-        self.last_interrupt_ns = time.monotonic_ns()
+        self.last_interrupt_ns = _monotonic_ns()
 
     def _break(self, vring: Vring, reason: str) -> None:
         log.error(

@@ -99,6 +99,7 @@ PREEMPTED_NS = 50_000
 TURNAROUND_GAP_NS = 20_000_000
 #: A kick fd reporting any of these is unusable for good (see ``_on_kick``).
 _KICK_BROKEN = select.EPOLLHUP | select.EPOLLERR
+_monotonic_ns = time.monotonic_ns  # bound once: the per-request path
 
 
 
@@ -146,8 +147,12 @@ class _Poller:
         else:
             timeout = -(-timeout * 1000 // 1) / 1000  # whole ms up, as selectors does: no busy loop
         tags = self._tags
-        return [(fd, tags[fd], mask) for fd, mask in self._epoll.poll(timeout, max(len(tags), 1))
-                if fd in tags]
+        events = self._epoll.poll(timeout, len(tags) or 1)
+        if len(events) == 1:  # the usual wake-up: one kick
+            fd, mask = events[0]
+            tag = tags.get(fd)
+            return [] if tag is None else [(fd, tag, mask)]
+        return [(fd, tags[fd], mask) for fd, mask in events if fd in tags]
 
     def close(self) -> None:
         self._tags.clear()
@@ -436,8 +441,10 @@ class VhostUserDaemon:
         self._sync_kicks()
 
     def _on_kick(self, fd: int, index: int, mask: int) -> None:
-        vring = self.backend.vrings[index] if index < len(self.backend.vrings) else None
-        if self._kicks.get(fd) != index or vring is None or vring.kick_fd != fd:
+        backend = self.backend
+        vrings = backend.vrings
+        vring = vrings[index] if index < len(vrings) else None
+        if vring is None or vring.kick_fd != fd or self._kicks.get(fd) != index:
             # Stale: a message handled earlier in this batch of events replaced or
             # closed this kick fd (SET_VRING_KICK, GET_VRING_BASE, a reset).
             return
@@ -450,16 +457,15 @@ class VhostUserDaemon:
             self.backend.drop_kick(index)  # stops watching it too (_forget_kick)
             return
         self.kick_wakeups += 1
-        backend = self.backend
-        start = time.monotonic_ns()
+        start = _monotonic_ns()
         if self._poll_deadline is not None:  # a kick sent before it saw we poll
             if backend.process(vring):
-                self._answered(start, time.monotonic_ns())
+                self._answered(start, _monotonic_ns())
                 self._open_window()
             return
-        if not self.policy.may_poll(start):
+        if not self.poll_us or not self.policy.may_poll(start):
             if backend.process(vring):
-                self._answered(start, time.monotonic_ns())
+                self._answered(start)
             return
         # Tell the driver not to kick before it hears the answer, so that its next
         # request finds us polling without a notification.  Nothing to answer (a
@@ -469,17 +475,22 @@ class VhostUserDaemon:
             self._answered(start, time.monotonic_ns())
             self._open_window()
 
-    def _answered(self, start: int, end: int) -> None:
-        """A pass that noticed requests at ``start`` answered them by ``end`` (ns)."""
-        if self.policy.window_ns:  # without a window the policy has nothing to learn
-            self.policy.answered(start, end)
+    def _answered(self, start: int, end: int | None = None) -> None:
+        """A pass that noticed requests at ``start`` answered them by ``end`` (ns; None:
+        now, read only if needed)."""
         since = self._turnaround_from
         if since is not None and 0 <= start - since <= TURNAROUND_GAP_NS:
             self.turnaround.add(start - since)
         sent = self.backend.last_interrupt_ns
         self._turnaround_from = sent if sent is not None and sent >= start else None
-        if self.cpu_qos is not None:
-            self._qos(self.cpu_qos.engage, end)
+        policy, qos = self.policy, self.cpu_qos
+        if policy.window_ns or qos is not None:
+            if end is None:
+                end = _monotonic_ns()
+            if policy.window_ns:  # without a window the policy has nothing to learn
+                policy.answered(start, end)
+            if qos is not None:
+                self._qos(qos.engage, end)
 
     def _qos(self, call: Callable[[int], None], now: int) -> None:
         """Engage or expire the CPU latency request; a device that fails is given up, logged."""

@@ -622,9 +622,15 @@ class VhostUserFrontend:
         For driving a ring by hand (tests, simple devices).
         """
         used: list[tuple[int, int]] = []
+        queue = self.queues[index]
         while True:
             try:
-                used += self.queues[index].collect_used()
+                used += queue.collect_used()
+                if len(used) >= count:
+                    return used
+                # Ask for the interrupt (a spinning exchange may have suppressed it), look again.
+                queue.request_interrupt_after(count - len(used))
+                used += queue.collect_used()
             except VirtioError as exc:
                 raise VhostUserError(f"invalid used ring: {exc}") from exc
             if len(used) >= count:

@@ -245,15 +245,6 @@ class GuestMemory:
                 return region
         return None
 
-    def _hit(self, gpa: int, length: int) -> tuple[memoryview, int] | None:
-        """Fast path: the range lies inside the region of the previous access."""
-        region = self._last
-        if region is not None and length > 0:
-            offset = gpa - region.guest_addr
-            if offset >= 0 and offset + length <= region.size:
-                return region.buffer, offset
-        return None
-
     def _pieces(self, gpa: int, length: int) -> Iterator[tuple[memoryview, int, int]]:
         """Yield (buffer, offset, count) covering ``[gpa, gpa+length)``, all checked first."""
         if length < 0 or gpa < 0 or gpa + length > _U64_LIMIT:
@@ -286,6 +277,40 @@ class GuestMemory:
         for _ in self._pieces(gpa, length):
             pass
 
+    def region_holding(self, gpa: int, length: int, gpa2: int, length2: int) -> MemoryRegion | None:
+        """The region that wholly holds both (non-empty) ranges, if one does.
+
+        For a caller that then slices the region's buffer itself (offsets from its
+        ``guest_addr``); None does not mean unmapped (the ranges may span regions).
+        """
+        region = self._last
+        if region is None or not (region.guest_addr <= gpa < region.guest_end):
+            region = self._locate(gpa) if gpa >= 0 else None
+            if region is None:
+                return None
+        start, size = region.guest_addr, region.size
+        if length > 0 and length2 > 0 and gpa - start + length <= size and (
+            start <= gpa2 and gpa2 - start + length2 <= size
+        ):
+            return region
+        return None
+
+    def covers(self, gpa: int, length: int, gpa2: int, length2: int) -> bool:
+        """Whether both ranges are wholly mapped (:meth:`check` for two, without raising)."""
+        region = self._last
+        if region is not None and length > 0 and length2 > 0:
+            start, size = region.guest_addr, region.size
+            if start <= gpa and gpa - start + length <= size and (
+                start <= gpa2 and gpa2 - start + length2 <= size
+            ):
+                return True
+        try:
+            self.check(gpa, length)
+            self.check(gpa2, length2)
+        except GuestMemoryError:
+            return False
+        return True
+
     def view(self, gpa: int, length: int) -> memoryview:
         """A live view of a range that lies within a single region."""
         if length <= 0:
@@ -308,10 +333,11 @@ class GuestMemory:
     # -- access -----------------------------------------------------------------------
 
     def read(self, gpa: int, length: int) -> bytes:
-        hit = self._hit(gpa, length)
-        if hit is not None:
-            buf, off = hit
-            return buf[off : off + length].tobytes()
+        region = self._last  # _hit(), inline: nearly every access takes this path
+        if region is not None and length > 0:
+            off = gpa - region.guest_addr
+            if off >= 0 and off + length <= region.size:
+                return region.buffer[off : off + length].tobytes()
         pieces = list(self._pieces(gpa, length))
         if len(pieces) == 1:
             buf, off, n = pieces[0]
@@ -319,11 +345,13 @@ class GuestMemory:
         return b"".join(bytes(buf[off : off + n]) for buf, off, n in pieces)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        hit = self._hit(gpa, len(data))
-        if hit is not None:
-            buf, off = hit
-            buf[off : off + len(data)] = data
-            return
+        region = self._last  # _hit(), inline: nearly every access takes this path
+        length = len(data)
+        if region is not None and length > 0:
+            off = gpa - region.guest_addr
+            if off >= 0 and off + length <= region.size:
+                region.buffer[off : off + length] = data
+                return
         done = 0
         for buf, off, n in self._pieces(gpa, len(data)):
             buf[off : off + n] = data[done : done + n]

@@ -17,7 +17,9 @@ descriptors instead.
 :class:`DriverQueue` is the driver role (our Python virtio driver).
 :meth:`DeviceQueue.pop_pair` takes a request chain and its response chain (one
 readable, then one writable descriptor) in one step, with the same checks as two
-:meth:`~DeviceQueue.pop` calls, and leaves anything else to :meth:`~DeviceQueue.pop`.  Both work
+:meth:`~DeviceQueue.pop` calls, and leaves anything else to :meth:`~DeviceQueue.pop`;
+:meth:`DeviceQueue.serve_pairs` also reads each request, has it answered by a callback,
+writes the answer and both used entries, in one call (a device's per-request path).  Both work
 on a :class:`~virtio_nsm.virtio.memory.GuestMemory` and never do I/O; the caller
 signals the other side when ``publish``/``needs_notify`` say so.
 
@@ -36,7 +38,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -72,6 +74,8 @@ _USED_PAIR_PACK = struct.Struct("<IIII").pack_into
 _USED_UNPACK = _USED_ELEM.unpack_from
 _DESC_PACK = _DESC.pack_into
 _FENCE = threading.Lock()
+# memory_barrier() without its Python frame, for the device's per-request path.
+_FENCE_ACQUIRE, _FENCE_RELEASE = _FENCE.acquire, _FENCE.release
 
 
 def memory_barrier() -> None:
@@ -341,7 +345,8 @@ class DeviceQueue(_SplitRing):
                 if not pending:
                     self._avail_seen = avail_idx
                 return None
-            memory_barrier()  # read the ring entries only after the index that covers them
+            _FENCE_ACQUIRE()  # memory_barrier(): read the ring entries only after
+            _FENCE_RELEASE()  # the index that covers them
             if pending > self.size:
                 return None  # pop() says what is wrong
             self._avail_seen = avail_idx
@@ -354,16 +359,83 @@ class DeviceQueue(_SplitRing):
         resp_addr, resp_len, resp_flags, _ = _DESC_UNPACK(self._desc, resp << 4)
         if req_flags or resp_flags != _F_WRITE or not req_len or not resp_len:
             return None
-        check = self.memory.check
-        try:
-            check(req_addr, req_len)
-            check(resp_addr, resp_len)
-        except GuestMemoryError:
+        if not self.memory.covers(req_addr, req_len, resp_addr, resp_len):
             return None
         in_flight[req] = 0
         in_flight[resp] = resp_len
         self.last_avail_idx = (last + 2) & 0xFFFF
         return req, req_addr, req_len, resp, resp_addr, resp_len
+
+    def serve_pairs(self, answer: Callable[[bytes, int, int], bytes], limit: int, batch: int) -> int:
+        """Answer up to ``batch`` request/response pairs in one call; how many were answered.
+
+        For each pair that :meth:`pop_pair` would take (the same checks, in the same
+        order; anything else is left on the ring for :meth:`pop`): the request's first
+        ``limit`` bytes are read, ``answer(request, capacity, request head)`` gives the
+        response (at most ``capacity`` bytes, the response buffer's length, else
+        ValueError with both chains left in flight), which is written to the response
+        buffer, and both used entries are written as :meth:`add_used_pair` writes them
+        (not published: :meth:`publish_used`).  If ``answer`` raises, the pairs
+        answered before stay written.  The per-request path of the NSM's worker: one
+        call instead of :meth:`pop_pair`, a read, a write and :meth:`add_used_pair`.
+        """
+        answered = 0
+        avail16, desc, used = self._avail16, self._desc, self._used
+        mask, size, in_flight, memory = self._mask, self.size, self._in_flight, self.memory
+        while answered < batch:
+            last = self.last_avail_idx
+            if (self._avail_seen - last) & 0xFFFF < 2:  # as pop_pair
+                avail_idx = avail16[1]
+                pending = (avail_idx - last) & 0xFFFF
+                if pending < 2:
+                    if not pending:
+                        self._avail_seen = avail_idx
+                    break
+                _FENCE_ACQUIRE()  # memory_barrier(): read the ring entries only after
+                _FENCE_RELEASE()  # the index that covers them
+                if pending > size:
+                    break
+                self._avail_seen = avail_idx
+            req = avail16[2 + (last & mask)]
+            resp = avail16[2 + ((last + 1) & mask)]
+            if req >= size or resp >= size or req == resp or req in in_flight or resp in in_flight:
+                break
+            req_addr, req_len, req_flags, _ = _DESC_UNPACK(desc, req << 4)
+            resp_addr, resp_len, resp_flags, _ = _DESC_UNPACK(desc, resp << 4)
+            if req_flags or resp_flags != _F_WRITE or not req_len or not resp_len:
+                break
+            region = memory.region_holding(req_addr, req_len, resp_addr, resp_len)
+            if region is None and not memory.covers(req_addr, req_len, resp_addr, resp_len):
+                break
+            in_flight[req] = 0
+            in_flight[resp] = resp_len
+            self.last_avail_idx = (last + 2) & 0xFFFF
+            count = req_len if req_len <= limit else limit
+            if region is not None:  # both buffers in one region: slice it directly
+                buf, start = region.buffer, region.guest_addr
+                offset = req_addr - start
+                response = answer(buf[offset : offset + count].tobytes(), resp_len, req)
+            else:
+                response = answer(memory.read(req_addr, count), resp_len, req)
+            length = len(response)
+            if length > resp_len:
+                raise ValueError(f"used length {length} exceeds chain {resp}'s {resp_len} bytes")
+            if region is not None:
+                offset = resp_addr - start
+                buf[offset : offset + length] = response
+            else:
+                memory.write(resp_addr, response)
+            del in_flight[req], in_flight[resp]
+            idx = self.next_used_idx
+            slot = idx & mask
+            if slot != mask:  # both entries side by side
+                _USED_PAIR_PACK(used, 4 + 8 * slot, req, 0, resp, length)
+            else:
+                _USED_PACK(used, 4 + 8 * slot, req, 0)
+                _USED_PACK(used, 4, resp, length)
+            self.next_used_idx = (idx + 2) & 0xFFFF
+            answered += 1
+        return answered
 
     def _walk(self, chain: Chain) -> Chain:
         head = chain.head
@@ -466,16 +538,9 @@ class DeviceQueue(_SplitRing):
     def add_used_pair(self, first: int, first_length: int, second: int, second_length: int) -> None:
         """:meth:`add_used` for two chains, in this order."""
         in_flight = self._in_flight
-        capacity = in_flight.get(first)
-        if capacity is None or first == second:
-            raise ValueError(f"chain {first} is not in flight (or given twice)")
-        if not 0 <= first_length <= capacity:
-            raise ValueError(f"used length {first_length} exceeds chain {first}'s {capacity} bytes")
-        capacity = in_flight.get(second)
-        if capacity is None:
-            raise ValueError(f"chain {second} is not in flight")
-        if not 0 <= second_length <= capacity:
-            raise ValueError(f"used length {second_length} exceeds chain {second}'s {capacity} bytes")
+        first_cap, second_cap = in_flight.get(first, -1), in_flight.get(second, -1)
+        if not (0 <= first_length <= first_cap and 0 <= second_length <= second_cap) or first == second:
+            self._refuse_used_pair(first, first_length, second, second_length)
         del in_flight[first], in_flight[second]
         idx, mask = self.next_used_idx, self._mask
         slot = idx & mask
@@ -486,9 +551,20 @@ class DeviceQueue(_SplitRing):
             _USED_PACK(self._used, 4, second, second_length)
         self.next_used_idx = (idx + 2) & 0xFFFF
 
+    def _refuse_used_pair(self, first: int, first_length: int, second: int, second_length: int) -> None:
+        in_flight = self._in_flight
+        if first not in in_flight or first == second:
+            raise ValueError(f"chain {first} is not in flight (or given twice)")
+        if not 0 <= first_length <= in_flight[first]:
+            raise ValueError(f"used length {first_length} exceeds chain {first}'s {in_flight[first]} bytes")
+        if second not in in_flight:
+            raise ValueError(f"chain {second} is not in flight")
+        raise ValueError(f"used length {second_length} exceeds chain {second}'s {in_flight[second]} bytes")
+
     def publish_used(self) -> None:
         """Make the used elements written so far visible to the driver."""
-        memory_barrier()  # the elements must be visible before the index that covers them
+        _FENCE_ACQUIRE()  # memory_barrier(): the elements must be visible before the
+        _FENCE_RELEASE()  # index that covers them
         self._used16[1] = self.next_used_idx
 
     def needs_notify(self, *, barrier: bool = True) -> bool:
@@ -498,7 +574,8 @@ class DeviceQueue(_SplitRing):
         interrupts that are followed by a checked decision.
         """
         if barrier:
-            memory_barrier()
+            _FENCE_ACQUIRE()  # memory_barrier()
+            _FENCE_RELEASE()
         if not self.event_idx:
             flags = self._avail16[0]
             return not flags & spec.VIRTQ_AVAIL_F_NO_INTERRUPT
@@ -509,7 +586,7 @@ class DeviceQueue(_SplitRing):
         # spec.vring_need_event, inline (once per pass)
         return ((new - self._avail16[self._used_event] - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
-    def publish_avail_event(self) -> None:
+    def publish_avail_event(self) -> int:
         """Tell the driver whether to kick for what it makes available next.
 
         With :attr:`kicks_wanted`: a kick as soon as anything new is made available
@@ -518,15 +595,18 @@ class DeviceQueue(_SplitRing):
         since the driver may have published before it could see the request.  Without:
         no kicks (``avail_event`` one behind our next index, which the driver has already
         passed, or the flag set); the caller is polling the ring.
+
+        Returns ``avail->idx`` as read after that (that look, for the caller to compare).
         """
         if self.event_idx:
             last = self.last_avail_idx
             if self.kicks_wanted:
                 self._used16[self._avail_event] = last
-                memory_barrier()
+                _FENCE_ACQUIRE()  # memory_barrier()
+                _FENCE_RELEASE()
             else:
                 self._used16[self._avail_event] = (last - 1) & 0xFFFF
-            return
+            return self._avail16[1]
         flags = self._used16[0]
         if self.kicks_wanted:
             if flags & spec.VIRTQ_USED_F_NO_NOTIFY:
@@ -534,6 +614,7 @@ class DeviceQueue(_SplitRing):
             memory_barrier()
         elif not flags & spec.VIRTQ_USED_F_NO_NOTIFY:
             self._used16[0] = flags | spec.VIRTQ_USED_F_NO_NOTIFY
+        return self._avail16[1]
 
 
 class DriverQueue(_SplitRing):
@@ -673,6 +754,16 @@ class DriverQueue(_SplitRing):
         else:
             self._avail16[0] = 0
         memory_barrier()
+
+    def suppress_interrupts(self) -> None:
+        """Ask for no interrupt for what the device publishes next (a driver about to poll
+        the used ring); :meth:`request_interrupt_after` asks again.  No barrier: a device
+        that still sees the earlier request may interrupt anyway, which is harmless."""
+        if self.event_idx:
+            # One behind what we collected: the device has signalled up to there already.
+            self._avail16[self._used_event] = (self.last_used_idx - 1) & 0xFFFF
+        else:
+            self._avail16[0] = spec.VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def used_moved(self) -> bool:
         """A cheap look (no barrier, no checks) at whether the device published anything

@@ -124,3 +124,33 @@ def test_a_read_takes_at_most_the_budget_and_the_chunk(rig: Rig) -> None:
             pass
     assert bytes(got) == data[:sent] and sent == len(data)
     client.close()
+
+
+def test_host_data_goes_to_the_guest_before_the_sockets_bookkeeping(rig: Rig) -> None:
+    """The rx pass (ending in the guest's interrupt) is the round trip's critical path:
+    it runs before the socket's watch is re-examined."""
+    rig.guest.listen(82)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(rig.path))
+    client.sendall(b"CONNECT 82\n")
+    rig.ready(client)
+    rig.ready(client)
+    rig.exchange()
+    client.settimeout(5)
+    assert client.recv(64).startswith(b"OK ")
+    order: list[str] = []
+    watch = rig.host._watch
+    rig.host.guest_work = lambda: order.append("guest")
+
+    def watching(host_id: int) -> None:
+        order.append("watch")
+        watch(host_id)
+
+    rig.host._watch = watching  # type: ignore[method-assign]
+    client.sendall(b"ping")
+    listener = rig.host._listener
+    assert listener is not None
+    [stream] = [cb for fd, cb in rig.loop.watched.items() if fd != listener.fileno()]
+    stream(EVENT_READ)
+    assert order[0] == "guest" and "watch" in order
+    client.close()

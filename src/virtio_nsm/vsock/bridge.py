@@ -183,7 +183,6 @@ class _State(enum.Enum):
     DETACHED = "detached"  # the guest side is over; the host stream is being flushed
 
 
-_ATTACHED = frozenset({_State.CONNECTING_GUEST, _State.ESTABLISHED})
 
 
 class _Stream:
@@ -253,7 +252,8 @@ class _Stream:
 
     @property
     def attached(self) -> bool:
-        return self.state in _ATTACHED
+        state = self.state  # two identity tests: an Enum's hash is Python code
+        return state is _State.ESTABLISHED or state is _State.CONNECTING_GUEST
 
     def credit(self) -> int:
         """Bytes the guest's receive buffer can take now."""

@@ -169,6 +169,9 @@ class UnixHost:
                 else:
                     if n:
                         self.bridge.host_data(host_id, bytes(buf[:n]))
+                        # To the guest first (the rx pass ends with the interrupt and
+                        # then a pump of its own); this socket's bookkeeping after.
+                        self.guest_work()
                     else:
                         self.bridge.host_eof(host_id)
         if ready & EVENT_WRITE and host_id in self._socks:

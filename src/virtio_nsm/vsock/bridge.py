@@ -754,6 +754,11 @@ class VsockBridge:
         if s.attached:
             self._schedule(s)
 
+    @property
+    def host_work_pending(self) -> bool:
+        """Whether :meth:`take_actions` or :meth:`take_dirty` may have something (cheap)."""
+        return bool(self._actions) or bool(self._dirty)
+
     def take_actions(self) -> list[HostAction]:
         """Host-side actions decided since the last call, in order."""
         actions, self._actions = self._actions, []

@@ -201,23 +201,21 @@ class UnixHost:
         """Carry out the bridge's actions, fix what each socket is watched for, wake the guest side."""
         if self._pumping:
             return
-        self._pumping = True
-        try:
-            bridge = self.bridge
-            while True:
-                actions = bridge.take_actions()
-                for action in actions:
-                    self._apply(action)
-                dirty = bridge.take_dirty()
-                for host_id in dirty:
-                    if host_id in self._socks and bridge.host_output(host_id):
-                        self._write(host_id)  # eagerly: usually the socket has room
-                for host_id in dirty:
-                    self._watch(host_id)
-                if not actions and not dirty:
-                    break
-        finally:
-            self._pumping = False
+        bridge = self.bridge
+        if bridge.host_work_pending:  # (often not: then no loop, no sets built)
+            self._pumping = True
+            try:
+                while bridge.host_work_pending:
+                    for action in bridge.take_actions():
+                        self._apply(action)
+                    dirty = bridge.take_dirty()
+                    for host_id in dirty:
+                        if host_id in self._socks and bridge.host_output(host_id):
+                            self._write(host_id)  # eagerly: usually the socket has room
+                    for host_id in dirty:
+                        self._watch(host_id)
+            finally:
+                self._pumping = False
         if self._listener_paused and time.monotonic() - self._paused_at >= 1.0:
             self._resume_listener()  # descriptors may have been freed elsewhere: try again
         self.guest_work()

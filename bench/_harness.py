@@ -8,6 +8,8 @@
 * :func:`children_cleaned_up`: SIGINT and SIGTERM unwind the benchmark, and
   every process it started (backends, QEMU, in their own sessions) is stopped
   on the way out, whether it finished, failed or was interrupted.
+* :func:`start_vsock_serve`: this tree's ``nsm vsock serve``, once it listens
+  (bench_vsock.py and the VM tier's vsock test start it the same way).
 """
 
 from __future__ import annotations
@@ -16,23 +18,56 @@ import contextlib
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import IO, Any
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 
+def src_env() -> dict[str, str]:
+    """The environment for a child that runs this tree's code: its ``src`` first."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(":") if p and p != str(SRC)]
+    return dict(os.environ, PYTHONPATH=":".join([str(SRC), *paths]))
+
+
 def child_env(private: Path) -> dict[str, str]:
     """The environment for a child (``nsm serve``): this tree's ``src`` first, and the
     default state directory and CA inside ``private`` (never the user's own)."""
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(":") if p and p != str(SRC)]
-    return dict(os.environ, PYTHONPATH=":".join([str(SRC), *paths]),
-                XDG_STATE_HOME=str(private / "xdg-state"), XDG_DATA_HOME=str(private / "xdg-data"))
+    return dict(src_env(), XDG_STATE_HOME=str(private / "xdg-state"),
+                XDG_DATA_HOME=str(private / "xdg-data"))
+
+
+#: The first line ``nsm vsock serve`` prints (also with ``-q``), once both sockets listen.
+VSOCK_LISTENING = "vhost-user vsock backend listening on "
+
+
+def start_vsock_serve(vhost: Path, cid: int, uds: Path, *extra: str,
+                      stderr: int | IO[Any] | None = None) -> subprocess.Popen[str]:
+    """Start this tree's ``nsm vsock serve -q`` (vhost-user socket ``vhost``, guest CID
+    ``cid``, host side on ``uds``; ``extra`` arguments after those) and return it once it
+    listens. Its stdout is a pipe, already read up to that first line. A backend that
+    does not get that far is stopped and reaped, and RuntimeError says why."""
+    from virtio_nsm._process import stop_process
+
+    argv = [sys.executable, "-m", "virtio_nsm", "vsock", "serve", "-q", "--vhost-user", str(vhost),
+            "--guest-cid", str(cid), "--uds-path", str(uds), *extra]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=src_env())
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    if first.startswith(VSOCK_LISTENING):
+        return proc
+    code = stop_process(proc)
+    err = ""
+    with contextlib.suppress(subprocess.TimeoutExpired, OSError, ValueError):
+        err = proc.communicate(timeout=5)[1] or ""
+    raise RuntimeError(f"nsm vsock serve did not start (exit {code}): {(first + err).strip()}")
 
 
 def descendants(pid: int) -> list[int]:

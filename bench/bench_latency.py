@@ -315,6 +315,7 @@ def _start_backend(command: str, sock: Path, tmp: Path) -> subprocess.Popen[byte
 
 
 def one_run(label: str, command: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    from virtio_nsm._process import stop_process
     from virtio_nsm.vm.run import RunOptions, run
     from virtio_nsm.vm.setup import load_or_setup
 
@@ -353,14 +354,12 @@ def one_run(label: str, command: str | None, args: argparse.Namespace) -> dict[s
             m = TURNAROUND.search(out.stats.get(2 * i + 2, ""))
             data["results"][op]["turn_p50_us"] = float(m.group(2)) if m else None
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(10)
+            stop_process(proc, timeout=10)
             data["backend_log"] = (tmp / "backend.log").read_text(errors="replace")
         return data
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc, sig=signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

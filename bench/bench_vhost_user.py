@@ -29,6 +29,7 @@ from pathlib import Path
 
 from _harness import child_env
 
+from virtio_nsm._process import stop_process
 from virtio_nsm.nsm.device import NsmDevice
 from virtio_nsm.nsm.frontend import VhostUserTransport
 from virtio_nsm.nsm.protocol import DescribePCR, encode_request
@@ -129,8 +130,7 @@ def main() -> None:
                 print(f"handle() alone: {1e6 / b:.2f} us/req (backend: nsm serve, {polling}; "
                       f"driver spin {args.driver_poll_us} us)")
         finally:
-            server.terminate()
-            server.wait(10)
+            stop_process(server, timeout=10)
 
 
 if __name__ == "__main__":

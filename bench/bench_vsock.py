@@ -39,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 
+from _harness import start_vsock_serve
+
 from virtio_nsm.vm import run as vm_run
 from virtio_nsm.vm import setup as vm_setup
 
@@ -280,26 +282,7 @@ def main() -> None:
     netdir = net_modules(tc)
     tmp = Path(tempfile.mkdtemp(prefix="bench-vsock-"))
     vhost, uds = tmp / "vhost.sock", tmp / "v.sock"
-    backend = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "virtio_nsm",
-            "vsock",
-            "serve",
-            "-q",
-            "--vhost-user",
-            str(vhost),
-            "--guest-cid",
-            str(CID),
-            "--uds-path",
-            str(uds),
-            *args.backend_arg,
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert backend.stdout is not None and backend.stdout.readline().startswith("vhost-user vsock")
+    backend = start_vsock_serve(vhost, CID, uds, *args.backend_arg)
     host = HostPrograms(uds, args.mib)
     script = tmp / "guest.py"
     script.write_text(GUEST)

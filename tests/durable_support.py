@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from virtio_nsm._process import die_with_parent
+from virtio_nsm._process import die_with_parent, stop_process
 from virtio_nsm.errors import ErrorCode
 from virtio_nsm.nsm.pcr import Digest
 from virtio_nsm.nsm.protocol import (
@@ -50,8 +50,7 @@ class Backend:
         return [first] + [self.proc.stdout.readline() for _ in range(3)]
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
+        stop_process(self.proc, sig=signal.SIGKILL)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 

@@ -1,13 +1,17 @@
-"""Child processes that cannot outlive whoever started them (Linux ``PR_SET_PDEATHSIG``)."""
+"""Child processes: ones that cannot outlive whoever started them (Linux
+``PR_SET_PDEATHSIG``), and one way to stop a child and reap it."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
+import subprocess
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["die_with_parent"]
+__all__ = ["die_with_parent", "stop_process"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -29,3 +33,33 @@ def die_with_parent() -> Callable[[], None]:
             os._exit(1)
 
     return in_child
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0,
+                 sig: int = signal.SIGTERM, *, kill_timeout: float = 10.0) -> int | None:
+    """Stop a child and reap it: ``sig``, then SIGKILL if it has not ended within
+    ``timeout`` s. Returns its exit status as :attr:`~subprocess.Popen.returncode` has
+    it (minus the signal's number when a signal ended it).
+
+    A child that has already ended is not signalled, only reaped (Popen never signals
+    a pid it has reaped, which the system may have given to another process by now);
+    one that another waiter reaped behind Popen's back reads as 0, as Popen reports it.
+    Never raises for a dead child and never blocks for more than about
+    ``timeout + kill_timeout`` s: None if the child is still there ``kill_timeout`` s
+    after SIGKILL (stuck in the kernel), and then it is not reaped.
+    Pipes of the child stay open: a caller that wants its output reads them after.
+    """
+    if proc.poll() is not None:
+        return proc.returncode
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    try:
+        return proc.wait(kill_timeout)
+    except subprocess.TimeoutExpired:
+        return None

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from virtio_nsm._process import stop_process
 from virtio_nsm.vsock.driver import VsockDriver
 
 LIMIT = 48  # descriptors for the whole backend process
@@ -47,12 +48,7 @@ def backend(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Pat
             time.sleep(0.05)
         yield proc, vhost, uds
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
         log.close()
 
 

@@ -72,3 +72,29 @@ def test_a_signal_stops_every_child_even_in_its_own_session(tmp_path: Path, sig:
     alive = [p for p in pids if Path(f"/proc/{p}").exists()
              and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
     assert alive == [], proc.stderr.read() if proc.stderr else ""
+
+
+def test_vsock_serve_is_started_from_this_tree_and_returned_listening(tmp_path: Path) -> None:
+    vhost, uds = tmp_path / "vhost.sock", tmp_path / "v.sock"
+    proc = _harness.start_vsock_serve(vhost, 7, uds, "--poll-us", "0", stderr=subprocess.PIPE)
+    try:
+        assert proc.poll() is None
+        assert vhost.is_socket() and uds.is_socket()  # both listen once it returns
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[1:5] == [b"-m", b"virtio_nsm", b"vsock", b"serve"]
+        assert argv[argv.index(b"--guest-cid") + 1] == b"7" and argv[-3:-1] == [b"--poll-us", b"0"]
+        env = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        assert any(e.startswith(b"PYTHONPATH=" + str(_harness.SRC).encode()) for e in env)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert not vhost.exists() and not uds.exists()
+
+
+def test_vsock_serve_that_does_not_start_says_why(tmp_path: Path) -> None:
+    (tmp_path / "v.sock").write_text("not a socket")
+    with pytest.raises(RuntimeError, match=r"did not start \(exit 2\).*is not a socket"):
+        _harness.start_vsock_serve(tmp_path / "vhost.sock", 7, tmp_path / "v.sock",
+                                   stderr=subprocess.PIPE)
+    assert not (tmp_path / "vhost.sock").exists()

@@ -14,6 +14,7 @@ import pytest
 from durable_support import Backend, PcrModel
 
 from virtio_nsm import persist
+from virtio_nsm._process import stop_process
 from virtio_nsm.client import Nsm
 from virtio_nsm.nsm.frontend import VhostUserTransport
 from virtio_nsm.nsm.protocol import (
@@ -238,5 +239,4 @@ def test_a_backend_dies_with_the_thread_that_started_it(paths: tuple[Path, Path,
     try:
         assert backend.proc.wait(20) == -signal.SIGKILL
     finally:
-        backend.proc.kill()  # (a no-op once it is gone)
-        backend.proc.wait(20)
+        stop_process(backend.proc, sig=signal.SIGKILL)  # (a no-op once it is gone)

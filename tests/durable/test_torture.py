@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -34,6 +35,7 @@ from pathlib import Path
 import pytest
 from durable_support import Backend, PcrModel
 
+from virtio_nsm._process import stop_process
 from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.protocol import DescribePCR, decode_response, encode_request
 
@@ -96,8 +98,8 @@ class Killer(threading.Thread):
         else:
             self.join(90)
         if self.is_alive() or self.code is None:
-            self.backend.proc.kill()  # whatever happened, leave no backend behind
-            self.backend.proc.wait(30)
+            # whatever happened, leave no backend behind (its pipe is the killer thread's)
+            stop_process(self.backend.proc, sig=signal.SIGKILL)
         self.log.close()
         return self.code
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from virtio_nsm._process import stop_process
 from virtio_nsm.nsm.frontend import NsmFrontend
 from virtio_nsm.nsm.protocol import DescribePCR, encode_request
 from virtio_nsm.nsm.virtio import NsmVirtioDevice
@@ -79,9 +80,7 @@ def nsm_serve(tmp_path: Path, *args: str) -> Iterator[Serving]:
         if proc.returncode is None:
             terminate(serving)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, sig=signal.SIGKILL)
 
 
 def terminate(srv: Serving) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import cbor2
 import pytest
 
+from virtio_nsm._process import stop_process
 from virtio_nsm.enclave import image, machine
 from virtio_nsm.enclave.supervisor import TCG_CMDLINE
 from virtio_nsm.vm.initramfs import build_cpio
@@ -86,8 +86,7 @@ def test_microvm_mmio_nsm_binds_and_answers(toolchain: Toolchain, tmp_path: Path
         res = subprocess.run(machine.qemu_argv(tc, spec), env=dict(os.environ, **tc.qemu_env),
                              capture_output=True, text=True, timeout=300)
     finally:
-        backend.send_signal(signal.SIGTERM)
-        backend.wait(10)
+        stop_process(backend, timeout=10)
     log = console.read_text(errors="replace")
     assert res.returncode == 0, res.stderr + log[-3000:]
     lines = dict(re.findall(r"^TEST: (\w+) ?(.*)$", log, re.M))

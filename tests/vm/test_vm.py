@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from virtio_nsm._process import stop_process
 from virtio_nsm.vm.setup import Toolchain, load_or_setup
 
 pytestmark = pytest.mark.vm
@@ -166,8 +167,7 @@ def test_running_backend_outlives_guests(toolchain: Toolchain, tmp_path: Path) -
         assert "extend17=1" in second.stdout
         assert serve.poll() is None, "nsm serve exited"
     finally:
-        serve.terminate()
-        serve.wait(10)
+        stop_process(serve, timeout=10)
         log.close()
         print((tmp_path / "serve.log").read_text())  # pytest shows it on failure
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -26,6 +25,12 @@ import pytest
 
 from virtio_nsm.vm import run as vm_run
 from virtio_nsm.vm.setup import Toolchain, load_or_setup
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))  # bench_vsock.py starts the backend the same way
+
+from _harness import start_vsock_serve  # noqa: E402
 
 pytestmark = pytest.mark.vm
 
@@ -194,31 +199,9 @@ def test_guest_af_vsock_through_our_backend(toolchain: Toolchain, tmp_path: Path
     if missing:
         pytest.skip(f"the VM cache's kernel has no {', '.join(missing)} (nsm vm setup extracts them)")
     vhost, uds = tmp_path / "vhost.sock", tmp_path / "v.sock"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
-    backend = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "virtio_nsm",
-            "vsock",
-            "serve",
-            "-q",
-            "--vhost-user",
-            str(vhost),
-            "--guest-cid",
-            str(CID),
-            "--uds-path",
-            str(uds),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    backend = start_vsock_serve(vhost, CID, uds, stderr=subprocess.PIPE)
     host = Host(uds, backend.pid)
     try:
-        assert backend.stdout is not None
-        assert backend.stdout.readline().startswith("vhost-user vsock backend listening")
         for port, handler in (
             (5001, host.echo),
             (5002, host.sink),

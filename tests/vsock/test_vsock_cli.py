@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from virtio_nsm._process import stop_process
 from virtio_nsm.vsock.driver import VsockDriver
 
 
@@ -115,6 +116,5 @@ def test_sigterm_with_a_guest_and_host_streams_connected(tmp_path: Path) -> None
             waiting.close()
     finally:
         srv.close()
-        if proc.poll() is None:
-            proc.kill()
+        stop_process(proc, sig=signal.SIGKILL)
     assert not vhost.exists() and not uds.exists()

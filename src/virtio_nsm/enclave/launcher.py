@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import virtio_nsm
+from virtio_nsm._process import stop_process
 from virtio_nsm.enclave import registry
 from virtio_nsm.enclave.image import HEARTBEAT_PORT
 from virtio_nsm.vm.setup import Toolchain, load_or_setup
@@ -474,14 +475,7 @@ def _read_answer(rfd: int, timeout: float, sup: subprocess.Popen[bytes]) -> dict
 def _cleanup_failed_start(sup: subprocess.Popen[bytes], run_dir: Path,
                           record: dict[str, Any]) -> None:
     """Make sure nothing of a failed start keeps running."""
-    if sup.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            sup.send_signal(signal.SIGTERM)
-        try:
-            sup.wait(15)
-        except subprocess.TimeoutExpired:
-            sup.kill()
-            sup.wait()
+    stop_process(sup, timeout=15)
     if run_dir.exists():
         rec = registry.read_json(run_dir / registry.RECORD) or record
         registry.kill_recorded({**rec, "_dir": str(run_dir)})

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from virtio_nsm._process import die_with_parent
+from virtio_nsm._process import die_with_parent, stop_process
 from virtio_nsm.enclave import registry
 from virtio_nsm.enclave.image import HEARTBEAT_BYTE, HEARTBEAT_PORT
 from virtio_nsm.enclave.machine import MachineSpec, qemu_argv
@@ -214,15 +214,8 @@ class Supervisor:
         order = ["qemu", "vsock-backend", "nsm-backend"]
         for key in order:
             proc = self.procs.get(key)
-            if proc is None or proc.poll() is not None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            if proc is not None:
+                stop_process(proc, timeout=5)
         with contextlib.suppress(FileNotFoundError):
             self.hb_path.unlink()
 

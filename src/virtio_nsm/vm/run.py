@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import virtio_nsm
+from virtio_nsm._process import stop_process
 from virtio_nsm.nsm.virtio import NSM_DEVICE_ID, NsmVirtioDevice
 from virtio_nsm.persist import ROOT_KEY_FILE
 from virtio_nsm.vhost_user import qemu
@@ -436,12 +437,11 @@ def run(tc: Toolchain, opts: RunOptions) -> RunResult:
             try:
                 qemu_rc = proc.wait(opts.timeout)
             except KeyboardInterrupt:
-                proc.kill()  # QEMU runs in its own session: Ctrl-C does not reach it
-                proc.wait()
+                # QEMU runs in its own session: Ctrl-C does not reach it
+                stop_process(proc, sig=signal.SIGKILL)
                 raise
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                stop_process(proc, sig=signal.SIGKILL)
                 relay_thread.join(5)
                 error = (f"timeout: the guest did not finish within {opts.timeout:.0f} s "
                          f"(console log: {console})")

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from virtio_nsm._process import stop_process
 from virtio_nsm.vm.initramfs import GUEST_MODULES, write_initramfs
 
 SUITE = "trixie"
@@ -261,13 +262,7 @@ def _run(argv: Sequence[str], progress: Progress, what: str, *,
                 progress(f"  {line}")
         rc = proc.wait()
     finally:
-        if proc.poll() is None:  # interrupted: do not leave debootstrap/apt running
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=10)  # interrupted: do not leave debootstrap/apt running
     out = "\n".join(lines)
     if rc != 0:
         tail = "\n".join(lines[-25:])

@@ -115,10 +115,13 @@ def down(kind):
 
 def pingpong(kind):
     s = conn(kind, 7003)
+    s.sendall(b"p"); assert s.recv(1) == b"p"
+    print(f"PINGPONG {kind} start", flush=True)
     n = 0; t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
         s.sendall(b"p"); assert s.recv(1) == b"p"; n += 1
     t = time.monotonic() - t0
+    print(f"PINGPONG {kind} end {n}", flush=True)
     s.close()
     return n / t
 
@@ -228,12 +231,23 @@ class Lines:
         self.results: dict[str, dict[str, list[float]]] = {}
         self.pid = backend_pid
         self.marks: dict[str, tuple[float, float]] = {}  # marker -> (time, backend CPU s)
+        #: Backend CPU seconds and round trips over the vsock ping-pong runs.
+        self.pingpong_cpu = 0.0
+        self.pingpong_trips = 0
+        self._pingpong_from = 0.0
 
     def write(self, chunk: bytes) -> int:
         self.buf += chunk
         while b"\n" in self.buf:
             line, self.buf = self.buf.split(b"\n", 1)
-            if line.startswith((b"IDLE ", b"MEASURE ")):
+            if line.startswith(b"PINGPONG vsock start"):
+                self._pingpong_from = cpu_seconds(self.pid)
+            elif line.startswith(b"PINGPONG vsock end "):
+                self.pingpong_cpu += cpu_seconds(self.pid) - self._pingpong_from
+                self.pingpong_trips += int(line.split()[3])
+            elif line.startswith(b"PINGPONG "):
+                pass
+            elif line.startswith((b"IDLE ", b"MEASURE ")):
                 self.marks[line.decode().strip()] = (time.monotonic(), cpu_seconds(self.pid))
             elif line.startswith(b"{"):
                 self.results = json.loads(line)
@@ -332,6 +346,11 @@ def main() -> None:
         f"backend CPU: {c1 - c0:.2f} s over the measurements "
         f"({1000 * (c1 - c0) / moved:.1f} ms per MiB moved over vsock, ping-pong included)"
     )
+    if lines.pingpong_trips:
+        print(
+            f"backend CPU per vsock round trip: {1e6 * lines.pingpong_cpu / lines.pingpong_trips:.0f} us "
+            f"({lines.pingpong_trips} round trips)"
+        )
     (t0, i0), (t1, i1) = lines.marks["IDLE start"], lines.marks["IDLE end"]
     print(f"backend CPU while the guest idles: {1000 * (i1 - i0):.0f} ms over {t1 - t0:.1f} s")
 

@@ -172,3 +172,60 @@ def test_nothing_is_held_while_the_daemon_polls(tmp_path: Path) -> None:
     send(mem, drv, 1)
     assert worker.process() is True
     assert len(drv.collect_used()) == 1
+
+
+def test_host_gets_the_packet_before_the_quiet_timer_is_touched(tmp_path: Path) -> None:
+    """A tx pass hands the guest's bytes to the host side first: arming the quiet timer
+    (a system call) waits until they are on their way."""
+    mem, drv, _dev, worker, _ = setup(tmp_path, size=16)
+    device = worker.device
+    device.attach(_Loop())
+    try:
+        order: list[str] = []
+        pump, timer = device.host.pump, device._timer
+        assert timer is not None
+        arm = timer.arm
+
+        def pumping() -> None:
+            order.append("pump")
+            pump()
+
+        def arming(delay_ns: int) -> None:
+            order.append("arm")
+            arm(delay_ns)
+
+        device.host.pump = pumping  # type: ignore[method-assign]
+        timer.arm = arming  # type: ignore[method-assign]
+        send(mem, drv, 1)
+        assert worker.process() is False  # held
+        assert order == ["pump", "arm"]
+    finally:
+        device.detach()
+
+
+class _CountingLoop(_Loop):
+    def __init__(self) -> None:
+        super().__init__()
+        self.served: list[int] = []
+
+    def serve_queue(self, index: int) -> bool:
+        self.served.append(index)
+        return False
+
+
+def test_an_owed_event_is_pushed_once_not_on_every_pump(tmp_path: Path) -> None:
+    """QEMU keeps the event queue to itself, so the TRANSPORT_RESET stays owed for good:
+    serving that queue after every host-side change cost a call per packet."""
+    device = VsockDevice(CID, tmp_path / "v.sock")
+    loop = _CountingLoop()
+    device.attach(loop)
+    try:
+        assert device.bridge.event_pending
+        for _ in range(5):
+            device.host.pump()
+        assert loop.served.count(c.EVENT_QUEUE) == 1
+        device.reset()  # a transport reset owes the guest a new event: pushed once more
+        device.host.pump()
+        assert loop.served.count(c.EVENT_QUEUE) == 2
+    finally:
+        device.detach()

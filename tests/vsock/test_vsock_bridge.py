@@ -570,3 +570,22 @@ def test_guest_cid_is_validated() -> None:
             VsockBridge(bad)
     with pytest.raises(ValueError, match="buf_alloc"):
         BridgeLimits(buf_alloc=0)
+
+
+def test_host_work_pending_says_when_actions_or_streams_wait() -> None:
+    """The host side skips its pump loop when this is False: it must never hide work."""
+    h = Harness(listening={LISTEN})
+    bridge = h.bridge
+    bridge.take_actions()
+    bridge.take_dirty()
+    assert not bridge.host_work_pending
+    bridge.guest_packet(pkt(c.VIRTIO_VSOCK_OP_REQUEST))  # a ConnectHost to carry out
+    assert bridge.host_work_pending
+    [connect] = bridge.take_actions()
+    assert isinstance(connect, ConnectHost)
+    bridge.take_dirty()
+    assert not bridge.host_work_pending
+    bridge.host_connected(connect.host_id)  # its watch changes
+    assert bridge.host_work_pending
+    assert bridge.take_dirty() == {connect.host_id}
+    assert not bridge.host_work_pending

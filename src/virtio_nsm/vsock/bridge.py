@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import struct
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -109,6 +110,8 @@ LOCAL_PORT_BASE = 1 << 30
 _LOCAL_PORT_LAST = U32_MASK - 1
 #: How many times each kind of guest misbehaviour is logged before only every 1000th is.
 _LOG_FIRST = 5
+#: ``struct virtio_vsock_hdr`` as a tuple (the fast path builds no :class:`Header`).
+_UNPACK_HEADER = struct.Struct("<QQIIIHHIII").unpack_from
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +183,6 @@ class _State(enum.Enum):
     DETACHED = "detached"  # the guest side is over; the host stream is being flushed
 
 
-_ATTACHED = frozenset({_State.CONNECTING_GUEST, _State.ESTABLISHED})
 
 
 class _Stream:
@@ -250,7 +252,8 @@ class _Stream:
 
     @property
     def attached(self) -> bool:
-        return self.state in _ATTACHED
+        state = self.state  # two identity tests: an Enum's hash is Python code
+        return state is _State.ESTABLISHED or state is _State.CONNECTING_GUEST
 
     def credit(self) -> int:
         """Bytes the guest's receive buffer can take now."""
@@ -309,6 +312,38 @@ class VsockBridge:
     def guest_packet(self, buf: bytes | memoryview) -> None:
         """Process one packet from the tx queue (header and payload, as the chain holds them)."""
         self.stats["tx_packets"] += 1
+        # Fast path: data or a credit update on an established connection, well formed
+        # and within credit -- nearly every packet of a transfer or a request/response
+        # exchange.  Everything else (including each way these checks can fail) takes
+        # the general path, which decides exactly as it would have.
+        size = len(buf)
+        if size >= HEADER_SIZE:
+            src_cid, dst_cid, src_port, dst_port, length, type_, op, flags, buf_alloc, fwd_cnt = (
+                _UNPACK_HEADER(buf)
+            )
+            if src_cid == self.guest_cid and type_ == VIRTIO_VSOCK_TYPE_STREAM and not flags:
+                s = self._conns.get((dst_cid, dst_port, src_port))  # only host CIDs are keys
+                if s is not None and s.state is _State.ESTABLISHED:
+                    if op == VIRTIO_VSOCK_OP_RW:
+                        if (
+                            length <= MAX_PKT_PAYLOAD
+                            and length <= size - HEADER_SIZE
+                            and not s.guest_shut_send
+                            and s.rx_cnt - s.fwd_cnt + length <= self.limits.buf_alloc
+                        ):
+                            self._peer_credit(s, buf_alloc, fwd_cnt)
+                            if length:
+                                self._guest_data(s, bytes(buf[HEADER_SIZE : HEADER_SIZE + length]))
+                            self._schedule(s)
+                            return
+                    elif op == VIRTIO_VSOCK_OP_CREDIT_UPDATE and not length:
+                        self._peer_credit(s, buf_alloc, fwd_cnt)
+                        self._schedule(s)
+                        return
+        self._guest_packet(buf)
+
+    def _guest_packet(self, buf: bytes | memoryview) -> None:
+        """The general path of :meth:`guest_packet` (every packet can take it)."""
         try:
             header, payload = decode(buf)
         except PacketError as exc:
@@ -365,7 +400,7 @@ class VsockBridge:
                 self._violation("sequence", f"RESPONSE on {s.key} in state {s.state.value}")
                 self._reset(s)
                 return
-            self._peer_credit(s, h, initial=True)
+            self._peer_credit(s, h.buf_alloc, h.fwd_cnt, initial=True)
             s.state = _State.ESTABLISHED
             assert s.key is not None
             ok = b"OK %d\n" % s.key[1]
@@ -377,7 +412,7 @@ class VsockBridge:
             self._violation("sequence", f"op {op} on {s.key} in state {s.state.value}")
             self._reset(s)
             return
-        self._peer_credit(s, h)
+        self._peer_credit(s, h.buf_alloc, h.fwd_cnt)
         if op == VIRTIO_VSOCK_OP_RW:
             if s.guest_shut_send:
                 self._violation("sequence", f"data on {s.key} after the guest's SHUTDOWN(send)")
@@ -392,11 +427,7 @@ class VsockBridge:
                 self._reset(s)
                 return
             if payload:
-                s.to_host.append(payload)
-                s.rx_cnt += len(payload)
-                self.stats["guest_bytes"] += len(payload)
-                self._dirty.add(s.host_id)
-                self._maybe_credit_update(s)
+                self._guest_data(s, payload)
         elif op == VIRTIO_VSOCK_OP_SHUTDOWN:
             if h.flags & VIRTIO_VSOCK_SHUTDOWN_RCV and not s.guest_shut_rcv:
                 s.guest_shut_rcv = True
@@ -413,18 +444,26 @@ class VsockBridge:
             s.want_credit_update = True
         # CREDIT_UPDATE: _peer_credit has taken it in.
 
-    def _peer_credit(self, s: _Stream, h: Header, *, initial: bool = False) -> None:
+    def _guest_data(self, s: _Stream, payload: bytes) -> None:
+        """Bytes of an RW packet (checked: within credit, the guest may send) for the host."""
+        s.to_host.append(payload)
+        s.rx_cnt += len(payload)
+        self.stats["guest_bytes"] += len(payload)
+        self._dirty.add(s.host_id)
+        self._maybe_credit_update(s)
+
+    def _peer_credit(self, s: _Stream, buf_alloc: int, fwd_cnt: int, *, initial: bool = False) -> None:
         """Take in the guest's buffer size and forwarded count (every header carries them)."""
-        s.peer_buf_alloc = h.buf_alloc
+        s.peer_buf_alloc = buf_alloc
         if initial:
-            s.peer_fwd_cnt = h.fwd_cnt
+            s.peer_fwd_cnt = fwd_cnt
         else:
             # The count only moves forward, and never past what we sent; packets built
             # by racing guest threads may carry an older one, which is ignored.
-            now = (s.tx_cnt - h.fwd_cnt) & U32_MASK
+            now = (s.tx_cnt - fwd_cnt) & U32_MASK
             before = (s.tx_cnt - s.peer_fwd_cnt) & U32_MASK
             if now <= before:
-                s.peer_fwd_cnt = h.fwd_cnt
+                s.peer_fwd_cnt = fwd_cnt
             else:
                 self.stats["stale_fwd_cnt"] += 1
         if s.credit() > 0:
@@ -438,7 +477,7 @@ class VsockBridge:
         self._resets.pop(key, None)  # the guest has moved on from any earlier connection
         s = self._new_stream(_State.CONNECTING_HOST, key)
         self._conns[key] = s
-        self._peer_credit(s, h, initial=True)
+        self._peer_credit(s, h.buf_alloc, h.fwd_cnt, initial=True)
         self.stats["guest_connects"] += 1
         self._actions.append(ConnectHost(s.host_id, key[1]))
 
@@ -714,6 +753,11 @@ class VsockBridge:
         self._flushed(s)
         if s.attached:
             self._schedule(s)
+
+    @property
+    def host_work_pending(self) -> bool:
+        """Whether :meth:`take_actions` or :meth:`take_dirty` may have something (cheap)."""
+        return bool(self._actions) or bool(self._dirty)
 
     def take_actions(self) -> list[HostAction]:
         """Host-side actions decided since the last call, in order."""

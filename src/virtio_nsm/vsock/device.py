@@ -102,6 +102,10 @@ class _TxWorker(_Worker):
         taken = len(held) - taken
         # While the daemon polls (no kicks) nothing is held: it counts a pass that
         # published nothing as no traffic and would stop polling.
+        # The packets' effects first (bytes to the host programs: the round trip's
+        # critical path), the buffers' bookkeeping (a timer system call) after.
+        if taken:
+            self.device.host.pump()
         flush = bool(held) and (len(held) >= self.batch or self.flush_due or not queue.kicks_wanted)
         self.flush_due = False
         if flush:
@@ -109,8 +113,6 @@ class _TxWorker(_Worker):
             self.device.tx_quiet()
         elif taken:
             self.device.tx_held(time.monotonic_ns())
-        if taken:
-            self.device.host.pump()
         return flush
 
     def _give_back(self) -> None:
@@ -204,6 +206,10 @@ class VsockDevice(VhostUserDevice):
         self.bridge.transport_reset()
         self.host = UnixHost(self.bridge, Path(uds_path), self._guest_work)
         self.rx_busy = False
+        #: The event queue was served since the bridge came to owe the event: until a
+        #: new one is owed, the backend serves that queue when the guest kicks it or it
+        #: starts (QEMU keeps it to itself, so the event may stay owed for good).
+        self._event_served = False
         self._loop: EventLoop | None = None
         self._tx: _TxWorker | None = None
         self._timer: Timer | None = None
@@ -277,6 +283,7 @@ class VsockDevice(VhostUserDevice):
         if self.bridge.connection_count or self.bridge.stream_count:
             log.info("vsock: transport reset: %d connections dropped", self.bridge.connection_count)
         self.bridge.transport_reset()
+        self._event_served = False
         self.host.pump()
 
     def _guest_work(self) -> None:
@@ -285,5 +292,6 @@ class VsockDevice(VhostUserDevice):
             return
         if self.bridge.has_rx() and not self.rx_busy:
             loop.serve_queue(RX_QUEUE)
-        if self.bridge.event_pending:
+        if self.bridge.event_pending and not self._event_served:
+            self._event_served = True
             loop.serve_queue(EVENT_QUEUE)

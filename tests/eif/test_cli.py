@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,3 +236,16 @@ def test_fifos_and_devices_are_refused_without_blocking(tmp_path, inputs) -> Non
     assert code == 2 and "not a regular file" in err
     code, _, err = _build(inputs, tmp_path / "y.eif", "--metadata", fifo)
     assert code == 2 and "not a regular file" in err
+
+
+def test_build_refuses_a_command_line_that_is_not_utf8(inputs, tmp_path) -> None:
+    # A non-UTF-8 byte in argv reaches Python as a lone surrogate (surrogateescape).
+    out = tmp_path / "bad.eif"
+    proc = subprocess.run(
+        [sys.executable, "-m", "virtio_nsm", "eif", "build", "--kernel", os.fsencode(inputs["kernel"]),
+         "--cmdline", b"console=ttyS0 \xff", "--ramdisk", os.fsencode(inputs["r1"]), "-o", os.fsencode(out)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "not valid UTF-8" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -140,7 +140,13 @@ def build_stream(
     signer: Signer | None = None,
 ) -> BuildResult:
     """Write an image to the seekable ``out`` from open inputs (see :func:`build_eif`)."""
-    raw_cmdline = cmdline.encode("utf-8") if isinstance(cmdline, str) else bytes(cmdline)
+    try:
+        raw_cmdline = cmdline.encode("utf-8") if isinstance(cmdline, str) else bytes(cmdline)
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from an argv byte that is not UTF-8
+        raise ValueError(
+            f"the kernel command line is not valid UTF-8 text (character {exc.start}: "
+            f"{cmdline[exc.start:exc.end]!r})"
+        ) from None
     if b"\0" in raw_cmdline:
         raise ValueError("the kernel command line cannot contain a NUL byte")
     if not ramdisks:

@@ -337,6 +337,17 @@ def ca_init(directory: Path | None) -> None:
     click.echo(f"created CA in {directory}")
 
 
+def _exists(path: Path, what: str) -> bool:
+    """Whether ``path`` exists; a name the system refuses (too long, ...) is a one-line error."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        fail(f"{what}: cannot use {path}: {exc.strerror or exc}")
+    return True
+
+
 @ca.command("root")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A CA directory (e.g. made by `nsm ca init --dir`).")
@@ -354,12 +365,12 @@ def ca_root(directory: Path | None, state_dir: Path | None) -> None:
         raise click.UsageError("give --dir or --state-dir, not both")
     if state_dir is not None:
         directory = state_dir / CA_DIR
-        if not directory.exists():
+        if not _exists(directory, "--state-dir"):
             fail(f"{state_dir} holds no CA (is it a state directory? `nsm serve --state-dir "
                  f"{state_dir}` creates one)")
     elif directory is None:
         directory = default_ca_dir()
-        if not directory.exists():
+        if not _exists(directory, "the default CA directory"):
             fail(f"no default CA in {directory} yet: create it with `nsm ca init` (the first "
                  "`nsm serve` or `nsm attest --device local` also does)")
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,8 @@ def build(kernel: Path, kernel_config: Path | None, cmdline: str, ramdisks: tupl
           cpus: int, build_time: str | None, signing_certificate: Path | None,
           private_key: Path | None, output: Path, as_json: bool) -> None:
     """Build an image from a kernel, a command line and ramdisks; print its PCRs."""
+    for value, option in ((cmdline, "--cmdline"), (name, "--name"), (image_version, "--version")):
+        require_text(value, option)  # all end up in the image as UTF-8 text
     signer = _signer(signing_certificate, private_key)
     custom = None
     if metadata is not None:
@@ -288,9 +291,25 @@ def boot_options(f: Any) -> Any:
     return f
 
 
+def require_text(value: str | None, option: str) -> None:
+    """Refuse a value that is not UTF-8 text: a non-UTF-8 argv byte arrives as a lone
+    surrogate (surrogateescape), which no text field of a document or image can hold."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = os.fsencode(value[exc.start:exc.end])  # the bytes as they were in argv
+        raise click.BadParameter(f"is not valid UTF-8 text (the byte {raw!r} at character {exc.start})",
+                                 param_hint=option) from None
+
+
 def boot_config(eif: Path | None, parent_instance_id: str | None, parent_role_arn: str | None,
                 debug_mode: bool, boot_pcrs: dict[int, bytes], module_id: str | None) -> BootConfig:
     """The :class:`BootConfig` of the :func:`boot_options` values."""
+    for value, option in ((module_id, "--module-id"), (parent_instance_id, "--parent-instance-id"),
+                          (parent_role_arn, "--parent-role-arn")):
+        require_text(value, option)
     if module_id is not None and not 1 <= len(module_id.encode("utf-8")) <= 256:
         raise click.BadParameter("must be 1 to 256 bytes of text", param_hint="--module-id")
     if parent_instance_id is not None and not parent_instance_id:

@@ -36,11 +36,14 @@ def state() -> None:
 def state_export(state_dir: Path | None, output: str) -> None:
     """Write a snapshot of the device state, signed with the directory's CA root key."""
     directory = state_dir or persist.default_state_dir()
-    if not directory.is_dir():
-        fail(f"no state directory at {directory}: nothing to export "
-             f"(`nsm serve --state-dir {directory}` creates one)")
-    if not (directory / persist.STATE_FILE).exists():
-        fail(f"{directory} holds no device state ({persist.STATE_FILE} is missing): nothing to export")
+    try:
+        if not directory.is_dir():
+            fail(f"no state directory at {directory}: nothing to export "
+                 f"(`nsm serve --state-dir {directory}` creates one)")
+        if not (directory / persist.STATE_FILE).exists():
+            fail(f"{directory} holds no device state ({persist.STATE_FILE} is missing): nothing to export")
+    except OSError as exc:  # e.g. a name longer than the system takes
+        fail(f"--state-dir: cannot use {directory}: {exc.strerror or exc}")
     try:
         data = persist.export_state(directory)
     except persist.StateError as exc:

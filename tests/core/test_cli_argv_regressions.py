@@ -6,6 +6,7 @@ surrogate, as it does from a shell.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,50 @@ def test_state_dir_too_long_for_the_system_is_a_one_line_error(tmp_path: Path,
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("nsm: --state-dir: cannot use ")
     assert lines[0].endswith("File name too long")
+
+
+def _state_dir(tmp_path: Path) -> Path:
+    from virtio_nsm.durable import DurableNsm
+    from virtio_nsm.nsm.pki import CertificateAuthority
+    from virtio_nsm.persist import save_ca
+
+    save_ca(CertificateAuthority.generate(), tmp_path / "ca")
+    DurableNsm.open(tmp_path / "state", ca=None).close()
+    return tmp_path / "state"
+
+
+@pytest.mark.parametrize("output", ["", "x" * 5000])
+def test_refused_output_leaves_no_temporary_file(tmp_path: Path, output: str) -> None:
+    # click's atomic open left .__atomic-writeXXXX behind when the rename failed
+    _state_dir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args in (("state", "export", "--state-dir", "state", "-o", output),
+                 ("attest", "--device", "local", "-o", output)):
+        proc = _nsm(*args, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.splitlines()[-1].startswith("nsm: -o: ")
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_attest_and_export_write_their_output(tmp_path: Path) -> None:
+    _state_dir(tmp_path)
+    name = b"doc\xff.cose"  # a legal Linux file name that is not UTF-8
+    assert _nsm("attest", "--device", "local", "-o", name, cwd=tmp_path).returncode == 0
+    assert (tmp_path / os.fsdecode(name)).read_bytes()[:1] == b"\x84"  # COSE_Sign1 (untagged)
+    (tmp_path / "snap").write_bytes(b"")
+    (tmp_path / "snap").chmod(0o640)
+    assert _nsm("state", "export", "--state-dir", "state", "-o", "snap", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "snap").stat().st_mode & 0o777 == 0o640  # an existing file keeps its mode
+    assert len((tmp_path / "snap").read_bytes()) > 100
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_state_import_with_an_unusable_ca_dir_creates_no_state_directory(tmp_path: Path) -> None:
+    from virtio_nsm.persist import export_state
+
+    (tmp_path / "snap").write_bytes(export_state(_state_dir(tmp_path)))
+    proc = _nsm("state", "import", "--state-dir", "new", "--ca-dir", b"no\xffca", "snap", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("nsm: --ca-dir: cannot read CA directory no\\udcffca")
+    assert not (tmp_path / "new").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from ..errors import ConfigurationError, DeviceNotFoundError, NsmError, Transpor
 from ..nsm.device import NsmDevice
 from ..nsm.pki import CertificateAuthority
 from ..nsm.protocol import MAX_REQUEST_SIZE
-from ..persist import ROOT_CERT_FILE, ROOT_KEY_FILE, default_ca_dir, load_ca, save_ca
+from ..persist import ROOT_CERT_FILE, ROOT_KEY_FILE, default_ca_dir, load_ca, save_ca, write_atomic
 from . import main
 from .inputs import InputError, read_input
 
@@ -80,6 +81,31 @@ def open_device(device: str, *, signs: bool = False) -> Iterator[Nsm]:
         fail(f"transport failed: {exc.strerror or exc}")
     finally:
         nsm.close()
+
+
+def write_output(output: str, data: bytes, option: str = "-o") -> None:
+    """Write ``data`` to the file ``output`` atomically (``-``: standard output).
+
+    A refused or failed write leaves nothing behind (no temporary file), and an
+    existing file keeps its permissions; a new one gets 0666 minus the umask.
+    """
+    if output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    path = Path(output)
+    if path.name in ("", ".", ".."):
+        fail(f"{option}: {output!r} is not a file name")
+    try:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        write_atomic(path, data, mode=mode)
+    except OSError as exc:
+        fail(f"{option}: cannot write {output}: {exc.strerror or exc}")
 
 
 def emit(as_json: bool, data: dict[str, Any], text: str) -> None:
@@ -259,11 +285,7 @@ def attest(nsm: Nsm, as_json: bool, nonce: bytes | None, user_data: bytes | None
     first use, like `nsm ca init`): `nsm ca root` prints the root to verify it with.
     """
     document = nsm.attestation(user_data=user_data, nonce=nonce, public_key=public_key)
-    try:
-        with click.open_file(output, "wb", atomic=output != "-") as fh:
-            fh.write(document)
-    except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror}")
+    write_output(output, document)
     if output != "-":
         emit(as_json, {"document": output, "size": len(document)},
              f"wrote {len(document)}-byte attestation document to {output}")

@@ -9,8 +9,9 @@ from typing import ParamSpec, TypeVar
 import click
 
 from .. import persist
+from ..errors import ConfigurationError
 from . import main
-from .device import fail
+from .device import fail, write_output
 from .inputs import InputError, read_input
 
 P = ParamSpec("P")
@@ -48,11 +49,7 @@ def state_export(state_dir: Path | None, output: str) -> None:
         data = persist.export_state(directory)
     except persist.StateError as exc:
         fail(str(exc))
-    try:
-        with click.open_file(output, "wb", atomic=output != "-") as fh:
-            fh.write(data)
-    except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror}")
+    write_output(output, data)
 
 
 @state.command("import")
@@ -70,6 +67,11 @@ def state_import(state_dir: Path | None, snapshot: str, replace: bool, ca_dir: P
     DIR/ca/ there first, or give it with --ca-dir.
     """
     directory = state_dir or persist.default_state_dir()
+    if ca_dir is not None:
+        try:  # before the state directory is created or locked: a refusal leaves nothing
+            persist.load_ca(ca_dir)
+        except (ConfigurationError, ValueError) as exc:
+            fail(f"--ca-dir: {exc}")
     try:
         data = read_input(snapshot, limit=persist.MAX_STATE_FILE,
                           what="standard input" if snapshot == "-" else snapshot)

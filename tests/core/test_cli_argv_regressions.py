@@ -6,6 +6,7 @@ surrogate, as it does from a shell.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -101,3 +102,43 @@ def test_state_import_with_an_unusable_ca_dir_creates_no_state_directory(tmp_pat
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("nsm: --ca-dir: cannot read CA directory no\\udcffca")
     assert not (tmp_path / "new").exists()
+
+
+def test_output_never_touches_other_files(tmp_path: Path) -> None:
+    # A fixed temporary name (OUTPUT.tmp) would be truncated, renamed away or removed.
+    _state_dir(tmp_path)
+    (tmp_path / "snap.tmp").write_bytes(b"mine")
+    (tmp_path / "doc.tmp").write_bytes(b"mine too")
+    (tmp_path / "doc.tmp").chmod(0o400)
+    assert _nsm("state", "export", "--state-dir", "state", "-o", "snap", cwd=tmp_path).returncode == 0
+    assert _nsm("attest", "--device", "local", "-o", "doc", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "snap.tmp").read_bytes() == b"mine"
+    assert (tmp_path / "doc.tmp").read_bytes() == b"mine too"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_new_state_export_is_private(tmp_path: Path) -> None:
+    _state_dir(tmp_path)
+    proc = _nsm("state", "export", "--state-dir", "state", "-o", "new-snap", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "new-snap").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_failed_output_write_leaves_nothing_and_touches_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from virtio_nsm.cli import device
+
+    (tmp_path / "out.tmp").write_bytes(b"mine")
+    (tmp_path / "out").write_bytes(b"old")
+
+    def no_rename(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(device.os, "replace", no_rename)
+    with pytest.raises(SystemExit) as exited:
+        device.write_output(str(tmp_path / "out"), b"new")
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"nsm: -o: cannot write {tmp_path / 'out'}: Invalid cross-device link\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.tmp"]
+    assert (tmp_path / "out").read_bytes() == b"old" and (tmp_path / "out.tmp").read_bytes() == b"mine"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import secrets
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ from ..errors import ConfigurationError, DeviceNotFoundError, NsmError, Transpor
 from ..nsm.device import NsmDevice
 from ..nsm.pki import CertificateAuthority
 from ..nsm.protocol import MAX_REQUEST_SIZE
-from ..persist import ROOT_CERT_FILE, ROOT_KEY_FILE, default_ca_dir, load_ca, save_ca, write_atomic
+from ..persist import ROOT_CERT_FILE, ROOT_KEY_FILE, default_ca_dir, load_ca, save_ca
 from . import main
 from .inputs import InputError, read_input
 
@@ -83,11 +85,15 @@ def open_device(device: str, *, signs: bool = False) -> Iterator[Nsm]:
         nsm.close()
 
 
-def write_output(output: str, data: bytes, option: str = "-o") -> None:
+def write_output(output: str, data: bytes, option: str = "-o", *, private: bool = False) -> None:
     """Write ``data`` to the file ``output`` atomically (``-``: standard output).
 
-    A refused or failed write leaves nothing behind (no temporary file), and an
-    existing file keeps its permissions; a new one gets 0666 minus the umask.
+    The bytes go to a new temporary file of a name nobody else uses (``O_EXCL``) in the
+    same directory, are fsync'ed and renamed over ``output``: a reader sees the old file
+    or the whole new one, and no other file is ever opened, truncated or removed (a
+    user's ``output.tmp`` included). A refused or failed write leaves nothing behind.
+    An existing file keeps its permissions; a new one gets 0666 minus the umask, or
+    0600 with ``private`` (device state).
     """
     if output == "-":
         sys.stdout.buffer.write(data)
@@ -96,16 +102,38 @@ def write_output(output: str, data: bytes, option: str = "-o") -> None:
     path = Path(output)
     if path.name in ("", ".", ".."):
         fail(f"{option}: {output!r} is not a file name")
+    tmp: Path | None = None
     try:
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
         except FileNotFoundError:
             umask = os.umask(0)
             os.umask(umask)
-            mode = 0o666 & ~umask
-        write_atomic(path, data, mode=mode)
+            mode = 0o600 if private else 0o666 & ~umask
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        while tmp is None:
+            candidate = path.with_name(f".nsm-{secrets.token_hex(8)}.tmp")  # short: any name fits
+            try:
+                fd = os.open(candidate, flags, 0o600)
+            except FileExistsError:
+                continue
+            tmp = candidate
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
         fail(f"{option}: cannot write {output}: {exc.strerror or exc}")
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def emit(as_json: bool, data: dict[str, Any], text: str) -> None:

@@ -49,7 +49,7 @@ def state_export(state_dir: Path | None, output: str) -> None:
         data = persist.export_state(directory)
     except persist.StateError as exc:
         fail(str(exc))
-    write_output(output, data)
+    write_output(output, data, private=True)
 
 
 @state.command("import")

@@ -158,3 +158,21 @@ def test_cli_without_dev_cuse_exits_2_with_one_line(tmp_path: Path,
 def test_cli_refuses_bad_options(args: list[str], message: str) -> None:
     r = CliRunner().invoke(main, ["cuse", *args])
     assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_a_sysfs_dev_file_read_while_it_is_written_is_read_again(tmp_path: Path) -> None:
+    # The device number is read only once it is complete ("MAJOR:MINOR"); an empty or cut
+    # read (seen in CI with the fake kernel's non-atomic write) is a "not yet".
+    server, _kernel, sock = make_server(tmp_path)
+    try:
+        (tmp_path / "sys" / "nsm-t").mkdir(parents=True)
+        dev = tmp_path / "sys" / "nsm-t" / "dev"
+        assert server._read_devt() is None  # not there
+        for partial in ("", "10", "10:", ":5", "x:y\n"):
+            dev.write_text(partial)
+            assert server._read_devt() is None, partial
+        dev.write_text("10:125\n")
+        assert server._read_devt() == os.makedev(10, 125)
+    finally:
+        sock.close()
+        server.close()

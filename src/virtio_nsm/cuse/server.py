@@ -119,14 +119,25 @@ class CuseServer:
                                       "for CUSE with unrestricted ioctls (7.16 or later needed)")
         # the kernel creates the device while it takes our CUSE_INIT reply
         deadline = time.monotonic() + timeout
-        while not (self.sysfs / "dev").exists():
+        while (devt := self._read_devt()) is None:
             if time.monotonic() > deadline:
                 raise CuseUnavailable(f"the kernel did not create the CUSE device {self.name!r} "
                                       "(is the name already taken by another CUSE device?)")
             time.sleep(0.01)
-        major, minor = (int(x) for x in (self.sysfs / "dev").read_text().split(":"))
-        self.devt = os.makedev(major, minor)
+        self.devt = devt
         self._setup_node(deadline)
+
+    def _read_devt(self) -> int | None:
+        """The device number from sysfs ``dev`` ("MAJOR:MINOR"), or None while it is not
+        there (or not yet complete)."""
+        try:
+            text = (self.sysfs / "dev").read_text()
+        except FileNotFoundError:
+            return None
+        major, sep, minor = text.strip().partition(":")
+        if not (sep and major.isdigit() and minor.isdigit()):
+            return None
+        return os.makedev(int(major), int(minor))
 
     def _setup_node(self, deadline: float) -> None:
         """Wait for devtmpfs/udev to make ``/dev/<name>`` (make it ourselves if nothing does),

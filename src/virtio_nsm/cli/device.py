@@ -6,9 +6,9 @@ import contextlib
 import functools
 import json
 import os
-import secrets
 import stat
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,10 +88,11 @@ def open_device(device: str, *, signs: bool = False) -> Iterator[Nsm]:
 def write_output(output: str, data: bytes, option: str = "-o", *, private: bool = False) -> None:
     """Write ``data`` to the file ``output`` atomically (``-``: standard output).
 
-    The bytes go to a new temporary file of a name nobody else uses (``O_EXCL``) in the
-    same directory, are fsync'ed and renamed over ``output``: a reader sees the old file
-    or the whole new one, and no other file is ever opened, truncated or removed (a
-    user's ``output.tmp`` included). A refused or failed write leaves nothing behind.
+    The bytes go to a new temporary file of a name nobody else uses
+    (:func:`tempfile.mkstemp`) in the same directory, are fsync'ed and renamed over
+    ``output``: a reader sees the old file or the whole new one, and no other file is
+    ever opened, truncated or removed (a user's ``output.tmp`` included). A refused or
+    failed write leaves nothing behind.
     An existing file keeps its permissions; a new one gets 0666 minus the umask, or
     0600 with ``private`` (device state).
     """
@@ -110,14 +111,9 @@ def write_output(output: str, data: bytes, option: str = "-o", *, private: bool 
             umask = os.umask(0)
             os.umask(umask)
             mode = 0o600 if private else 0o666 & ~umask
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-        while tmp is None:
-            candidate = path.with_name(f".nsm-{secrets.token_hex(8)}.tmp")  # short: any name fits
-            try:
-                fd = os.open(candidate, flags, 0o600)
-            except FileExistsError:
-                continue
-            tmp = candidate
+        # a new name (O_EXCL), short so that it fits wherever the target's name does
+        fd, name = tempfile.mkstemp(prefix=".nsm-", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
         try:
             os.fchmod(fd, mode)
             view = memoryview(data)

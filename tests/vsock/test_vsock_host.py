@@ -44,6 +44,21 @@ class Rig:
         for callback in list(self.loop.watched.values()):
             callback(EVENT_READ)
 
+    def connect(self, port: int) -> tuple[socket.socket, socket.socket]:
+        """A host program's connection to a guest listener on ``port``: (host end, guest end)."""
+        self.guest.listen(port)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(self.path))
+        client.sendall(b"CONNECT %d\n" % port)
+        self.ready(client)  # accept
+        self.ready(client)  # the CONNECT line
+        self.exchange()
+        assert self.guest.accepted
+        guest_end = self.guest.accepted.popleft()
+        client.settimeout(5)
+        assert client.recv(64).startswith(b"OK ")
+        return client, guest_end
+
     def exchange(self) -> None:
         for _ in range(100):
             moved = False
@@ -68,17 +83,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 def test_each_read_keeps_its_bytes_although_reads_share_one_buffer(rig: Rig) -> None:
     """Host bytes are read into one reusable buffer; what the bridge holds must be a copy,
     or a second read before the guest takes the first would overwrite it."""
-    rig.guest.listen(80)
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.connect(str(rig.path))
-    client.sendall(b"CONNECT 80\n")
-    rig.ready(client)  # accept
-    rig.ready(client)  # the CONNECT line
-    rig.exchange()
-    assert rig.guest.accepted
-    sock = rig.guest.accepted.popleft()
-    client.settimeout(5)
-    assert client.recv(64).startswith(b"OK ")
+    client, sock = rig.connect(80)
     client.sendall(b"a" * 1000)
     rig.ready(client)
     client.sendall(b"b" * 3000)
@@ -90,16 +95,7 @@ def test_each_read_keeps_its_bytes_although_reads_share_one_buffer(rig: Rig) -> 
 
 
 def test_a_read_takes_at_most_the_budget_and_the_chunk(rig: Rig) -> None:
-    rig.guest.listen(81)
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.connect(str(rig.path))
-    client.sendall(b"CONNECT 81\n")
-    rig.ready(client)
-    rig.ready(client)
-    rig.exchange()
-    sock = rig.guest.accepted.popleft()
-    client.settimeout(5)
-    assert client.recv(64).startswith(b"OK ")
+    client, sock = rig.connect(81)
     client.setblocking(False)
     data = bytes(range(256)) * (3 * READ_CHUNK // 256)
     sent = 0
@@ -129,15 +125,7 @@ def test_a_read_takes_at_most_the_budget_and_the_chunk(rig: Rig) -> None:
 def test_host_data_goes_to_the_guest_before_the_sockets_bookkeeping(rig: Rig) -> None:
     """The rx pass (ending in the guest's interrupt) is the round trip's critical path:
     it runs before the socket's watch is re-examined."""
-    rig.guest.listen(82)
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.connect(str(rig.path))
-    client.sendall(b"CONNECT 82\n")
-    rig.ready(client)
-    rig.ready(client)
-    rig.exchange()
-    client.settimeout(5)
-    assert client.recv(64).startswith(b"OK ")
+    client, _ = rig.connect(82)
     order: list[str] = []
     watch = rig.host._watch
     rig.host.guest_work = lambda: order.append("guest")
